@@ -1,0 +1,11 @@
+# Entry points. `make demo` and `make test` set the machine up first (seconds when it is ready).
+.PHONY: setup demo test
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/darwinlm evaluate --model smollm2
+
+test: setup
+	.venv/bin/python -m pytest -q
