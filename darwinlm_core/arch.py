@@ -1,0 +1,94 @@
+"""The architecture registry: one ArchSpec per model family, looked up by `config.model_type`.
+
+Everything that differs between families lives here, as data: where the decoder blocks are, which linears form
+attention and the MLP, and how heads group under KV heads. The driver, the pruner and the exporter read an
+ArchSpec and never branch on the model type themselves. Adding a family is one `register_arch(...)` call.
+"""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from darwinlm_core.errors import DarwinLMError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live inside a `*ForCausalLM` of one family (dotted attribute paths)."""
+
+    family: str
+    blocks: str = "model.layers"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attention: str = "self_attn"  # relative to a block
+    mlp: str = "mlp"  # relative to a block
+    q_proj: str = "q_proj"  # relative to the attention module
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    gate_proj: str = "gate_proj"  # relative to the MLP module
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def attention_of(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.attention)
+
+    def mlp_of(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.mlp)
+
+    def head_layout(self, config) -> "HeadLayout":
+        """Query heads, KV heads and head size from a config (shared by every registered family so far)."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return HeadLayout(query_heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention shape of one block: query head h reads KV head h // (query_heads // kv_heads)."""
+
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.query_heads // self.kv_heads
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec, *model_types: str) -> ArchSpec:
+    """Make `spec` the ArchSpec of each `config.model_type` in `model_types`."""
+    for model_type in model_types or (spec.family,):
+        _REGISTRY[model_type] = spec
+    return spec
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def arch_for(model_or_config) -> ArchSpec:
+    """The ArchSpec of a model (or its config); a clear error for families darwinlm cannot prune yet."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise DarwinLMError(
+            f"unsupported architecture '{model_type}'",
+            f"darwinlm can prune {', '.join(supported_model_types())}; "
+            "add an ArchSpec with register_arch() in darwinlm_core/arch.py",
+        )
+    return _REGISTRY[model_type]
+
+
+# Llama, Mistral and Qwen2 share module names; Qwen2's q/k/v biases need no entry because pruning slices any
+# bias a projection has, and Mistral/Qwen2 sliding windows arrive in the per-block kwargs the driver records.
+register_arch(ArchSpec(family="llama"), "llama")
+register_arch(ArchSpec(family="mistral"), "mistral")
+register_arch(ArchSpec(family="qwen2"), "qwen2")

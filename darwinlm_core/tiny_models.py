@@ -1,0 +1,51 @@
+"""Random tiny models of each registered family, built from configs, for tests and quick experiments.
+
+Nothing is downloaded: a config plus a seed fully determine the weights, so a test can rebuild the same model.
+"""
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+# Small enough to run a forward in milliseconds, large enough to have several heads per KV group.
+_TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=16,
+    vocab_size=128,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str, *, gqa: bool = True, **overrides):
+    """A config of `family` ("llama", "qwen2", "mistral"): 4 query heads over 2 KV heads (gqa) or 4 (plain MHA)."""
+    shape = dict(_TINY_SHAPE, num_key_value_heads=2 if gqa else 4)
+    if family == "qwen2":
+        shape["use_sliding_window"] = False
+    shape.update(overrides)
+    return AutoConfig.for_model(family, **shape)
+
+
+def tiny_model(
+    family: str, *, gqa: bool = True, seed: int = 0, attn_implementation: str = "sdpa", **overrides
+) -> PreTrainedModel:
+    """A random float32 model of `family` in eval mode; same arguments → same weights."""
+    config = tiny_config(family, gqa=gqa, **overrides)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # HF init draws small weights (std 0.02) that make every block nearly the identity; larger ones make
+    # tests sensitive to mistakes in pruning and driving.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, parameter.shape[1] ** -0.5)
+    return model.eval()
+
+
+def random_token_rows(vocab_size: int, rows: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """(rows, seq_len) int64 token ids drawn uniformly, reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
