@@ -49,3 +49,20 @@ def random_token_rows(vocab_size: int, rows: int, seq_len: int, seed: int = 0) -
     """(rows, seq_len) int64 token ids drawn uniformly, reproducibly."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
+
+
+TINY_TOKENIZER_CHARS = [chr(code) for code in range(32, 127)] + ["\n"]
+
+
+def tiny_tokenizer():
+    """A real fast tokenizer, one token per printable ASCII character (ids 2..; 0 unk, 1 eos), built in memory.
+
+    Its 99 ids fit the tiny models' vocabulary of 128, so tiny model + tiny tokenizer make a loadable pair.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{char: index + 2 for index, char in enumerate(TINY_TOKENIZER_CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from darwinlm_core import data
 from darwinlm_core.data import (
@@ -22,18 +20,15 @@ from darwinlm_core.data import (
 )
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.home import default_text_dir
+from darwinlm_core.tiny_models import TINY_TOKENIZER_CHARS, tiny_tokenizer
 
-CHARS = [chr(code) for code in range(32, 127)] + ["\n"]
+CHARS = TINY_TOKENIZER_CHARS
 EOS = 1
 
 
 @pytest.fixture(scope="module")
 def char_tokenizer():
-    """A real fast tokenizer, one token per printable ASCII character (ids 2..), built in memory."""
-    vocab = {"<unk>": 0, "<eos>": EOS, **{char: index + 2 for index, char in enumerate(CHARS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    return tiny_tokenizer()
 
 
 def ids_of(text: str) -> list[int]:

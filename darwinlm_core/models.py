@@ -1,0 +1,90 @@
+"""Load a causal LM and its tokenizer from a local Hugging Face folder, the `smollm2` alias, or a hub id.
+
+The config is read and checked against the architecture registry before any weights are loaded, so an
+unsupported model fails in a second with a one-line error instead of after a multi-GB read.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from darwinlm_core.arch import arch_for
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.home import default_model_dir
+
+DEFAULT_MODEL_ALIAS = "smollm2"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_location(name: str) -> str:
+    """A local folder path or hub id for `name`; the alias `smollm2` means the cached default."""
+    if name == DEFAULT_MODEL_ALIAS:
+        folder = default_model_dir()
+        if not (folder / "config.json").is_file():
+            raise DarwinLMError(
+                f"the default model is not prepared at {folder}",
+                "run `make setup` (converts SmolLM2-135M once, offline) or pass --model /path/to/hf_folder",
+            )
+        return str(folder)
+    path = Path(name).expanduser()
+    looks_like_path = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path:
+        if not path.is_dir():
+            raise DarwinLMError(f"model folder {name} does not exist", "pass a Hugging Face model folder")
+        if not (path / "config.json").is_file():
+            raise DarwinLMError(
+                f"{name} is not a Hugging Face model folder (no config.json)",
+                "pass the folder that save_pretrained() wrote",
+            )
+        return str(path)
+    return name  # a hub id: only reachable for users with a network
+
+
+def load_config(name: str):
+    """The model's config, after checking that darwinlm supports its architecture."""
+    from transformers import AutoConfig
+
+    location = resolve_model_location(name)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise _load_error(name, error) from error
+    arch_for(config)
+    return config
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode, tokenizer) for a folder, the `smollm2` alias, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise DarwinLMError(f"unknown dtype '{dtype}'", f"use one of {', '.join(_DTYPES)}")
+    config = load_config(name)
+    location = resolve_model_location(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        check_tokenizer_matches(tokenizer, config, name)  # before reading weights: fail in seconds
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=_DTYPES[dtype]).to(device)
+    except (OSError, ValueError) as error:
+        raise _load_error(name, error) from error
+    return model.eval(), tokenizer
+
+
+def check_tokenizer_matches(tokenizer, config, name: str) -> None:
+    """A tokenizer whose ids exceed the embedding table would index out of range mid-run: refuse it now."""
+    if len(tokenizer) > config.vocab_size:
+        raise DarwinLMError(
+            f"the tokenizer of {name} has {len(tokenizer)} tokens but the model embeds only {config.vocab_size}",
+            "use the tokenizer saved with this model",
+        )
+
+
+def _load_error(name: str, error: Exception) -> DarwinLMError:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return DarwinLMError(
+            f"cannot load model '{name}' offline ({type(error).__name__})",
+            "pass a local Hugging Face folder or `smollm2`, or export HF_HUB_OFFLINE=0 to use the hub",
+        )
+    return DarwinLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}")

@@ -1,0 +1,102 @@
+"""`darwinlm evaluate`: figures on a tiny saved model, and one clear error line for each kind of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig
+
+from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
+from flows.cli import main
+
+SOTU_LIKE = "The state of the union is strong, said the president to the congress. " * 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for index in range(40):
+        (folder / f"doc_{index:02d}.txt").write_text(f"Document {index}. {SOTU_LIKE}")
+    return folder
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_evaluate_prints_perplexity_json(capsys, model_dir, corpus):
+    code, out, _ = run_cli(capsys, "evaluate", "--model", str(model_dir), "--text", str(corpus),
+                           "--seq-len", "32", "--windows", "3", "--json")
+    assert code == 0
+    result = json.loads(out)
+    in_domain = result["results"]["in_domain"]
+    assert in_domain["windows"] == 3 and in_domain["tokens"] == 96
+    assert 1.0 < in_domain["perplexity"] < 1000  # random tiny model over a 99-token vocabulary
+
+
+def expect_one_line_error(capsys, *argv, match: str) -> str:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and out == ""
+    # Progress bars of earlier work may precede it; the error itself is exactly one line, and the last.
+    errors = [line for line in err.strip().splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("darwinlm: error: ") and err.strip().endswith(errors[0]), err
+    assert match in errors[0], errors[0]
+    return errors[0]
+
+
+def test_missing_model_folder(capsys, corpus, tmp_path):
+    expect_one_line_error(capsys, "evaluate", "--model", str(tmp_path / "nope"), "--text", str(corpus),
+                          match="does not exist")
+
+
+def test_folder_without_config(capsys, corpus, tmp_path):
+    expect_one_line_error(capsys, "evaluate", "--model", str(tmp_path), "--text", str(corpus), match="no config.json")
+
+
+def test_unsupported_architecture(capsys, corpus, tmp_path):
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    expect_one_line_error(capsys, "evaluate", "--model", str(tmp_path / "gpt2"), "--text", str(corpus),
+                          match="unsupported architecture 'gpt2'")
+
+
+def test_empty_corpus(capsys, model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("   \n")
+    expect_one_line_error(capsys, "evaluate", "--model", str(model_dir), "--text", str(tmp_path / "empty"),
+                          match="empty")
+
+
+def test_binary_file(capsys, model_dir, corpus):
+    (corpus / "weights.txt").write_bytes(b"\x00\x01\x02binary\xff" * 10)
+    line = expect_one_line_error(capsys, "evaluate", "--model", str(model_dir), "--text", str(corpus),
+                                 match="weights.txt")
+    assert "binary" in line or "UTF-8" in line
+
+
+def test_tokenizer_larger_than_model_vocabulary(capsys, corpus, tmp_path):
+    folder = tmp_path / "mismatch"
+    tiny_model("llama", vocab_size=64).save_pretrained(folder)  # the tiny tokenizer has 99 tokens
+    tiny_tokenizer().save_pretrained(folder)
+    expect_one_line_error(capsys, "evaluate", "--model", str(folder), "--text", str(corpus), match="tokenizer")
+
+
+def test_process_exit_codes(tmp_path):
+    """The console entry point really exits non-zero: 1 for a DarwinLMError, 2 for a usage error."""
+    bad_input = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--model", str(tmp_path / "nope"),
+                                "--text", str(tmp_path)], capture_output=True, text=True)
+    assert bad_input.returncode == 1 and len(bad_input.stderr.strip().splitlines()) == 1
+    usage = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--bogus"], capture_output=True, text=True)
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
