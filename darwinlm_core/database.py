@@ -1,0 +1,221 @@
+"""The database: every level of every prunable module, pruned once by greedy structured OBS, stored compactly.
+
+Layout under a content-addressed root (any fsspec URI):
+    ROOT/layers/007/attn/level_03.safetensors   kept_units (int64) + weight (o_proj columns after OBS)
+    ROOT/layers/007/layer.json                  that layer's levels, written after its shards (resume marker)
+    ROOT/manifest.json                          written last: the database exists once this exists
+Only the output projection changes under OBS, so only it is stored; q/k/v and gate/up rows of kept units are
+the base model's own and are sliced from it when a level is applied. Level 0 is the dense module: no shard.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+import darwinlm_core
+from darwinlm_core import storage
+from darwinlm_core.arch import arch_for
+from darwinlm_core.driver import BlockDriver
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.hessians import collect_block_hessians
+from darwinlm_core.obs import PrunedWeights, greedy_prune, inverse_hessian
+from darwinlm_core.structure import GQA_MODES, MODULE_KINDS, ModuleShape, level_ladder, module_shapes
+
+SCHEMA_VERSION = 1
+_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """How the database is built. Part of its content address: change any field, get a new database."""
+
+    level_steps: int = 10
+    relative_damping: float = 0.01
+    gqa_mode: str = "query_heads"
+    storage_dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.gqa_mode not in GQA_MODES:
+            raise DarwinLMError(f"unknown gqa_mode '{self.gqa_mode}'", f"use one of {', '.join(GQA_MODES)}")
+        if self.storage_dtype not in _STORAGE_DTYPES:
+            raise DarwinLMError(f"unknown storage dtype '{self.storage_dtype}'", f"use {', '.join(_STORAGE_DTYPES)}")
+        if self.level_steps < 1 or self.relative_damping <= 0:
+            raise DarwinLMError("level_steps must be ≥ 1 and relative_damping > 0")
+
+
+def code_version() -> str:
+    return f"darwinlm-{darwinlm_core.__version__}/db-schema-{SCHEMA_VERSION}"
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer's name, dtype, shape and bytes (the model's content identity)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def database_root(base_uri: str, base_model_digest: str, calibration_digest: str, config: DatabaseConfig) -> str:
+    """Content address: same model, calibration, config and code → same root, so a finished build is reused."""
+    key = json.dumps([base_model_digest, calibration_digest, asdict(config), code_version()], sort_keys=True)
+    return storage.join(base_uri, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _shard_name(layer: int, kind: str, level: int) -> str:
+    return f"layers/{layer:03d}/{kind}/level_{level:02d}.safetensors"
+
+
+def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig) -> list[PrunedWeights]:
+    ladder = level_ladder(shape.n_units, config.level_steps)
+    return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder)
+
+
+def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], dtype) -> dict:
+    """Write one shard per level above 0; return the module's manifest entry."""
+    records = []
+    for level, pruned in enumerate(levels):
+        record = {"level": level, "units_removed": pruned.units_removed, "params": shape.params_kept(pruned.kept_units)}
+        if level > 0:
+            data = save_safetensors({"kept_units": pruned.kept_units, "weight": pruned.weight.to(dtype).contiguous()})
+            record.update(shard=_shard_name(layer, shape.kind, level), sha256=storage.sha256(data))
+            storage.write_bytes(storage.join(root, record["shard"]), data)
+        records.append(record)
+    return {"layer": layer, "kind": shape.kind, "n_units": shape.n_units, "unit_size": shape.unit_size,
+            "levels": records}
+
+
+def build_database(
+    model,
+    calibration_ids: torch.Tensor,
+    base_uri: str,
+    *,
+    calibration_digest: str,
+    config: DatabaseConfig = DatabaseConfig(),
+    batch_size: int = 8,
+    base_model_digest: str | None = None,
+    progress: bool = False,
+) -> "Database":
+    """Build (or reuse, or resume) the database of `model` on calibration rows (n_rows, seq_len) int64.
+
+    Layers whose layer.json already exists are not pruned again; the driver still runs them to reach the next.
+    """
+    base_model_digest = base_model_digest or model_digest(model)
+    root = database_root(base_uri, base_model_digest, calibration_digest, config)
+    if storage.exists(storage.join(root, "manifest.json")):
+        return Database.open(root)
+    spec = arch_for(model)
+    shapes = module_shapes(model, spec, config.gqa_mode)
+    driver = BlockDriver(model, calibration_ids, batch_size=batch_size)
+    layer_records = []
+    for layer in tqdm(range(driver.num_blocks), desc="database", unit="layer", disable=not progress):
+        record_uri = storage.join(root, f"layers/{layer:03d}/layer.json")
+        if storage.exists(record_uri):
+            layer_records.append(json.loads(storage.read_bytes(record_uri)))
+            driver.advance()
+            continue
+        block = driver.blocks[layer]
+        with collect_block_hessians(block, spec) as accumulators:
+            driver.advance()
+        modules = []
+        for kind in MODULE_KINDS:
+            linear = _output_projection(block, spec, kind)
+            levels = _prune_module(linear.weight.detach(), accumulators[kind].hessian(), shapes[layer][kind], config)
+            modules.append(_write_module(root, layer, shapes[layer][kind], levels, _STORAGE_DTYPES[config.storage_dtype]))
+        storage.write_bytes(record_uri, json.dumps(modules).encode())
+        layer_records.append(modules)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "code_version": code_version(),
+        "base_model": {"digest": base_model_digest, "model_type": model.config.model_type,
+                       "num_layers": driver.num_blocks, "hidden_size": model.config.hidden_size,
+                       "head_layout": asdict(spec.head_layout(model.config))},
+        "calibration": {"digest": calibration_digest, "rows": int(calibration_ids.shape[0]),
+                        "seq_len": int(calibration_ids.shape[1])},
+        "config": asdict(config),
+        "dense_params": sum(s.dense_params() for layer in shapes for s in layer.values()),
+        "modules": [module for modules in layer_records for module in modules],
+    }
+    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    return Database.open(root)
+
+
+def _output_projection(block, spec, kind: str):
+    if kind == "attn":
+        return spec.attention_of(block).get_submodule(spec.o_proj)
+    return spec.mlp_of(block).get_submodule(spec.down_proj)
+
+
+class Database:
+    """A built database, opened from its root URI. Shards are read (and hash-checked) one at a time, on demand."""
+
+    def __init__(self, root: str, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self._modules = {(m["layer"], m["kind"]): m for m in manifest["modules"]}
+        self._cache: dict[tuple[int, str, int], PrunedWeights] = {}
+
+    @classmethod
+    def open(cls, root: str) -> "Database":
+        manifest_uri = storage.join(root, "manifest.json")
+        if not storage.exists(manifest_uri):
+            raise DarwinLMError(f"no database at {root} (manifest.json missing)", "build it first, or fix the path")
+        try:
+            manifest = json.loads(storage.read_bytes(manifest_uri))
+        except ValueError as error:
+            raise DarwinLMError(f"corrupted database manifest at {manifest_uri}", "delete the folder and rebuild") from error
+        if manifest.get("code_version") != code_version():
+            raise DarwinLMError(
+                f"database at {root} was built by {manifest.get('code_version')}, this is {code_version()}",
+                "rebuild the database with this version",
+            )
+        return cls(root, manifest)
+
+    @property
+    def digest(self) -> str:
+        """Identity of the database content: its root's content address."""
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
+    def check_model(self, model, digest: str | None = None) -> None:
+        """Refuse to apply this database to a model other than the one it was built from."""
+        digest = digest or model_digest(model)
+        if digest != self.manifest["base_model"]["digest"]:
+            raise DarwinLMError(
+                f"database at {self.root} was built from another model (digest "
+                f"{self.manifest['base_model']['digest'][:12]}, this model {digest[:12]})",
+                "build a database for this model",
+            )
+
+    def module(self, layer: int, kind: str) -> dict:
+        if (layer, kind) not in self._modules:
+            raise DarwinLMError(f"database has no module ({layer}, {kind})", "check the layer index and kind")
+        return self._modules[(layer, kind)]
+
+    def num_levels(self, layer: int, kind: str) -> int:
+        return len(self.module(layer, kind)["levels"])
+
+    def params(self, layer: int, kind: str, level: int) -> int:
+        return self.module(layer, kind)["levels"][level]["params"]
+
+    def load(self, layer: int, kind: str, level: int) -> PrunedWeights:
+        """Kept units and OBS-updated output-projection columns of one level (level ≥ 1), hash-checked."""
+        key = (layer, kind, level)
+        if key not in self._cache:
+            levels = self.module(layer, kind)["levels"]
+            if not 1 <= level < len(levels):
+                raise DarwinLMError(f"level {level} out of range for ({layer}, {kind}): 1..{len(levels) - 1} are stored")
+            record = levels[level]
+            uri = storage.join(self.root, record["shard"])
+            if not storage.exists(uri):
+                raise DarwinLMError(f"database shard missing: {uri}", "rebuild the database")
+            data = storage.read_bytes(uri)
+            if storage.sha256(data) != record["sha256"]:
+                raise DarwinLMError(f"database shard corrupted (hash mismatch): {uri}", "rebuild the database")
+            tensors = load_safetensors(data)
+            self._cache[key] = PrunedWeights(record["units_removed"], tensors["kept_units"], tensors["weight"])
+        return self._cache[key]

@@ -1,0 +1,481 @@
+"""The database and live assembly: exact at level 0, shrunk == masked, GQA kept, storage round trips, resume,
+and clear errors instead of a silently wrong model."""
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+import darwinlm_core
+from darwinlm_core import database as database_module
+from darwinlm_core import storage
+from darwinlm_core.assembly import LiveAssembly
+from darwinlm_core.database import Database, DatabaseConfig, build_database, model_digest
+from darwinlm_core.driver import BlockDriver
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP
+from darwinlm_core.tiny_models import random_token_rows, tiny_model
+
+FAMILIES = ["llama", "qwen2", "mistral"]
+GQA_MODES = ["query_heads", "kv_groups"]
+STEPS = 4  # tiny models: 4 query heads, 96 MLP channels → levels 0..4 for both kinds
+CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
+EVAL_ROWS = random_token_rows(128, rows=3, seq_len=20, seed=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids OpenMP spin overhead on a shared, busy CPU (ms per op instead of ~25).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def db_cache(tmp_path_factory):
+    """Build each (family, gqa, gqa_mode, seed) database once per module; tests get a fresh model each time."""
+    base = tmp_path_factory.mktemp("databases")
+    built = {}
+
+    def get(family="llama", gqa=True, gqa_mode="query_heads", seed=0):
+        key = (family, gqa, gqa_mode, seed)
+        if key not in built:
+            model = tiny_model(family, gqa=gqa, seed=seed)
+            built[key] = build_database(
+                model, CALIBRATION, str(base), calibration_digest="tiny-calibration",
+                config=DatabaseConfig(level_steps=STEPS, gqa_mode=gqa_mode),
+            )
+        return tiny_model(family, gqa=gqa, seed=seed), built[key]
+
+    return get
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(EVAL_ROWS).logits
+
+
+def random_levels(assembly: LiveAssembly, rng: random.Random) -> dict:
+    return {key: rng.randrange(assembly.database.num_levels(*key)) for key in assembly.levels}
+
+
+def block_linear_params(model) -> int:
+    """Weights and biases of every block's attention and MLP linears, as the live model holds them."""
+    total = 0
+    for block in model.model.layers:
+        for module in (block.self_attn, block.mlp):
+            total += sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+
+
+def test_level_zero_reproduces_dense_logits_exactly(db_cache):
+    model, db = db_cache()
+    dense = logits(model)
+    assembly = LiveAssembly(model, db)
+    rng = random.Random(0)
+    for masked in (False, True, False):
+        assembly.apply(random_levels(assembly, rng), masked=masked)
+        assert not torch.equal(logits(model), dense)
+    assembly.apply({key: db.num_levels(*key) - 1 for key in assembly.levels})  # everything removed
+    assembly.apply({key: 0 for key in assembly.levels})
+    assert torch.equal(logits(model), dense)
+    assert assembly.kept_params() == db.manifest["dense_params"] == block_linear_params(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
+@pytest.mark.parametrize("gqa_mode", GQA_MODES)
+def test_shrunk_and_masked_give_the_same_logits(db_cache, family, gqa, gqa_mode):
+    model, db = db_cache(family, gqa, gqa_mode)
+    dense = logits(model)
+    assembly = LiveAssembly(model, db)
+    rng = random.Random(f"{family}{gqa}{gqa_mode}")
+    dense_size = sum(p.numel() for p in model.parameters())
+    for _ in range(3):
+        levels = random_levels(assembly, rng)
+        assembly.apply(levels, masked=False)
+        shrunk = logits(model)
+        shrunk_size = sum(p.numel() for p in model.parameters())
+        assert block_linear_params(model) == assembly.kept_params()  # compact structure, even or uneven groups
+        assembly.apply(levels, masked=True)
+        masked = logits(model)
+        assert sum(p.numel() for p in model.parameters()) == dense_size  # masked keeps dense shapes
+        assert (shrunk - masked).abs().max().item() <= 1e-4, levels
+        if any(levels.values()):
+            assert shrunk_size < dense_size
+    # and the shrunk model really is a pruned one: away from dense at a heavy level
+    assembly.apply({key: db.num_levels(*key) - 2 for key in assembly.levels}, masked=False)
+    assert (logits(model) - dense).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- GQA structure
+
+
+def _rows(weight: torch.Tensor, heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return weight[(heads[:, None] * head_dim + torch.arange(head_dim)).flatten()]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("gqa_mode", GQA_MODES)
+def test_gqa_groups_are_respected(db_cache, family, gqa_mode):
+    model, db = db_cache(family, True, gqa_mode)
+    dense = {name: getattr(model.model.layers[0].self_attn, name).weight.detach().clone()
+             for name in ("q_proj", "k_proj", "v_proj")}
+    assembly = LiveAssembly(model, db)
+    layout = assembly.shapes[0]["attn"].layout
+    hd, group = layout.head_dim, layout.group_size
+    assert group == 2
+    saw_uneven = saw_dropped_kv = False
+    for level in range(db.num_levels(0, "attn") - 1):  # last level is the zero module
+        assembly.apply({(0, "attn"): level})
+        attention = model.model.layers[0].self_attn
+        kept = torch.arange(assembly.shapes[0]["attn"].n_units) if level == 0 else db.load(0, "attn", level).kept_units
+        if gqa_mode == "kv_groups":
+            kv_heads = kept
+            query_heads = (kept[:, None] * group + torch.arange(group)).flatten()  # whole groups, nothing else
+        else:
+            query_heads = kept
+            kv_heads = torch.unique(kept // group)  # a KV head stays while any of its query heads remains
+        assert torch.equal(attention.q_proj.weight, _rows(dense["q_proj"], query_heads, hd))
+        for name in ("k_proj", "v_proj"):  # k/v stay compact: one copy per kept KV head
+            assert torch.equal(getattr(attention, name).weight, _rows(dense[name], kv_heads, hd))
+        counts = torch.bincount(query_heads // group)[kv_heads]
+        if bool((counts == counts[0]).all()):
+            assert attention.num_key_value_groups == len(query_heads) // len(kv_heads)
+            assert attention.num_key_value_groups * attention.k_proj.out_features == attention.q_proj.out_features
+            assert "kv_of_query" not in vars(attention)
+        else:
+            saw_uneven = True  # uneven groups: each kept query head reads its KV head by index
+            assert attention.kv_of_query == torch.searchsorted(kv_heads, query_heads // group).tolist()
+        # the manifest counts exactly what the shrunk model holds
+        params = sum(p.numel() for lin in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+                     for p in lin.parameters())
+        assert db.params(0, "attn", level) == params
+        saw_dropped_kv |= len(kv_heads) < layout.kv_heads
+        with torch.no_grad():  # attention still computes the pruned function of the dense model's other layers
+            assert torch.isfinite(model(EVAL_ROWS).logits).all()
+    if gqa_mode == "query_heads":
+        assert saw_uneven  # 3 of 4 query heads over 2 KV heads cannot be even
+    else:
+        assert saw_dropped_kv
+
+
+def test_block_with_both_modules_removed_is_identity(db_cache):
+    model, db = db_cache()
+    assembly = LiveAssembly(model, db)
+    assembly.apply({(1, "attn"): db.num_levels(1, "attn") - 1, (1, "mlp"): db.num_levels(1, "mlp") - 1})
+    block = model.model.layers[1]
+    assert isinstance(block.self_attn, ZeroAttention) and isinstance(block.mlp, ZeroMLP)
+    assert db.params(1, "attn", db.num_levels(1, "attn") - 1) == db.params(1, "mlp", db.num_levels(1, "mlp") - 1) == 0
+    driver = BlockDriver(model, EVAL_ROWS, batch_size=2)
+    driver.advance()
+    block_input = driver.hidden.clone()
+    driver.advance()
+    assert torch.equal(driver.hidden, block_input)
+    # the masked form of the same assignment is the identity too, up to rounding
+    assembly.apply({}, masked=True)
+    driver = BlockDriver(model, EVAL_ROWS, batch_size=2)
+    driver.advance()
+    block_input = driver.hidden.clone()
+    driver.advance()
+    assert (driver.hidden - block_input).abs().max().item() <= 1e-5
+
+
+def test_half_pruned_candidate_is_smaller_and_counts_match(db_cache):
+    model, db = db_cache()
+    dense_total = sum(p.numel() for p in model.parameters())
+    assembly = LiveAssembly(model, db)
+    levels = {key: 2 for key in assembly.levels}  # 2 of 4 steps: half the units of every module
+    assembly.apply(levels)
+    expected = sum(db.params(layer, kind, level) for (layer, kind), level in levels.items())
+    assert assembly.kept_params() == expected == block_linear_params(model)
+    assert 0.4 <= expected / db.manifest["dense_params"] <= 0.6
+    assert sum(p.numel() for p in model.parameters()) == dense_total - (db.manifest["dense_params"] - expected)
+    # the manifest's own records agree with the level ladder
+    ladders = {"attn": [0, 1, 2, 3, 4], "mlp": [0, 24, 48, 72, 96]}
+    for module in db.manifest["modules"]:
+        assert [r["units_removed"] for r in module["levels"]] == ladders[module["kind"]]
+        params = [r["params"] for r in module["levels"]]
+        assert params == sorted(params, reverse=True) and params[-1] == 0
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server with bucket 'darwinlm', and fsspec configured to reach it; all undone afterwards."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = Path(sys.executable).parent / "moto_server"
+    if not moto_server.exists():
+        pytest.skip("moto_server is not installed")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+            patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            patch.setitem(fsspec.config.conf, "s3",
+                          {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}})
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}).mkdir("darwinlm")
+            yield endpoint
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _all_levels(db: Database):
+    for module in db.manifest["modules"]:
+        for level in range(1, len(module["levels"])):
+            yield module["layer"], module["kind"], level
+
+
+def test_round_trip_local_and_s3(tmp_path, s3_endpoint):
+    model = tiny_model("qwen2", seed=3)
+    config = DatabaseConfig(level_steps=3, gqa_mode="kv_groups")
+    local = build_database(model, CALIBRATION, str(tmp_path / "dbs"), calibration_digest="c", config=config)
+    remote = build_database(model, CALIBRATION, "s3://darwinlm/dbs", calibration_digest="c", config=config)
+    assert remote.root.startswith("s3://darwinlm/dbs/")
+    assert remote.digest == local.digest  # content address does not depend on where it lives
+    reopened = {"local": Database.open(local.root), "s3": Database.open(remote.root)}
+    assert reopened["s3"].manifest == reopened["local"].manifest == local.manifest
+    for layer, kind, level in _all_levels(local):
+        a, b = reopened["local"].load(layer, kind, level), reopened["s3"].load(layer, kind, level)
+        assert torch.equal(a.kept_units, b.kept_units) and torch.equal(a.weight, b.weight)
+        assert a.units_removed == b.units_removed
+    # a model assembled from the s3 copy equals one assembled from the local copy
+    outputs = []
+    for db in reopened.values():
+        fresh = tiny_model("qwen2", seed=3)
+        LiveAssembly(fresh, db).apply({(0, "attn"): 1, (1, "mlp"): 2, (2, "attn"): 2})
+        outputs.append(logits(fresh))
+    assert torch.equal(*outputs)
+    # rebuilding on s3 reuses it
+    assert build_database(model, CALIBRATION, "s3://darwinlm/dbs", calibration_digest="c", config=config).root == remote.root
+
+
+@pytest.fixture
+def counting_writes(monkeypatch):
+    written = []
+    original = storage.write_bytes
+
+    def write_bytes(uri, data):
+        written.append(uri)
+        original(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    return written
+
+
+def _files(root: str) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*") if p.is_file()}
+
+
+def test_rebuild_reuses_and_partial_build_resumes(tmp_path, monkeypatch):
+    model = tiny_model("llama", seed=4)
+    digest = model_digest(model)
+    build = lambda: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
+                                   config=DatabaseConfig(level_steps=3), base_model_digest=digest)
+    db = build()
+    before = _files(db.root)
+    assert not any(".tmp-" in name for name in before)  # atomic writes leave no temporaries
+    written, pruned = [], []
+    original_write, original_prune = storage.write_bytes, database_module._prune_module
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (written.append(uri), original_write(uri, data)))
+    monkeypatch.setattr(database_module, "_prune_module",
+                        lambda *args: (pruned.append(args[2].kind), original_prune(*args))[1])
+
+    # same inputs: the finished database is reused, nothing is written or pruned
+    assert build().root == db.root
+    assert written == [] and pruned == []
+    assert _files(db.root) == before
+
+    # crash after layer 0 and 2 but before layer 1 and the manifest: only layer 1 is pruned again
+    Path(db.root, "manifest.json").unlink()
+    Path(db.root, "layers/001/layer.json").unlink()
+    resumed = build()
+    assert pruned == ["attn", "mlp"]
+    rewritten = {uri[len(db.root) + 1 :] for uri in written}
+    assert rewritten == {"manifest.json", "layers/001/layer.json"} | {
+        f"layers/001/{kind}/level_{level:02d}.safetensors" for kind in ("attn", "mlp") for level in (1, 2, 3)}
+    after = _files(db.root)
+    assert after.keys() == before.keys()
+    for name, (mtime, data) in after.items():
+        assert data == before[name][1], name  # same bytes: pruning is deterministic
+        if name not in rewritten:
+            assert mtime == before[name][0], name  # untouched
+    assert resumed.manifest == db.manifest
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def db_copy(db_cache, tmp_path):
+    """A private copy of the llama database (tests damage it) and a fresh matching model."""
+    model, db = db_cache()
+    root = tmp_path / db.digest
+    shutil.copytree(db.root, root)
+    return model, Database.open(str(root))
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_missing_shard_is_an_error(db_copy):
+    model, db = db_copy
+    record = db.module(1, "mlp")["levels"][2]
+    Path(db.root, record["shard"]).unlink()
+    with pytest.raises(DarwinLMError, match="shard missing") as error:
+        db.load(1, "mlp", 2)
+    assert record["shard"] in _one_line(error)
+    assembly = LiveAssembly(model, db)
+    with pytest.raises(DarwinLMError, match="shard missing"):
+        assembly.apply({(1, "mlp"): 2})
+    assert assembly.levels[(1, "mlp")] == 0
+    assert torch.equal(logits(model), logits(tiny_model("llama")))  # the model was not changed
+
+
+def test_corrupted_shard_is_an_error(db_copy):
+    model, db = db_copy
+    shard = Path(db.root, db.module(0, "attn")["levels"][1]["shard"])
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # flip bytes inside the weight
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DarwinLMError, match="corrupted") as error:
+        db.load(0, "attn", 1)
+    _one_line(error)
+    with pytest.raises(DarwinLMError, match="corrupted"):
+        LiveAssembly(model, db).apply({(0, "attn"): 1})
+
+
+def test_failed_apply_leaves_a_consistent_model(db_copy):
+    """A module at its zero level whose next shard is unreadable keeps computing what `levels` says."""
+    model, db = db_copy
+    assembly = LiveAssembly(model, db)
+    assembly.apply({(0, "attn"): 1})  # the module's tensors now hold level 1
+    assembly.apply({(0, "attn"): db.num_levels(0, "attn") - 1})  # then replaced by the zero module
+    expected = logits(model)
+    Path(db.root, db.module(0, "attn")["levels"][2]["shard"]).unlink()
+    with pytest.raises(DarwinLMError):
+        assembly.apply({(0, "attn"): 2})
+    assert assembly.levels[(0, "attn")] == db.num_levels(0, "attn") - 1
+    assert torch.equal(logits(model), expected)
+
+
+def test_database_of_another_model_is_refused(db_cache):
+    _, db = db_cache()
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(DarwinLMError, match="another model") as error:
+        db.check_model(other)
+    _one_line(error)
+    with pytest.raises(DarwinLMError, match="another model"):
+        LiveAssembly(other, db)
+    db.check_model(tiny_model("llama", seed=0))  # the right model passes
+
+
+def test_database_of_another_code_version_is_refused(db_copy, monkeypatch):
+    _, db = db_copy
+    manifest_path = Path(db.root, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["code_version"] = "darwinlm-0.0.1/db-schema-0"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DarwinLMError, match="darwinlm-0.0.1/db-schema-0") as error:
+        Database.open(db.root)
+    assert "rebuild" in _one_line(error)
+    # and the other way round: this database, opened by a newer darwinlm
+    manifest["code_version"] = database_module.code_version()
+    manifest_path.write_text(json.dumps(manifest))
+    Database.open(db.root)
+    monkeypatch.setattr(darwinlm_core, "__version__", "99.0.0")
+    with pytest.raises(DarwinLMError, match="built by"):
+        Database.open(db.root)
+
+
+def test_new_code_version_builds_a_new_database(tmp_path, monkeypatch):
+    model = tiny_model("llama", seed=5)
+    config = DatabaseConfig(level_steps=2)
+    first = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c", config=config)
+    monkeypatch.setattr(darwinlm_core, "__version__", "99.0.0")
+    second = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c", config=config)
+    assert second.root != first.root
+    assert build_database(model, CALIBRATION, str(tmp_path), calibration_digest="other", config=config).root \
+        != second.root  # calibration is part of the address too
+
+
+def test_missing_or_corrupted_manifest_is_an_error(db_copy, tmp_path):
+    _, db = db_copy
+    with pytest.raises(DarwinLMError, match="manifest.json missing") as error:
+        Database.open(str(tmp_path / "nowhere"))
+    _one_line(error)
+    Path(db.root, "manifest.json").write_text('{"schema_version": 1, "code_')  # torn write
+    with pytest.raises(DarwinLMError, match="corrupted database manifest") as error:
+        Database.open(db.root)
+    _one_line(error)
+    Path(db.root, "manifest.json").unlink()
+    with pytest.raises(DarwinLMError, match="manifest.json missing"):
+        Database.open(db.root)
+
+
+def test_bad_config_and_level_are_errors(db_cache):
+    with pytest.raises(DarwinLMError, match="gqa_mode"):
+        DatabaseConfig(gqa_mode="heads")
+    with pytest.raises(DarwinLMError, match="storage dtype"):
+        DatabaseConfig(storage_dtype="int8")
+    model, db = db_cache()
+    with pytest.raises(DarwinLMError, match="out of range"):
+        db.load(0, "attn", 0)  # level 0 is the dense module: never stored
+    with pytest.raises(DarwinLMError, match="no module"):
+        db.load(7, "attn", 1)
+    with pytest.raises(ValueError, match="out of range"):
+        LiveAssembly(model, db).apply({(0, "mlp"): db.num_levels(0, "mlp")})
+
+
+# ---------------------------------------------------------------------------------------------- layering
+
+
+def test_core_never_imports_prefect_or_mlflow():
+    code = (
+        "import darwinlm_core.database, darwinlm_core.assembly, darwinlm_core.data, darwinlm_core.models, "
+        "darwinlm_core.evaluation, sys; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')); "
+        "assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,186 @@
+"""Greedy structured OBS: identity at zero, better than magnitude, lazy == direct path, greedy == brute force."""
+
+import pytest
+import torch
+
+from darwinlm_core.obs import (
+    _greedy_groups,
+    dampen,
+    greedy_prune,
+    inverse_hessian,
+    reconstruction_error,
+)
+from darwinlm_core.structure import level_ladder
+
+DAMPING = 0.01
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids OpenMP spin overhead on a shared, busy CPU (ms per op instead of ~25).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(d_out: int, d_in: int, seed: int = 0, tokens: int = 512, private: float = 0.3, per_factor: int = 4):
+    """W (d_out, d_in) and H = 2/n XᵀX of correlated inputs X (n, d_in), all float32."""
+    generator = torch.Generator().manual_seed(seed)
+    # Strongly correlated inputs (a few shared factors plus a weak private part), as in real activations:
+    # with near-diagonal H every update would be tiny and the tests below would prove little.
+    factors = max(2, d_in // per_factor)
+    shared = torch.randn(tokens, factors, generator=generator) @ torch.randn(factors, d_in, generator=generator)
+    noise = private * torch.randn(tokens, d_in, generator=generator)
+    scales = torch.rand(d_in, generator=generator) * 2 + 0.1  # columns of very different energy
+    x = (shared + noise) * scales
+    hessian = 2.0 / tokens * x.T @ x
+    weight = torch.randn(d_out, d_in, generator=generator)
+    return weight, hessian
+
+
+def scatter(pruned, d_in: int, unit_size: int) -> torch.Tensor:
+    """The dense-width (d_out, d_in) weight of a snapshot, zeros in removed columns."""
+    full = torch.zeros(pruned.weight.shape[0], d_in)
+    columns = (pruned.kept_units[:, None] * unit_size + torch.arange(unit_size)).flatten()
+    full[:, columns] = pruned.weight
+    return full
+
+
+def magnitude_pruned(weight: torch.Tensor, unit_size: int, removed: int) -> torch.Tensor:
+    """Zero the `removed` unit column groups with the smallest Frobenius norm; no update."""
+    norms = weight.reshape(weight.shape[0], -1, unit_size).pow(2).sum((0, 2))
+    drop = norms.argsort()[:removed]
+    pruned = weight.clone().reshape(weight.shape[0], -1, unit_size)
+    pruned[:, drop] = 0
+    return pruned.reshape_as(weight)
+
+
+@pytest.mark.parametrize("unit_size", [1, 8])
+def test_removing_nothing_is_identity(unit_size):
+    weight, hessian = synthetic(12, 32)
+    hinv = inverse_hessian(hessian, DAMPING)
+    weight_before, hinv_before = weight.clone(), hinv.clone()
+    snapshot = greedy_prune(weight, hinv, unit_size, [0, 1])[0]
+    assert snapshot.units_removed == 0
+    assert torch.equal(snapshot.kept_units, torch.arange(32 // unit_size))
+    assert torch.equal(snapshot.weight, weight)
+    # inputs are left untouched
+    assert torch.equal(weight, weight_before) and torch.equal(hinv, hinv_before)
+
+
+@pytest.mark.parametrize("unit_size,d_in", [(1, 96), (8, 64), (16, 64)])
+def test_obs_beats_magnitude_at_every_level(unit_size, d_in):
+    weight, hessian = synthetic(24, d_in, seed=unit_size)
+    n_units = d_in // unit_size
+    ladder = level_ladder(n_units, 8)
+    levels = greedy_prune(weight, inverse_hessian(hessian, DAMPING), unit_size, ladder)
+    assert [p.units_removed for p in levels] == ladder
+    for pruned in levels:
+        obs = reconstruction_error(weight, scatter(pruned, d_in, unit_size), hessian)
+        magnitude = reconstruction_error(weight, magnitude_pruned(weight, unit_size, pruned.units_removed), hessian)
+        assert obs <= magnitude * (1 + 1e-5) + 1e-6, (pruned.units_removed, obs, magnitude)
+        if 0 < pruned.units_removed < n_units:
+            assert obs < magnitude  # strictly better once something is removed and something is left
+    assert reconstruction_error(weight, scatter(levels[0], d_in, unit_size), hessian) == 0.0
+    assert levels[-1].weight.shape == (24, 0) and levels[-1].kept_units.numel() == 0
+
+
+@pytest.mark.parametrize("d_in", [40, 150])  # 150 > the lazy batch of 64: several flushes happen
+def test_lazy_columns_match_direct_groups(d_in):
+    # Very strongly correlated inputs: the lazy running norms and diagonal then decide close calls.
+    weight, hessian = synthetic(16, d_in, seed=d_in, private=0.1, per_factor=2)
+    hinv = inverse_hessian(hessian, DAMPING)
+    # Sparse snapshots: each one flushes the pending downdates, so a snapshot at every step would never
+    # exercise the lazy running norms and diagonal between flushes.
+    snapshots = sorted({0, 1, 7, d_in // 3, d_in // 2 + 3, d_in - 5, d_in})
+    lazy = greedy_prune(weight, hinv, 1, snapshots)
+    direct = _greedy_groups(weight.clone(), hinv.clone(), 1, snapshots)
+    assert len(lazy) == len(direct) == len(snapshots)
+    for a, b in zip(lazy, direct):
+        assert torch.equal(a.kept_units, b.kept_units), a.units_removed
+        scale = max(1.0, b.weight.abs().max().item()) if b.weight.numel() else 1.0
+        assert torch.allclose(a.weight, b.weight, atol=1e-4 * scale, rtol=1e-4), a.units_removed
+
+
+def optimal_error_without(weight: torch.Tensor, hessian: torch.Tensor, columns: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Brute force: remove `columns`, refit the rest by least squares under `hessian`. Returns (error, Ŵ)."""
+    keep = torch.ones(weight.shape[1], dtype=torch.bool)
+    keep[columns] = False
+    w, h = weight.double(), hessian.double()
+    # min over Ŵ_K of tr((W − Ŵ) H (W − Ŵ)ᵀ) with Ŵ_J = 0  ⇒  Ŵ_K = W_K + W_J H_JK H_KK⁻¹
+    refit = w[:, keep] + w[:, ~keep] @ h[~keep][:, keep] @ torch.linalg.inv(h[keep][:, keep])
+    pruned = torch.zeros_like(w)
+    pruned[:, keep] = refit
+    return reconstruction_error(weight, pruned, hessian), pruned.float()
+
+
+@pytest.mark.parametrize("unit_size", [1, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_first_greedy_step_is_the_exact_best_unit(unit_size, seed):
+    d_in = 24
+    weight, hessian = synthetic(10, d_in, seed=seed)
+    damped = dampen(hessian.double(), DAMPING).float()  # the Hessian OBS actually optimizes against
+    first = greedy_prune(weight, inverse_hessian(hessian, DAMPING), unit_size, [1])[0]
+    errors = []
+    for unit in range(d_in // unit_size):
+        errors.append(optimal_error_without(weight, damped, torch.arange(unit * unit_size, (unit + 1) * unit_size)))
+    best = min(range(len(errors)), key=lambda u: errors[u][0])
+    removed = sorted(set(range(d_in // unit_size)) - set(first.kept_units.tolist()))
+    assert removed == [best]
+    # and the update is the optimal one
+    error, optimal = errors[best]
+    assert torch.allclose(scatter(first, d_in, unit_size), optimal, atol=1e-4)
+    assert reconstruction_error(weight, scatter(first, d_in, unit_size), damped) == pytest.approx(error, rel=1e-4)
+
+
+@pytest.mark.parametrize("unit_size", [1, 4])
+def test_levels_are_nested(unit_size):
+    weight, hessian = synthetic(8, 48, seed=5)
+    n_units = 48 // unit_size
+    levels = greedy_prune(weight, inverse_hessian(hessian, DAMPING), unit_size, level_ladder(n_units, 5))
+    kept_sets = [set(p.kept_units.tolist()) for p in levels]
+    for pruned, kept in zip(levels, kept_sets):
+        assert len(kept) == n_units - pruned.units_removed
+        assert pruned.kept_units.tolist() == sorted(kept)  # ascending
+        assert pruned.weight.shape == (8, len(kept) * unit_size)
+    for larger, smaller in zip(kept_sets, kept_sets[1:]):
+        assert smaller < larger  # strictly shrinking and nested
+
+
+def test_greedy_prune_rejects_bad_arguments():
+    weight, hessian = synthetic(4, 12)
+    hinv = inverse_hessian(hessian, DAMPING)
+    with pytest.raises(ValueError):
+        greedy_prune(weight, hinv, 5, [0])  # 12 columns are not whole units of 5
+    with pytest.raises(ValueError):
+        greedy_prune(weight, hinv, 1, [3, 1])  # not ascending
+    with pytest.raises(ValueError):
+        greedy_prune(weight, hinv, 4, [0, 4])  # only 3 units
+
+
+@pytest.mark.parametrize("n_units", [1, 3, 4, 9, 10, 96, 1536])
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 10, 20])
+def test_level_ladder(n_units, steps):
+    ladder = level_ladder(n_units, steps)
+    assert ladder[0] == 0 and ladder[-1] == n_units
+    gaps = [b - a for a, b in zip(ladder, ladder[1:])]
+    assert all(gap > 0 for gap in gaps)
+    if steps <= n_units:
+        assert len(ladder) == steps + 1
+        assert set(gaps) <= {n_units // steps, -(-n_units // steps)}  # even: floor or ceil of n/steps
+    else:
+        assert ladder == list(range(n_units + 1))  # more steps than units: every count once
+
+
+def test_level_ladder_rejects_zero_steps():
+    with pytest.raises(ValueError):
+        level_ladder(10, 0)
+
+
+def test_dampen_handles_dead_inputs():
+    hessian = torch.diag(torch.tensor([2.0, 0.0, 4.0]))
+    damped = dampen(hessian, 0.5)
+    assert torch.all(damped.diagonal() > 0)
+    assert torch.equal(hessian, torch.diag(torch.tensor([2.0, 0.0, 4.0])))  # input unchanged
+    torch.linalg.cholesky(damped)  # positive definite
