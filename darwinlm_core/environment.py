@@ -5,6 +5,7 @@ variables that are unset.
 """
 
 import os
+import sys
 
 OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -19,6 +20,10 @@ OFFLINE_DEFAULTS = {
 
 
 def apply_offline_defaults() -> None:
-    """Set every unset offline/telemetry variable. Must run before huggingface_hub is imported to take effect."""
+    """Set every unset offline/telemetry variable, also where huggingface_hub has already read them."""
     for name, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; every check after that reads this constant.
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].lower() in ("1", "true", "yes", "on")

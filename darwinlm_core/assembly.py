@@ -1,0 +1,152 @@
+"""Apply: set a live model to a per-module level assignment by swapping tensors, never copying the model.
+
+The dense tensors are kept aside once; every `apply` builds each changed module's linears from them (rows of
+kept units) and from the database (OBS-updated output columns), physically shrunk so a pruned candidate runs
+faster. A module at its last level (everything removed) is replaced by a no-op returning zeros, so a block
+with both modules removed is the identity through its residual. `masked=True` keeps dense shapes with zeros
+instead: slower, same function — used to check shrinking and for padded exports.
+
+Uneven GQA groups (query_heads mode can leave, say, 3/1/2 query heads on 3 KV heads) cannot be expressed with
+one `num_key_value_groups`; such attention modules switch to the exported models' own forward, which maps
+each query head to its KV head by index (modeling_pruned.set_uneven_groups), so search and export agree.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from darwinlm_core.arch import arch_for
+from darwinlm_core.database import Database
+from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP, set_uneven_groups
+from darwinlm_core.structure import ModuleShape, module_shapes
+
+
+def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    requires_grad = linear.weight.requires_grad
+    linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(bias.clone(), requires_grad=requires_grad)
+    linear.out_features, linear.in_features = weight.shape
+
+
+class LiveAssembly:
+    """A live model plus its database; `apply(levels)` switches modules between levels in place."""
+
+    def __init__(self, model: nn.Module, database: Database, base_model_digest: str | None = None):
+        database.check_model(model, base_model_digest)
+        self.model, self.database = model, database
+        self.spec = arch_for(model)
+        self.shapes = module_shapes(model, self.spec, database.manifest["config"]["gqa_mode"])
+        self.blocks = self.spec.block_list(model)
+        self.dense = [self._dense_tensors(block) for block in self.blocks]
+        self.modules = {(i, "attn"): self.spec.attention_of(b) for i, b in enumerate(self.blocks)}
+        self.modules.update({(i, "mlp"): self.spec.mlp_of(b) for i, b in enumerate(self.blocks)})
+        self.levels = {key: 0 for key in self.modules}
+        self.masked = False
+
+    def _dense_tensors(self, block) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        spec = self.spec
+        linears = {name: spec.attention_of(block).get_submodule(getattr(spec, name)) for name in
+                   ("q_proj", "k_proj", "v_proj", "o_proj")}
+        linears.update({name: spec.mlp_of(block).get_submodule(getattr(spec, name)) for name in
+                        ("gate_proj", "up_proj", "down_proj")})
+        return {name: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+                for name, lin in linears.items()}
+
+    def apply(self, levels: Mapping[tuple[int, str], int], masked: bool = False) -> None:
+        """Set each (layer, kind) in `levels` to that level; modules not named keep their current level."""
+        if masked != self.masked:  # switching representation rebuilds every module
+            self.masked, changed = masked, {**self.levels, **levels}
+        else:
+            changed = {key: level for key, level in levels.items() if self.levels.get(key) != level}
+        for (layer, kind), level in changed.items():
+            n_levels = self.database.num_levels(layer, kind)
+            if not 0 <= level < n_levels:
+                raise ValueError(f"level {level} out of range 0..{n_levels - 1} for ({layer}, {kind})")
+            self._set_module(layer, kind, level)
+            self.levels[(layer, kind)] = level
+
+    def kept_params(self) -> int:
+        return sum(self.database.params(layer, kind, level) for (layer, kind), level in self.levels.items())
+
+    def _set_module(self, layer: int, kind: str, level: int) -> None:
+        shape: ModuleShape = self.shapes[layer][kind]
+        block, module = self.blocks[layer], self.modules[(layer, kind)]
+        attribute = self.spec.attention if kind == "attn" else self.spec.mlp
+        last_level = level == self.database.num_levels(layer, kind) - 1
+        if last_level and not self.masked:
+            setattr(block, attribute, ZeroAttention(layer) if kind == "attn" else ZeroMLP())
+            return
+        if level == 0:
+            dense_out = self.dense[layer]["o_proj" if kind == "attn" else "down_proj"][0]
+            kept, out_weight = torch.arange(shape.n_units), dense_out.clone()  # training must not touch the copy
+        else:
+            pruned = self.database.load(layer, kind, level)  # before touching the model: a bad shard changes nothing
+            kept, out_weight = pruned.kept_units, pruned.weight
+        setattr(block, attribute, module)
+        dtype = self.dense[layer]["q_proj"][0].dtype
+        if kind == "mlp":
+            self._set_mlp(layer, module, kept, out_weight.to(dtype), shape)
+        else:
+            self._set_attention(layer, module, kept, out_weight.to(dtype), shape)
+
+    def _set_mlp(self, layer, mlp, kept, down_weight, shape: ModuleShape) -> None:
+        dense, spec = self.dense[layer], self.spec
+        rows = kept if not self.masked else torch.arange(shape.n_units)
+        for name in ("gate_proj", "up_proj"):
+            weight, bias = dense[name]
+            weight, bias = weight[rows], None if bias is None else bias[rows]
+            if self.masked:
+                weight, bias = _zero_rows_except(weight, kept), None if bias is None else _zero_rows_except(bias, kept)
+            _set_linear(mlp.get_submodule(getattr(spec, name)), weight, bias)
+        if self.masked:
+            down_weight = _scatter_columns(down_weight, kept, shape.n_units, 1)
+        _set_linear(mlp.get_submodule(spec.down_proj), down_weight, dense["down_proj"][1])
+
+    def _set_attention(self, layer, attention, kept, o_weight, shape: ModuleShape) -> None:
+        dense, spec, layout = self.dense[layer], self.spec, shape.layout
+        heads = shape.query_heads_of(kept)
+        kv_of_query = None
+        if self.masked:
+            q_heads, kv_heads = torch.arange(layout.query_heads), torch.arange(layout.kv_heads)
+            o_weight = _scatter_columns(o_weight, heads, layout.query_heads, layout.head_dim)
+        else:
+            kv_of_head = heads // layout.group_size
+            kv_heads, counts = torch.unique(kv_of_head, return_counts=True)
+            q_heads = heads
+            if not bool((counts == counts[0]).all()):
+                kv_of_query = torch.searchsorted(kv_heads, kv_of_head).tolist()
+        q_weight, q_bias = _head_rows(*dense["q_proj"], q_heads, layout.head_dim)
+        if self.masked:
+            q_weight = _zero_rows_except(q_weight, _head_columns(heads, layout.head_dim))
+            q_bias = None if q_bias is None else _zero_rows_except(q_bias, _head_columns(heads, layout.head_dim))
+        _set_linear(attention.get_submodule(spec.q_proj), q_weight, q_bias)
+        for name in ("k_proj", "v_proj"):
+            _set_linear(attention.get_submodule(getattr(spec, name)), *_head_rows(*dense[name], kv_heads, layout.head_dim))
+        _set_linear(attention.get_submodule(spec.o_proj), o_weight, dense["o_proj"][1])
+        set_uneven_groups(attention, kv_of_query)
+        if kv_of_query is None:
+            attention.num_key_value_groups = len(q_heads) // len(kv_heads)
+
+
+def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _head_rows(weight, bias, heads, head_dim):
+    rows = _head_columns(heads, head_dim)
+    return weight[rows], None if bias is None else bias[rows]
+
+
+def _zero_rows_except(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(tensor.shape[0], dtype=torch.bool)
+    mask[keep] = True
+    return tensor * mask.view(-1, *[1] * (tensor.dim() - 1)).to(tensor.dtype)
+
+
+def _scatter_columns(weight: torch.Tensor, kept_units: torch.Tensor, n_units: int, unit_size: int) -> torch.Tensor:
+    """Dense-width (d_out, n_units * unit_size) weight with `weight`'s columns at the kept units, zeros elsewhere."""
+    full = torch.zeros(weight.shape[0], n_units * unit_size, dtype=weight.dtype)
+    full[:, _head_columns(kept_units, unit_size)] = weight
+    return full
