@@ -49,7 +49,54 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(handler=_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a pruned model as a Hugging Face folder",
+        description="Apply a per-layer level assignment from a database to the model and save it as a Hugging "
+        "Face folder (local path or any fsspec URI such as s3://bucket/prefix).",
+    )
+    export.add_argument("--model", required=True, help="the base model the database was built from")
+    export.add_argument("--database", required=True, help="database root (the folder holding manifest.json)")
+    export.add_argument(
+        "--levels",
+        required=True,
+        help='JSON file {"attn": [level per layer], "mlp": [level per layer]}, optionally with "database": '
+        "the database digest it was chosen for",
+    )
+    export.add_argument("--out", required=True, help="output folder or URI; must not hold a model already")
+    export.add_argument(
+        "--format",
+        default="compact",
+        choices=["compact", "padded"],
+        help="compact: only kept weights, per-layer widths in config.json, modeling code via auto_map "
+        "(load with trust_remote_code=True, or plainly after `import darwinlm_core`); padded: the plain "
+        "architecture with zeros for removed heads/channels, loads anywhere without custom code but is as "
+        "big and as slow as the dense model",
+    )
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.set_defaults(handler=_export)
     return parser
+
+
+def _export(args) -> None:
+    from darwinlm_core.assembly import LiveAssembly
+    from darwinlm_core.database import Database
+    from darwinlm_core.export import export_model, read_level_assignment
+    from darwinlm_core.models import load_model
+
+    database = Database.open(args.database)
+    levels = read_level_assignment(args.levels, database)  # before loading weights: bad files fail fast
+    model, tokenizer = load_model(args.model)
+    assembly = LiveAssembly(model, database)
+    assembly.apply(levels, masked=args.format == "padded")
+    layers = range(database.manifest["base_model"]["num_layers"])
+    metadata = {"database": database.digest, "base_model_digest": database.manifest["base_model"]["digest"],
+                "levels": {kind: [levels[(i, kind)] for i in layers] for kind in ("attn", "mlp")},
+                "kept_block_params": assembly.kept_params(), "dense_block_params": database.manifest["dense_params"]}
+    export_model(model, tokenizer, args.out, export_format=args.format, dtype=args.dtype, metadata=metadata)
+    fraction = assembly.kept_params() / database.manifest["dense_params"]
+    print(f"exported {args.format} model to {args.out} ({fraction:.1%} of block parameters kept)")
 
 
 def _evaluate(args) -> None:

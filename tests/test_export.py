@@ -1,0 +1,186 @@
+"""Exports: both load paths in fresh processes, generate with a KV cache, padded == compact, clear refusals."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from darwinlm_core.assembly import LiveAssembly
+from darwinlm_core.database import DatabaseConfig, build_database
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.export import export_model
+from darwinlm_core.tiny_models import random_token_rows, tiny_model, tiny_tokenizer
+from flows.cli import main
+
+FAMILIES = ["llama", "qwen2", "mistral"]
+
+
+def pruned_tiny(family: str, tmp_path: Path):
+    """A tiny model with layer 0's attention removed, layer 1's query heads uneven over KV heads (3 of 4 heads
+    kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
+    database = build_database(model, rows, str(tmp_path / "db"), calibration_digest="tiny",
+                              config=DatabaseConfig(storage_dtype="float32"))
+    assembly = LiveAssembly(model, database)
+    levels = {(0, "attn"): database.num_levels(0, "attn") - 1, (1, "attn"): 1, (1, "mlp"): 5, (2, "mlp"): 3}
+    assembly.apply(levels)
+    return model, database, assembly, levels
+
+
+def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    tokens = prompt
+    for _ in range(steps):
+        with torch.no_grad():
+            next_token = model(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_export_reloads_exactly_and_generates(family, tmp_path):
+    model, _, _, _ = pruned_tiny(family, tmp_path)
+    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=20, seed=1)
+    with torch.no_grad():
+        expected = model(rows).logits
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # registered classes, no remote code
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["layer_query_heads"][:2] == [0, 3] and config["layer_kv_of_query"][1] is not None
+    with torch.no_grad():
+        assert (reloaded(rows).logits - expected).abs().max().item() <= 1e-5
+    prompt = rows[:1, :6]
+    generated = reloaded.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(generated, greedy_without_cache(reloaded, prompt, 10))  # the KV cache path agrees
+
+
+def test_padded_export_matches_compact(tmp_path):
+    model, _, assembly, levels = pruned_tiny("qwen2", tmp_path)  # q/k/v biases
+    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=16, seed=2)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "compact"))
+    assembly.apply(levels, masked=True)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "padded"), export_format="padded")
+    compact = AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    padded = AutoModelForCausalLM.from_pretrained(tmp_path / "padded")
+    assert type(padded).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert (padded(rows).logits - compact(rows).logits).abs().max().item() <= 1e-5
+    size = lambda folder: (tmp_path / folder / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("compact") < size("padded")
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys, json, torch
+    BLOCK = {block}
+    if BLOCK:
+        sys.modules["darwinlm_core"] = None  # any import of darwinlm from here on raises ImportError
+    else:
+        import darwinlm_core
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **({kwargs}))
+    rows = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(rows).logits
+    model.generation_config.eos_token_id = None
+    generated = model.generate(rows[:1, :4], max_new_tokens=5, do_sample=False)
+    print(json.dumps({{"logits": logits.tolist(), "generated": generated.tolist(),
+                      "darwinlm_imported": any(name.startswith("darwinlm") and sys.modules[name] is not None
+                                               for name in sys.modules)}}))
+""")
+
+
+@pytest.mark.parametrize("block_darwinlm, kwargs", [(True, "{'trust_remote_code': True}"), (False, "{}")],
+                         ids=["trust_remote_code-without-darwinlm", "plain-after-import-darwinlm_core"])
+def test_export_loads_in_a_fresh_process(block_darwinlm, kwargs, tmp_path):
+    model, _, _, _ = pruned_tiny("llama", tmp_path)
+    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=12, seed=3)
+    with torch.no_grad():
+        expected = model(rows).logits
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    script = FRESH_PROCESS.format(block=block_darwinlm, kwargs=kwargs)
+    # Run from the export folder's parent with a clean sys.path entry, so the repository is not importable.
+    result = subprocess.run([sys.executable, "-I", "-c", script, str(tmp_path / "out"), json.dumps(rows.tolist())],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["darwinlm_imported"] is (not block_darwinlm)
+    assert (torch.tensor(output["logits"]) - expected).abs().max().item() <= 1e-5
+    assert len(output["generated"][0]) == 9
+
+
+def test_exported_folder_carries_only_its_own_code(tmp_path):
+    model, _, _, _ = pruned_tiny("mistral", tmp_path)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    python_files = sorted(path.name for path in (tmp_path / "out").glob("*.py"))
+    assert python_files == ["modeling_pruned.py"]
+    source = (tmp_path / "out" / "modeling_pruned.py").read_text()
+    assert "darwinlm_core" not in source.replace("`import darwinlm_core`", "")
+
+
+def test_export_refuses_an_occupied_destination(tmp_path):
+    model, _, _, _ = pruned_tiny("llama", tmp_path)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    with pytest.raises(DarwinLMError, match="already holds a model"):
+        export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+
+
+@pytest.fixture()
+def saved_base(tmp_path):
+    """A tiny base model saved as an HF folder plus a database built from exactly those weights."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    database = build_database(reloaded, rows, str(tmp_path / "db"), calibration_digest="tiny")
+    return tmp_path / "base", database
+
+
+def run_export(capsys, base, database, levels_file, out) -> tuple[int, str]:
+    code = main(["export", "--model", str(base), "--database", database.root, "--levels", str(levels_file),
+                 "--out", str(out)])
+    return code, capsys.readouterr().err
+
+
+def test_cli_export_writes_a_loadable_model(capsys, saved_base, tmp_path):
+    base, database = saved_base
+    levels = tmp_path / "levels.json"
+    levels.write_text(json.dumps({"attn": [0, 1, 2], "mlp": [3, 0, 10], "database": database.digest}))
+    code, err = run_export(capsys, base, database, levels, tmp_path / "pruned")
+    assert code == 0, err
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert pruned.config.layer_intermediate_sizes[2] == 0
+    assert json.loads((tmp_path / "pruned" / "darwinlm.json").read_text())["database"] == database.digest
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"attn": [0, 1], "mlp": [0, 0]}, "list of 3 levels"),
+    ({"attn": [0, 1, 99], "mlp": [0, 0, 0]}, "not in 0.."),
+    ({"attn": [0, 0, 0], "mlp": [0, 0, 0], "database": "0123456789abcdef"}, "chosen for database"),
+    ("not json", "not JSON"),
+])
+def test_cli_export_refuses_levels_that_do_not_match_the_database(capsys, saved_base, tmp_path, content, message):
+    base, database = saved_base
+    levels = tmp_path / "levels.json"
+    levels.write_text(content if isinstance(content, str) else json.dumps(content))
+    code, err = run_export(capsys, base, database, levels, tmp_path / "pruned")
+    assert code == 1 and message in err.strip().splitlines()[-1]
+    assert not (tmp_path / "pruned").exists()  # nothing half-written
+
+
+def test_cli_export_refuses_a_database_of_another_model(capsys, saved_base, tmp_path):
+    _, database = saved_base
+    other = tmp_path / "other"
+    tiny_model("llama", seed=7).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    levels = tmp_path / "levels.json"
+    levels.write_text(json.dumps({"attn": [0, 0, 0], "mlp": [0, 0, 0]}))
+    code, err = run_export(capsys, other, database, levels, tmp_path / "pruned")
+    assert code == 1 and "built from another model" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "pruned").exists()
