@@ -54,9 +54,13 @@ class LiveAssembly:
         return {name: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
                 for name, lin in linears.items()}
 
-    def apply(self, levels: Mapping[tuple[int, str], int], masked: bool = False) -> None:
-        """Set each (layer, kind) in `levels` to that level; modules not named keep their current level."""
-        if masked != self.masked:  # switching representation rebuilds every module
+    def apply(self, levels: Mapping[tuple[int, str], int], masked: bool = False, rebuild: bool = False) -> None:
+        """Set each (layer, kind) in `levels` to that level; modules not named keep their current level.
+
+        `rebuild=True` rebuilds every module from the dense copy and the database, discarding any training
+        the live weights received since the last apply.
+        """
+        if masked != self.masked or rebuild:  # a new representation, or weights that drifted: rebuild all
             self.masked, changed = masked, {**self.levels, **levels}
         else:
             changed = {key: level for key, level in levels.items() if self.levels.get(key) != level}
@@ -79,17 +83,17 @@ class LiveAssembly:
             setattr(block, attribute, ZeroAttention(layer) if kind == "attn" else ZeroMLP())
             return
         if level == 0:
-            dense_out = self.dense[layer]["o_proj" if kind == "attn" else "down_proj"][0]
-            kept, out_weight = torch.arange(shape.n_units), dense_out.clone()  # training must not touch the copy
+            kept, out_weight = torch.arange(shape.n_units), self.dense[layer]["o_proj" if kind == "attn" else "down_proj"][0]
         else:
             pruned = self.database.load(layer, kind, level)  # before touching the model: a bad shard changes nothing
             kept, out_weight = pruned.kept_units, pruned.weight
         setattr(block, attribute, module)
-        dtype = self.dense[layer]["q_proj"][0].dtype
+        # Always a copy: training the live model must never write into the dense copy or the database cache.
+        out_weight = out_weight.to(self.dense[layer]["q_proj"][0].dtype, copy=True)
         if kind == "mlp":
-            self._set_mlp(layer, module, kept, out_weight.to(dtype), shape)
+            self._set_mlp(layer, module, kept, out_weight, shape)
         else:
-            self._set_attention(layer, module, kept, out_weight.to(dtype), shape)
+            self._set_attention(layer, module, kept, out_weight, shape)
 
     def _set_mlp(self, layer, mlp, kept, down_weight, shape: ModuleShape) -> None:
         dense, spec = self.dense[layer], self.spec

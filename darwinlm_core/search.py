@@ -1,0 +1,202 @@
+"""The evolutionary search over per-module levels, with training-aware multi-stage selection (DarwinLM).
+
+Each generation: the parent makes `offspring` distinct mutants within the budget; they go through stages,
+each stage sampling fresh fitness rows (and finetune rows) from seeded generators, giving every candidate a
+short finetune, measuring its KL to the dense teacher, and keeping the best `survivors`. The parent joins
+the last stage (elitism), so it is replaced only by a candidate that beats it on the same rows after the
+same finetune. All candidates are assembled in one live model (LiveAssembly), never copied.
+
+The SearchState is written after every generation; running again with the same config resumes after the
+last finished generation and reaches the same final genome as an uninterrupted run, because mutation draws
+from a saved RNG state and every stage's rows come from a generator seeded by (seed, generation, stage).
+"""
+
+import hashlib
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from darwinlm_core import storage
+from darwinlm_core.assembly import LiveAssembly
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.finetune import FinetuneConfig, finetune
+from darwinlm_core.fitness import CompactTeacher, kl_per_token
+from darwinlm_core.genome import Budget, Genome, offspring
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    survivors: int
+    fitness_tokens: int
+    finetune_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    fraction_removed: float = 0.5
+    budget_kind: str = "params"  # or "flops"
+    generations: int = 50
+    offspring: int = 16
+    stages: tuple[StageConfig, ...] = (StageConfig(8, 1024, 10_000), StageConfig(4, 2048, 50_000),
+                                       StageConfig(2, 4096, 100_000), StageConfig(1, 8192, 200_000))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seed: int = 0
+    batch_size: int = 4
+
+    def __post_init__(self):
+        survivors = [stage.survivors for stage in self.stages]
+        if not self.stages or survivors[-1] != 1 or survivors != sorted(survivors, reverse=True):
+            raise DarwinLMError(f"stage survivors {survivors} must shrink to exactly 1 in the last stage")
+        if survivors[0] > self.offspring or self.generations < 0 or self.offspring < 1:
+            raise DarwinLMError(f"first stage keeps {survivors[0]} of {self.offspring} offspring",
+                                "keep at most as many as are made, with offspring ≥ 1 and generations ≥ 0")
+        if any(stage.fitness_tokens < 1 or stage.finetune_tokens < 0 for stage in self.stages):
+            raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def training_aware(self) -> bool:
+        return any(stage.finetune_tokens > 0 for stage in self.stages)
+
+
+@dataclass
+class SearchState:
+    config_digest: str
+    database: str
+    generation: int  # generations finished
+    parent: list[int]
+    parent_fitness: float | None
+    rng_state: list
+    history: list[dict]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "SearchState":
+        return cls(**json.loads(data))
+
+
+def _rows(pool_size: int, tokens: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of ceil(tokens / seq_len) distinct rows of a pool, drawn with `generator`."""
+    count = -(-tokens // seq_len)
+    if count > pool_size:
+        raise DarwinLMError(f"a stage needs {count} rows of {seq_len} tokens but the pool has {pool_size}",
+                            "lower the stage's tokens or give the search more calibration/training text")
+    return torch.randperm(pool_size, generator=generator)[:count]
+
+
+class Search:
+    """Runs generations on a LiveAssembly; `run()` resumes from `state_uri` when a state is there."""
+
+    def __init__(self, assembly: LiveAssembly, teacher_pool: CompactTeacher, train_pool: torch.Tensor,
+                 config: SearchConfig, state_uri: str | None = None, progress: bool = False):
+        self.assembly, self.teacher_pool, self.train_pool = assembly, teacher_pool, train_pool
+        self.config, self.state_uri, self.progress = config, state_uri, progress
+        database = assembly.database
+        self.budget = Budget.from_database(database, fraction_removed=config.fraction_removed,
+                                           kind=config.budget_kind, seq_len=teacher_pool.input_ids.shape[1])
+        self.database_digest = database.digest
+        self.compute_s = 0.0  # time inside forward/backward passes, for the overhead figure
+        self._dirty = True  # live weights may differ from what the database gives (training, fresh model)
+
+    def _initial_state(self) -> SearchState:
+        rng = random.Random(self.config.seed)
+        parent = self.budget.uniform()
+        return SearchState(self.config.digest, self.database_digest, 0, list(parent), None,
+                           _encode_rng(rng.getstate()), [])
+
+    def load_or_start(self) -> SearchState:
+        if self.state_uri is None or not storage.exists(self.state_uri):
+            return self._initial_state()
+        state = SearchState.from_json(storage.read_bytes(self.state_uri))
+        if (state.config_digest, state.database) != (self.config.digest, self.database_digest):
+            raise DarwinLMError(f"search state at {self.state_uri} belongs to another config or database",
+                                "use a new run location, or delete the state to start over")
+        return state
+
+    def evaluate(self, levels: tuple[int, ...], teacher: CompactTeacher, train_rows: torch.Tensor | None) -> float:
+        """Assemble `levels`, finetune briefly if rows are given, and return KL per token to the teacher."""
+        self.assembly.apply(Genome(levels, self.database_digest).assignment(), rebuild=self._dirty)
+        start = time.perf_counter()
+        if train_rows is not None and train_rows.numel():
+            finetune(self.assembly.model, train_rows, self.config.finetune)
+            self._dirty = True
+        else:
+            self._dirty = False
+        fitness = kl_per_token(self.assembly.model, teacher, self.config.batch_size)
+        self.compute_s += time.perf_counter() - start
+        return fitness
+
+    def generation(self, state: SearchState) -> SearchState:
+        """One generation: mutate, select through the stages, return the next state."""
+        start, compute_before = time.perf_counter(), self.compute_s
+        rng = random.Random()
+        rng.setstate(_decode_rng(state.rng_state))
+        parent = tuple(state.parent)
+        candidates = offspring(parent, self.config.offspring, self.budget, rng)
+        seq_len = self.teacher_pool.input_ids.shape[1]
+        evaluations = 0
+        for stage_index, stage in enumerate(self.config.stages):
+            generator = torch.Generator().manual_seed(hash_seed(self.config.seed, state.generation, stage_index))
+            teacher = self.teacher_pool.rows(_rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
+                                                   seq_len, generator))
+            train = None
+            if stage.finetune_tokens:
+                train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
+                                              self.train_pool.shape[1], generator)]
+            if stage_index == len(self.config.stages) - 1 and parent not in candidates:
+                candidates = candidates + [parent]  # elitism: the parent competes in the last stage
+            scored = [(self.evaluate(c, teacher, train), c) for c in candidates]
+            evaluations += len(scored)
+            scored.sort(key=lambda pair: pair[0])
+            candidates = [c for _, c in scored[: stage.survivors]]
+        best_fitness, best = scored[0]
+        record = {"generation": state.generation, "best_fitness": best_fitness,
+                  "median_fitness": statistics.median(f for f, _ in scored),
+                  "kept": self.budget.cost(best), "evaluations": evaluations,
+                  "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
+        return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
+                           _encode_rng(rng.getstate()), state.history + [record])
+
+    def run(self, on_generation=None) -> SearchState:
+        """Run (or resume) to `config.generations`; saves the state after each; returns the final state."""
+        state = self.load_or_start()
+        bar = tqdm(total=self.config.generations, initial=state.generation, desc="search", unit="gen",
+                   disable=not self.progress)
+        while state.generation < self.config.generations:
+            state = self.generation(state)
+            if self.state_uri is not None:
+                storage.write_bytes(self.state_uri, state.to_json())
+            if on_generation is not None:
+                on_generation(state)
+            bar.update(1)
+            bar.set_postfix(kl=f"{state.parent_fitness:.4f}")
+        bar.close()
+        return state
+
+    def genome(self, state: SearchState) -> Genome:
+        return Genome(tuple(state.parent), self.database_digest)
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big") >> 1
+
+
+def _encode_rng(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_rng(encoded) -> tuple:
+    version, internal, gauss = encoded
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,170 @@
+"""Genome budget, mutation, fitness, training-aware selection and resumable search on tiny models."""
+
+import random
+
+import pytest
+import torch
+
+from darwinlm_core.assembly import LiveAssembly
+from darwinlm_core.database import DatabaseConfig, build_database
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.finetune import FinetuneConfig, finetune
+from darwinlm_core.fitness import compute_teacher, exact_kl_per_token, kl_per_token
+from darwinlm_core.genome import Budget, mutate, offspring
+from darwinlm_core.search import Search, SearchConfig, StageConfig
+from darwinlm_core.tiny_models import random_token_rows, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: thread start-up dominates on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    model = tiny_model("llama", num_hidden_layers=4)
+    rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
+    database = build_database(model, rows, str(tmp_path_factory.mktemp("db")), calibration_digest="tiny",
+                              config=DatabaseConfig(storage_dtype="float32"))
+    return model, database
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_mutation_keeps_every_offspring_within_the_budget(tiny_setup, kind):
+    _, database = tiny_setup
+    budget = Budget.from_database(database, fraction_removed=0.5, kind=kind, seq_len=32)
+    parent = budget.uniform()
+    assert budget.feasible(parent)
+    rng = random.Random(0)
+    children = offspring(parent, 20, budget, rng)
+    assert len(children) == len(set(children)) == 20 and parent not in children
+    for child in children + [mutate(child, budget, rng) for child in children]:
+        assert budget.feasible(child), (budget.cost(child), budget.target, budget.tolerance)
+        assert sum(a != b for a, b in zip(child, parent)) >= 1
+
+
+def test_budget_rejects_unreachable_targets(tiny_setup):
+    _, database = tiny_setup
+    with pytest.raises(DarwinLMError, match="outside"):
+        Budget.from_database(database, fraction_removed=1.5)
+
+
+def test_kl_of_a_model_to_itself_is_zero_and_compact_kl_matches_exact(tmp_path):
+    # Trained LMs are confident: their top few hundred tokens hold nearly all the mass. A random tiny model is
+    # nearly uniform, so scale its head to make it as peaked as a real one (top-64 of 128 ≈ all the mass).
+    model = tiny_model("llama", num_hidden_layers=4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    rows = random_token_rows(model.config.vocab_size, rows=4, seq_len=16, seed=5)
+    teacher = compute_teacher(model, rows, top_k=64)
+    assert abs(kl_per_token(model, teacher)) < 1e-6
+    database = build_database(model, rows, str(tmp_path), calibration_digest="tiny")
+    with torch.no_grad():
+        dense_logits = model(rows).logits
+    LiveAssembly(model, database).apply({(0, "mlp"): 5, (1, "attn"): 2, (2, "mlp"): 8})
+    with torch.no_grad():
+        pruned_logits = model(rows).logits
+    exact = exact_kl_per_token(dense_logits, pruned_logits)
+    assert exact > 0.05  # a real difference to measure
+    compact = kl_per_token(model, teacher)
+    assert compact <= exact + 1e-6 and exact - compact <= 1e-3  # coarsening never adds divergence
+
+
+def test_finetuning_keeps_pruned_units_absent_and_rebuild_restores(tiny_setup):
+    model, database = tiny_setup
+    assembly = LiveAssembly(model, database)
+    levels = {(0, "mlp"): 5, (1, "attn"): 2}
+    assembly.apply(levels)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = finetune(model, random_token_rows(model.config.vocab_size, rows=4, seq_len=16),
+                      FinetuneConfig(lr=1e-2, batch_size=2))
+    assert len(losses) == 2
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes  # nothing grew back
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert changed and all("layers" in name and "norm" not in name for name in changed)
+    assembly.apply(levels, rebuild=True)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assembly.apply({key: 0 for key in assembly.levels})
+
+
+def test_selection_keeps_the_best_by_fitness(tiny_setup, monkeypatch):
+    model, database = tiny_setup
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
+                    SearchConfig(generations=1, offspring=6, stages=(StageConfig(3, 16), StageConfig(1, 32))))
+    scores = {}
+
+    def fake_fitness(levels, teacher, train_rows):
+        return scores.setdefault(levels, random.Random(str(levels)).random())
+
+    monkeypatch.setattr(search, "evaluate", fake_fitness)
+    state = search.generation(search.load_or_start())
+    parent = tuple(search.budget.uniform())
+    stage_one = sorted((s, c) for c, s in scores.items() if c != parent)[:3]
+    finalists = [c for _, c in stage_one] + [parent]
+    assert tuple(state.parent) == min(finalists, key=lambda c: scores[c])
+    assert state.parent_fitness == min(scores[c] for c in finalists)
+
+
+def search_config(generations: int) -> SearchConfig:
+    return SearchConfig(fraction_removed=0.5, generations=generations, offspring=4, seed=3,
+                        stages=(StageConfig(2, 32, 32), StageConfig(1, 64, 32)),
+                        finetune=FinetuneConfig(lr=1e-3, batch_size=2))
+
+
+def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):
+    model, database = tiny_setup
+    pool = random_token_rows(model.config.vocab_size, rows=12, seq_len=16, seed=9)
+    teacher = compute_teacher(model, pool, top_k=32)
+
+    def fresh_search(state_uri, generations):
+        # A new process would load the dense model again: the same weights, so the same database applies.
+        return Search(LiveAssembly(tiny_model("llama", num_hidden_layers=4), database), teacher, pool,
+                      search_config(generations), state_uri)
+
+    uninterrupted = fresh_search(str(tmp_path / "full.json"), 3).run()
+    # "Kill" after generation 2: a run with 3 generations configured, stopped by an exception mid-generation 3.
+    killed = fresh_search(str(tmp_path / "resumed.json"), 3)
+    calls = {"n": 0}
+    original = killed.generation
+
+    def dying_generation(state):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(state)
+
+    killed.generation = dying_generation
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    resumed = fresh_search(str(tmp_path / "resumed.json"), 3)
+    assert resumed.load_or_start().generation == 2
+    final = resumed.run()
+    assert final.parent == uninterrupted.parent and final.generation == 3
+    assert [h["best_fitness"] for h in final.history] == pytest.approx([h["best_fitness"] for h in uninterrupted.history])
+    assert Budget.from_database(database, fraction_removed=0.5, seq_len=16).feasible(final.parent)
+
+
+def test_search_refuses_a_state_from_another_config(tiny_setup, tmp_path):
+    model, database = tiny_setup
+    pool = random_token_rows(model.config.vocab_size, rows=12, seq_len=16, seed=9)
+    teacher = compute_teacher(model, pool, top_k=32)
+    fresh = lambda: LiveAssembly(tiny_model("llama", num_hidden_layers=4), database)  # noqa: E731
+    Search(fresh(), teacher, pool, search_config(1), str(tmp_path / "s.json")).run()
+    other = Search(fresh(), teacher, pool, search_config(2), str(tmp_path / "s.json"))
+    with pytest.raises(DarwinLMError, match="another config"):
+        other.run()
+
+
+@pytest.mark.parametrize("stages, offspring_count", [
+    ((StageConfig(2, 16), StageConfig(2, 16)), 4),  # last stage must keep exactly one
+    ((StageConfig(5, 16), StageConfig(1, 16)), 4),  # keeps more than are made
+    ((StageConfig(1, 16), StageConfig(2, 16)), 4),  # survivors must not grow
+])
+def test_search_config_rejects_bad_stage_schedules(stages, offspring_count):
+    with pytest.raises(DarwinLMError):
+        SearchConfig(stages=stages, offspring=offspring_count)
