@@ -23,3 +23,21 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
         total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
         total_tokens += labels.numel()
     return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def prefill_tokens_per_second(models: list, ids: torch.Tensor, repeats: int = 3) -> list[float]:
+    """Forward throughput of each model on the same rows (n_rows, seq_len), measurements interleaved across
+    models and the median taken, so load on a shared machine hits every model alike."""
+    import statistics
+    import time
+
+    timings: list[list[float]] = [[] for _ in models]
+    for model in models:  # warm-up: first calls allocate and pick kernels
+        model(ids[:1, :8], use_cache=False)
+    for _ in range(repeats):
+        for index, model in enumerate(models):
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            timings[index].append(time.perf_counter() - start)
+    return [ids.numel() / statistics.median(times) for times in timings]

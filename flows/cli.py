@@ -7,9 +7,13 @@ DarwinLMError into one line on stderr and exit status 1 (argparse's usage errors
 import argparse
 import json
 import sys
+import tempfile
 
 from darwinlm_core.environment import apply_offline_defaults
 from darwinlm_core.errors import DarwinLMError
+
+
+LOCAL_TASK_EXAMPLES = 200  # examples written per local lm-eval task; --task-limit takes the first N
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -47,8 +51,36 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=int, default=40, help="windows per evaluation set (default 40)")
     evaluate.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument(
+        "--tasks",
+        default=None,
+        help="also run lm-eval zero-shot tasks, comma-separated: `local` for the darwinlm_* tasks built from the "
+        "held-out evaluation text (last-word cloze and next-sentence choice per evaluation set), darwinlm_* names, "
+        "or standard lm-eval names such as arc_easy,hellaswag (these download their data: network needed)",
+    )
+    evaluate.add_argument("--task-limit", type=int, default=None,
+                          help=f"examples per lm-eval task (default: all; local tasks hold {LOCAL_TASK_EXAMPLES})")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(handler=_evaluate)
+
+    compress = commands.add_parser(
+        "compress",
+        help="run a whole compression (database, search, post-training, evaluation, export) through Prefect",
+        description="Compress a model with the DarwinLM pipeline as a Prefect flow, tracked in MLflow. A re-run "
+        "of the same settings resumes where it stopped, or does nothing if it finished.",
+    )
+    compress.add_argument("--preset", default="smollm2-demo",
+                          help="tiny, smollm2-demo (default; ≤ 15 min on 2 CPU cores), paper, or a YAML file")
+    compress.add_argument("--model", default=None, help="override the preset's model: `smollm2`, a HF folder, a hub id")
+    _add_text_options(compress)
+    compress.add_argument("--fraction-removed", type=float, default=None, help="share of block parameters to remove")
+    compress.add_argument("--generations", type=int, default=None, help="override the search's generations")
+    compress.add_argument("--seed", type=int, default=None, help="override the search seed")
+    compress.add_argument("--store", default=None, help="artifact root: a folder or s3://bucket/prefix "
+                          "(default: $DARWINLM_HOME, ~/.cache/darwinlm)")
+    compress.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    compress.add_argument("--results", default=None, help="also write the summary table as JSON to this file")
+    compress.set_defaults(handler=_compress)
 
     export = commands.add_parser(
         "export",
@@ -79,6 +111,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compress(args) -> None:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a fresh sqlite needs it
+    from flows.compress import CompressParameters, compress
+    from flows.report import print_summary, write_results
+
+    parameters = CompressParameters(preset=args.preset, model=args.model, text=args.text, text_field=args.text_field,
+                                    fraction_removed=args.fraction_removed, generations=args.generations,
+                                    seed=args.seed, store=args.store)
+    parameters.config()  # a bad preset or override fails here, before Prefect starts
+    summary = compress(parameters)
+    if args.results:
+        write_results(summary, args.results)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print_summary(summary)
+
+
 def _export(args) -> None:
     from darwinlm_core.assembly import LiveAssembly
     from darwinlm_core.database import Database
@@ -102,24 +154,60 @@ def _export(args) -> None:
 def _evaluate(args) -> None:
     from darwinlm_core.data import default_split, read_documents, split_documents, tokenize_blocks
     from darwinlm_core.evaluation import perplexity
+    from darwinlm_core.lm_tasks import run_lm_eval, write_local_tasks
     from darwinlm_core.models import load_model
 
     if args.seq_len < 2 or args.windows < 1 or args.batch_size < 1:
         raise DarwinLMError("--seq-len must be ≥ 2 and --windows, --batch-size ≥ 1")
+    requested = _parse_tasks(args.tasks, args.task_limit)
     split = default_split() if args.text is None else split_documents(read_documents(args.text, args.text_field))
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    results = {}
-    for name, documents in split.evaluation.items():
-        windows = tokenize_blocks(documents, tokenizer, args.seq_len, max_blocks=args.windows)
-        ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json, desc=name)
-        results[name] = {"perplexity": ppl, "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
+    with tempfile.TemporaryDirectory(prefix="darwinlm-tasks-") as task_dir:
+        local = write_local_tasks(split, task_dir, examples_per_task=LOCAL_TASK_EXAMPLES) if requested else []
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        results = {}
+        for name, documents in split.evaluation.items():
+            windows = tokenize_blocks(documents, tokenizer, args.seq_len, max_blocks=args.windows)
+            ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json, desc=name)
+            results[name] = {"perplexity": ppl, "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
+        tasks = {}
+        if requested:
+            names = list(dict.fromkeys(n for task in requested for n in (local if task == "local" else [task])))
+            tasks = run_lm_eval(model, tokenizer, names, include_path=task_dir, batch_size=args.batch_size,
+                                limit=args.task_limit, device=str(next(model.parameters()).device))
     if args.json:
-        print(json.dumps({"model": args.model, "split_digest": split.digest, "results": results}))
+        extra = {"tasks": tasks} if requested else {}
+        print(json.dumps({"model": args.model, "split_digest": split.digest, "results": results, **extra}))
         return
     print(f"model {args.model} · split {split.digest[:12]} · {args.seq_len}-token windows")
     print(f"{'evaluation set':<16} {'windows':>8} {'perplexity':>12}")
     for name, row in results.items():
         print(f"{name:<16} {row['windows']:>8} {row['perplexity']:>12.2f}")
+    if requested:
+        _print_task_table(tasks)
+
+
+def _parse_tasks(tasks: str | None, limit: int | None) -> list[str]:
+    """--tasks as a list of names ([] when not given); `local` stays a placeholder for the written tasks."""
+    if limit is not None and limit < 1:
+        raise DarwinLMError(f"--task-limit is {limit}", "pass a positive number of examples per task")
+    if tasks is None:
+        if limit is not None:
+            raise DarwinLMError("--task-limit needs --tasks", "add e.g. --tasks local")
+        return []
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise DarwinLMError(f"--tasks {tasks!r} names no task", "pass e.g. --tasks local or --tasks local,arc_easy")
+    return names
+
+
+def _print_task_table(tasks: dict[str, dict[str, float]]) -> None:
+    """lm-eval figures: accuracies as fractions; chance is 0 for the cloze, 0.25 for next-sentence choice."""
+    columns = ["acc", "acc_norm", "perplexity"]
+    width = max(len("lm-eval task"), *(len(name) for name in tasks))
+    print(f"\n{'lm-eval task':<{width}} {'examples':>8} " + " ".join(f"{column:>10}" for column in columns))
+    for name, metrics in tasks.items():
+        cells = [f"{metrics[column]:>10.4g}" if column in metrics else f"{'-':>10}" for column in columns]
+        print(f"{name:<{width}} {metrics.get('examples', 0):>8.0f} " + " ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,171 @@
+"""The whole compression's configuration, and presets: YAML files under darwinlm_core/presets/.
+
+A preset names every knob of every stage. Unknown keys are errors (a typo must not silently fall back to a
+default), and values are checked by each stage's own dataclass. Every preset file starts with the command
+that runs it.
+"""
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from darwinlm_core.database import DatabaseConfig
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.finetune import FinetuneConfig
+from darwinlm_core.search import SearchConfig, StageConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    text: str | None = None  # None: the default State of the Union + Moby-Dick split
+    text_field: str = "text"
+    seq_len: int = 512
+    calibration_rows: int = 64  # for the database's Hessians
+    fitness_rows: int = 16  # teacher pool the search samples its fitness rows from (disjoint from the above)
+    train_rows: int = 64  # training-split pool for finetunes inside selection
+    post_train_rows: int = 32
+    eval_windows: int = 40
+
+    def __post_init__(self):
+        if self.seq_len < 8 or min(self.calibration_rows, self.fitness_rows, self.eval_windows) < 1:
+            raise DarwinLMError("data: seq_len must be ≥ 8 and calibration_rows, fitness_rows, eval_windows ≥ 1")
+
+
+@dataclass(frozen=True)
+class PostTrainConfig:
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(lr=5e-5, warmup_fraction=0.1,
+                                                                            cosine=True, distill_weight=0.5))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    tasks: str = "local"  # comma-separated lm-eval task names, "local" for darwinlm's offline tasks, "" for none
+    task_limit: int | None = 200
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    model: str = "smollm2"
+    data: DataConfig = field(default_factory=DataConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    teacher_top_k: int = 256
+    search: SearchConfig = field(default_factory=SearchConfig)
+    post_train: PostTrainConfig = field(default_factory=PostTrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        seq_len = self.data.seq_len
+        for index, stage in enumerate(self.search.stages):
+            if -(-stage.fitness_tokens // seq_len) > self.data.fitness_rows:
+                raise DarwinLMError(f"search stage {index} needs {stage.fitness_tokens} fitness tokens but "
+                                    f"data.fitness_rows × seq_len holds {self.data.fitness_rows * seq_len}",
+                                    "raise data.fitness_rows or lower the stage's fitness_tokens")
+            if -(-stage.finetune_tokens // seq_len) > self.data.train_rows:
+                raise DarwinLMError(f"search stage {index} needs {stage.finetune_tokens} finetune tokens but "
+                                    f"data.train_rows × seq_len holds {self.data.train_rows * seq_len}",
+                                    "raise data.train_rows or lower the stage's finetune_tokens")
+        if self.teacher_top_k < 1:
+            raise DarwinLMError("teacher_top_k must be ≥ 1")
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values, where: str):
+    """Instantiate dataclass `cls` from a mapping, recursively, refusing unknown keys."""
+    if not isinstance(values, dict):
+        raise DarwinLMError(f"{where} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise DarwinLMError(f"unknown option '{unknown[0]}' in {where}", f"known options: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        nested = _NESTED.get((cls, name))
+        if nested is StageConfig:
+            kwargs[name] = tuple(_build(StageConfig, stage, f"{where}.{name}[{i}]") for i, stage in enumerate(value))
+        elif nested is not None:
+            kwargs[name] = _build(nested, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(fields[name].type, value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise DarwinLMError(f"bad value in {where}: {error}") from error
+
+
+def _coerce(annotation, value, where: str):
+    """Check a scalar against its field's type; YAML reads 1e-5 as a string, so floats accept numeric text."""
+    allowed = getattr(annotation, "__args__", (annotation,))
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if str in allowed and isinstance(value, str):
+        return value
+    if bool in allowed and isinstance(value, bool):
+        return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise DarwinLMError(f"bad value for {where}: expected {names}, got {value!r}")
+
+
+_NESTED = {
+    (CompressConfig, "data"): DataConfig,
+    (CompressConfig, "database"): DatabaseConfig,
+    (CompressConfig, "search"): SearchConfig,
+    (CompressConfig, "post_train"): PostTrainConfig,
+    (CompressConfig, "evaluate"): EvaluateConfig,
+    (SearchConfig, "stages"): StageConfig,
+    (SearchConfig, "finetune"): FinetuneConfig,
+    (PostTrainConfig, "finetune"): FinetuneConfig,
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str, overrides: dict | None = None) -> CompressConfig:
+    """A preset by name (see preset_names()) or a YAML file path, with optional nested overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise DarwinLMError(f"no preset '{name_or_path}'", f"use one of {', '.join(preset_names())} or a YAML file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise DarwinLMError(f"preset {path} is not valid YAML ({str(error).splitlines()[0]})") from error
+    return _build(CompressConfig, _merge(values, overrides or {}), f"preset {path.name}")
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
+    return merged
+
+
+def config_from_dict(values: dict, where: str = "compress parameters") -> CompressConfig:
+    """A CompressConfig from nested plain values (e.g. `CompressConfig.to_dict()` after a trip through JSON)."""
+    values = dict(values)
+    stages = values.get("search", {}).get("stages")
+    if stages is not None:  # JSON turns the tuple of stages into a list; _build accepts either
+        values["search"] = dict(values["search"], stages=list(stages))
+    return _build(CompressConfig, values, where)

@@ -1,0 +1,94 @@
+"""The compression stages as plain functions over a loaded model: what the Prefect tasks call.
+
+prepare_data → build_database (database.py) → teacher → search (search.py) → post_train → evaluate → export.
+Rows for each purpose are disjoint by construction: database calibration and fitness rows are different
+blocks of the calibration split, finetuning uses the training split, evaluation the held-out split.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from darwinlm_core.assembly import LiveAssembly
+from darwinlm_core.config import CompressConfig
+from darwinlm_core.data import CorpusSplit, default_split, read_documents, split_documents, tokenize_blocks
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.evaluation import perplexity
+from darwinlm_core.finetune import finetune
+from darwinlm_core.fitness import CompactTeacher, compute_teacher, kl_per_token
+from darwinlm_core.genome import Genome
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    split: CorpusSplit
+    calibration_ids: torch.Tensor  # (calibration_rows, seq_len): the database's Hessians
+    fitness_ids: torch.Tensor  # (fitness_rows, seq_len): the search's teacher pool
+    train_ids: torch.Tensor  # (train_rows, seq_len): finetunes inside selection
+    post_train_ids: torch.Tensor  # (post_train_rows, seq_len): post-training, after the above in the stream
+    eval_windows: dict[str, torch.Tensor]  # name → (≤ eval_windows, seq_len)
+
+    @property
+    def calibration_digest(self) -> str:
+        return hashlib.sha256(self.split.digest.encode() + self.calibration_ids.numpy().tobytes()).hexdigest()
+
+
+def load_split(config: CompressConfig) -> CorpusSplit:
+    if config.data.text is None:
+        return default_split()
+    return split_documents(read_documents(config.data.text, config.data.text_field))
+
+
+def _shuffled(blocks: torch.Tensor, seed: int) -> torch.Tensor:
+    return blocks[torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
+    """Tokenize the split into the row sets every stage needs; too little text is a clear error."""
+    data, split = config.data, load_split(config)
+    calibration = _shuffled(tokenize_blocks(split.calibration, tokenizer, data.seq_len), config.search.seed)
+    needed = data.calibration_rows + data.fitness_rows
+    if calibration.shape[0] < needed:
+        raise DarwinLMError(f"the calibration text gives {calibration.shape[0]} rows of {data.seq_len} tokens, "
+                            f"{needed} are needed (calibration_rows + fitness_rows)",
+                            "give more text or lower data.calibration_rows / data.fitness_rows")
+    training = _shuffled(tokenize_blocks(split.training, tokenizer, data.seq_len), config.search.seed + 1)
+    if training.shape[0] < data.train_rows + data.post_train_rows:
+        raise DarwinLMError(f"the training text gives {training.shape[0]} rows of {data.seq_len} tokens, "
+                            f"{data.train_rows + data.post_train_rows} are needed",
+                            "give more text or lower data.train_rows / data.post_train_rows")
+    return PreparedData(
+        split=split,
+        calibration_ids=calibration[: data.calibration_rows],
+        fitness_ids=calibration[data.calibration_rows : needed],
+        train_ids=training[: data.train_rows],
+        post_train_ids=training[data.train_rows : data.train_rows + data.post_train_rows],
+        eval_windows={name: tokenize_blocks(docs, tokenizer, data.seq_len, max_blocks=data.eval_windows)
+                      for name, docs in split.evaluation.items()},
+    )
+
+
+def post_train(assembly: LiveAssembly, genome: Genome, rows: torch.Tensor, config: CompressConfig,
+               teacher: CompactTeacher | None = None, progress: bool = False) -> list[float]:
+    """Assemble the winner afresh and finetune it on `rows` with warmup + cosine (and distillation)."""
+    assembly.apply(genome.assignment(), rebuild=True)
+    if rows.shape[0] == 0:
+        return []
+    return finetune(assembly.model, rows, config.post_train.finetune, teacher=teacher, progress=progress)
+
+
+def evaluate(model, data: PreparedData, eval_teacher: CompactTeacher | None, batch_size: int = 4,
+             progress: bool = False) -> dict[str, float]:
+    """Held-out perplexity per evaluation set, and KL to the dense model on the in-domain windows."""
+    results = {f"ppl_{name}": perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {name}")
+               for name, windows in data.eval_windows.items()}
+    if eval_teacher is not None:
+        results["kl"] = kl_per_token(model, eval_teacher, batch_size)
+    return results
+
+
+def dense_eval_teacher(model, data: PreparedData, top_k: int) -> CompactTeacher:
+    """The dense model's compact log-probs on the first evaluation set, for the KL column of evaluations."""
+    first = next(iter(data.eval_windows.values()))
+    return compute_teacher(model, first, top_k)

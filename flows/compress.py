@@ -1,0 +1,135 @@
+"""The `compress` flow: the whole DarwinLM pipeline as Prefect tasks, tracked in MLflow.
+
+    prepare-data → build-database → search → post-train-and-export → evaluate → register
+
+Each stage's artifact lives under the run root on the store (a path or fsspec URI); the run root is named by
+the config digest and the base model, so running the same compression again resumes it (or does nothing
+when it finished). Parameters are a pydantic model, so the Prefect UI renders them as a form.
+"""
+
+import json
+import time
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from darwinlm_core import storage
+from darwinlm_core.config import CompressConfig, load_preset
+from darwinlm_core.database import Database
+from darwinlm_core.environment import apply_offline_defaults
+from darwinlm_core.home import data_home
+from tasks.stages import database_task, evaluate_task, post_train_task, prepare_data_task, search_task
+from tasks.tracking import Tracker, plots
+
+
+class CompressParameters(BaseModel):
+    """What a user sets when starting a compression; unset fields keep the preset's values."""
+
+    preset: str = Field("smollm2-demo", description="a preset name (tiny, smollm2-demo, paper) or a YAML path")
+    model: str | None = Field(None, description="`smollm2`, a Hugging Face folder, or a hub id")
+    text: str | None = Field(None, description="folder of .txt, a .jsonl, or hf:NAME:SPLIT; default: built-in text")
+    text_field: str = Field("text", description="the text field of .jsonl / hf datasets")
+    fraction_removed: float | None = Field(None, ge=0.0, lt=1.0, description="share of block parameters to remove")
+    generations: int | None = Field(None, ge=0, description="search generations")
+    seed: int | None = Field(None, description="search seed")
+    store: str | None = Field(None, description="artifact root (path or s3://...); default: the data home")
+
+    def config(self) -> CompressConfig:
+        overrides: dict = {}
+        if self.model is not None:
+            overrides["model"] = self.model
+        if self.text is not None:
+            overrides["data"] = {"text": self.text, "text_field": self.text_field}
+        search = {key: value for key, value in (("fraction_removed", self.fraction_removed),
+                                                 ("generations", self.generations), ("seed", self.seed))
+                  if value is not None}
+        if search:
+            overrides["search"] = search
+        return load_preset(self.preset, overrides)
+
+    def store_uri(self) -> str:
+        return self.store or str(data_home())
+
+
+@flow(name="compress", log_prints=True)
+def compress(parameters: CompressParameters = CompressParameters()) -> dict:
+    """Compress a model end to end; returns the run's summary (URIs, digests, evaluation)."""
+    apply_offline_defaults()
+    started = time.perf_counter()
+    config = parameters.config()
+    values, store = json.loads(json.dumps(config.to_dict())), parameters.store_uri()
+    logger = get_run_logger()
+    # Same config (which names the model and the text) → same run root: re-running resumes or does nothing.
+    run_uri = storage.join(store, "runs", f"{config.digest}-{_safe(config.model)}")
+    data = prepare_data_task(values, run_uri)
+    tracker = Tracker()
+    lineage = {"base_model": config.model, "base_model_digest": data["base_model_digest"],
+               "split_digest": data["split_digest"], "config_digest": config.digest}
+    parent = tracker.start(f"compress {config.model} -{config.search.fraction_removed:.0%}",
+                           params={"preset": parameters.preset, "config_digest": config.digest,
+                                   "seed": config.search.seed, "fraction_removed": config.search.fraction_removed,
+                                   "run_uri": run_uri},
+                           tags=lineage)
+    try:
+        database_ref = _stage(tracker, parent, "database", lambda: database_task(values, store, data))
+        tracker.client.set_tag(parent, "database_digest", database_ref["digest"])
+        search_run = tracker.start("search", tags=lineage, parent=parent,
+                                   params={"database_digest": database_ref["digest"]})
+        on_generation = lambda state: tracker.metrics(  # noqa: E731
+            search_run, {k: v for k, v in state.history[-1].items() if k != "generation"}, step=state.generation)
+        genome_ref = search_task(values, run_uri, database_ref, on_generation=on_generation)
+        structure, curve = plots(genome_ref, Database.open(database_ref["uri"]).manifest)
+        tracker.figure(search_run, structure, "kept_per_layer.png")
+        tracker.figure(search_run, curve, "fitness_curve.png")
+        tracker.metrics(search_run, {"kept_params": genome_ref["kept_params"], "fitness": genome_ref["fitness"]})
+        tracker.finish(search_run)
+        model_ref = _stage(tracker, parent, "post_train", lambda: post_train_task(values, run_uri, database_ref, genome_ref))
+        evaluation = _stage(tracker, parent, "evaluate", lambda: evaluate_task(values, run_uri, model_ref))
+        for name in ("dense", "pruned"):
+            tracker.metrics(parent, {f"{name}_{key}": value for key, value in evaluation[name].items()})
+        version = _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri)
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
+    tracker.finish(parent)
+    summary = {"run_uri": run_uri, "model_uri": model_ref["uri"], "database": database_ref, "mlflow_run_id": parent,
+               "registered_model": _registered_name(config), "registered_version": version,
+               "evaluation": evaluation, "kept_params": genome_ref["kept_params"],
+               "dense_params": genome_ref["dense_params"], "wall_s": time.perf_counter() - started}
+    logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
+    return summary
+
+
+def _stage(tracker: Tracker, parent: str, name: str, work):
+    """Run `work` inside a nested MLflow run named after the stage."""
+    run = tracker.start(name, parent=parent)
+    try:
+        result = work()
+    except BaseException:
+        tracker.finish(run, "FAILED")
+        raise
+    tracker.finish(run)
+    return result
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/").split("/")[-1])[:40]
+
+
+def _registered_name(config: CompressConfig) -> str:
+    return f"{_safe(config.model)}-pruned"
+
+
+def _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri) -> str:
+    """Register the export once per run: registered.json on the store marks it done."""
+    from tasks.stages import _local_model_dir
+
+    marker = storage.join(run_uri, "registered.json")
+    if storage.exists(marker):
+        return json.loads(storage.read_bytes(marker))["version"]
+    tags = {**lineage, "database_digest": database_ref["digest"], "database_uri": database_ref["uri"],
+            "search_run": search_run, "compress_run": parent}
+    version = _stage(tracker, parent, "register",
+                     lambda: tracker.register(parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags))
+    storage.write_bytes(marker, json.dumps({"name": _registered_name(config), "version": version}).encode())
+    return version

@@ -1,0 +1,47 @@
+"""The table a compression ends with, and its JSON form (bench/results/demo.json for `make demo`)."""
+
+import json
+from pathlib import Path
+
+from tasks.tracking import tracking_uri
+
+ROWS = [  # (label, key, format)
+    ("parameters", "params", "{:,.0f}"),
+    ("ppl in-domain (SOTU 1990+)", "ppl_in_domain", "{:.2f}"),
+    ("ppl out-of-domain (Moby-Dick)", "ppl_out_of_domain", "{:.2f}"),
+    ("KL to dense / token", "kl", "{:.4f}"),
+    ("zero-shot accuracy (mean)", "zeroshot_acc", "{:.3f}"),
+    ("prefill tokens/s", "prefill_tokens_per_s", "{:.0f}"),
+]
+
+
+def print_summary(summary: dict) -> None:
+    dense, pruned = summary["evaluation"]["dense"], summary["evaluation"]["pruned"]
+    kept = summary["kept_params"] / summary["dense_params"]
+    print(f"\ncompressed in {summary['wall_s']:.0f} s · block parameters kept: {kept:.1%}")
+    print(f"{'':<32}{'dense':>14}{'pruned':>14}")
+    for label, key, fmt in ROWS:
+        if key in dense or key in pruned:
+            cells = [fmt.format(row[key]) if key in row else "—" for row in (dense, pruned)]
+            print(f"{label:<32}{cells[0]:>14}{cells[1]:>14}")
+    for task in sorted(k for k in pruned if k.startswith("acc_")):
+        print(f"{'  ' + task[4:]:<32}{dense.get(task, float('nan')):>14.3f}{pruned[task]:>14.3f}")
+    if "prefill_tokens_per_s" in dense:
+        print(f"{'prefill speedup':<32}{'':>14}{pruned['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:>13.2f}×")
+    print(f"\npruned model:   {summary['model_uri']}")
+    print(f"MLflow:         run {summary['mlflow_run_id']} · registered {summary['registered_model']} "
+          f"v{summary['registered_version']} · `mlflow ui --backend-store-uri {tracking_uri()}`")
+    print("Prefect:        flow 'compress' · `prefect server start` then open http://127.0.0.1:4200")
+
+
+def write_results(summary: dict, path: str) -> None:
+    """{"wall_s": t, "dense": {...}, "pruned": {...}} plus what identifies the run; atomic write."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"wall_s": summary["wall_s"], "dense": summary["evaluation"]["dense"],
+               "pruned": summary["evaluation"]["pruned"], "kept_block_fraction":
+               summary["kept_params"] / summary["dense_params"], "model_uri": summary["model_uri"],
+               "mlflow_run_id": summary["mlflow_run_id"]}
+    temporary = target.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    temporary.replace(target)

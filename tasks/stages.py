@@ -1,0 +1,173 @@
+"""Prefect tasks: one per stage of a compression, each a thin wrapper around darwinlm_core.
+
+A task reads references (URIs, digests), calls the core, writes its artifact with a manifest (or a file that
+plays that role) last, and returns references — never tensors. A task whose artifact already exists returns
+it without work: that is how a re-run of a finished compression does nothing and a re-run of a crashed one
+continues where it stopped. (Prefect's own result cache is not used for this: artifacts on storage survive
+a lost Prefect database and are shared by every run that can reach the store.)
+"""
+
+import json
+
+from prefect import get_run_logger, task
+
+from darwinlm_core import storage
+from darwinlm_core.assembly import LiveAssembly
+from darwinlm_core.config import CompressConfig, config_from_dict
+from darwinlm_core.database import Database, build_database, database_root, model_digest
+from darwinlm_core.evaluation import prefill_tokens_per_second
+from darwinlm_core.export import export_model
+from darwinlm_core.fitness import compute_teacher
+from darwinlm_core.genome import Genome
+from darwinlm_core.models import load_model
+from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
+from darwinlm_core.search import Search
+
+# Storage can fail transiently (a bucket, a network file system); compute failures are not retried.
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
+
+
+def _config(values: dict) -> CompressConfig:
+    return config_from_dict(values)  # the same strict parser presets go through
+
+
+def _write_json(uri: str, value) -> None:
+    storage.write_bytes(uri, json.dumps(value, indent=1).encode())
+
+
+def _read_json(uri: str):
+    return json.loads(storage.read_bytes(uri))
+
+
+@task(name="prepare-data", **IO_RETRIES)
+def prepare_data_task(config_values: dict, run_uri: str) -> dict:
+    """Record the data split and its digests for the run (tokenization itself is redone where needed)."""
+    uri = storage.join(run_uri, "data.json")
+    if storage.exists(uri):
+        return _read_json(uri)
+    config = _config(config_values)
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    data = prepare_data(config, tokenizer)
+    record = {"split": data.split.describe(), "split_digest": data.split.digest,
+              "calibration_digest": data.calibration_digest, "base_model_digest": model_digest(model)}
+    _write_json(uri, record)
+    return record
+
+
+@task(name="build-database", **IO_RETRIES)
+def database_task(config_values: dict, store_uri: str, data_ref: dict) -> dict:
+    """Build (or reuse, or resume per layer) the content-addressed database of the base model."""
+    config = _config(config_values)
+    base_uri = storage.join(store_uri, "databases")
+    root = database_root(base_uri, data_ref["base_model_digest"], data_ref["calibration_digest"], config.database)
+    if storage.exists(storage.join(root, "manifest.json")):  # built before: no model to load
+        return {"uri": root, "digest": Database.open(root).digest}
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    data = prepare_data(config, tokenizer)
+    database = build_database(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
+                              config=config.database, base_model_digest=data_ref["base_model_digest"], progress=True)
+    get_run_logger().info("database %s ready", database.root)
+    return {"uri": database.root, "digest": database.digest}
+
+
+@task(name="search", **IO_RETRIES)
+def search_task(config_values: dict, run_uri: str, database_ref: dict, on_generation=None) -> dict:
+    """Run (or resume) the evolutionary search; writes search_state.json every generation, genome.json last."""
+    genome_uri = storage.join(run_uri, "genome.json")
+    if storage.exists(genome_uri):
+        return _read_json(genome_uri)
+    config = _config(config_values)
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    data = prepare_data(config, tokenizer)
+    teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before any pruning
+    assembly = LiveAssembly(model, Database.open(database_ref["uri"]))
+    search = Search(assembly, teacher, data.train_ids, config.search,
+                    state_uri=storage.join(run_uri, "search_state.json"), progress=True)
+    state = search.run(on_generation=on_generation)
+    genome = search.genome(state)
+    record = {**genome.to_json(), "kept_params": search.budget.cost(genome.levels),
+              "dense_params": search.budget.dense, "fitness": state.parent_fitness, "history": state.history}
+    _write_json(genome_uri, record)
+    return record
+
+
+@task(name="post-train-and-export", **IO_RETRIES)
+def post_train_task(config_values: dict, run_uri: str, database_ref: dict, genome_ref: dict) -> dict:
+    """Post-train the winner (warmup + cosine, distillation) and export it; the export is the artifact."""
+    model_uri = storage.join(run_uri, "model")
+    if storage.exists(storage.join(model_uri, "config.json")):
+        return {"uri": model_uri}
+    config = _config(config_values)
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    data = prepare_data(config, tokenizer)
+    teacher = None
+    if config.post_train.finetune.distill_weight > 0:
+        teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
+    database = Database.open(database_ref["uri"])
+    assembly = LiveAssembly(model, database)
+    genome = Genome(tuple(level for pair in zip(genome_ref["attn"], genome_ref["mlp"]) for level in pair),
+                    database.digest)
+    losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
+    metadata = {"database": database.digest, "genome": genome.digest, "levels": genome.to_json(),
+                "base_model_digest": database.manifest["base_model"]["digest"], "config_digest": config.digest,
+                "post_train_losses": losses}
+    export_model(model, tokenizer, model_uri, metadata=metadata)
+    return {"uri": model_uri}
+
+
+@task(name="evaluate", **IO_RETRIES)
+def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
+    """Dense vs pruned: parameters, held-out perplexity, KL, zero-shot accuracy, prefill speed."""
+    uri = storage.join(run_uri, "evaluation.json")
+    if storage.exists(uri):
+        return _read_json(uri)
+    from transformers import AutoModelForCausalLM
+
+    config = _config(config_values)
+    dense, tokenizer = load_model(config.model, dtype=config.dtype)
+    data = prepare_data(config, tokenizer)
+    teacher = dense_eval_teacher(dense, data, config.teacher_top_k)
+    pruned = AutoModelForCausalLM.from_pretrained(_local_model_dir(model_ref["uri"])).eval()
+    results = {}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        row = evaluate(model, data, teacher, progress=True)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row.update(_zero_shot(model, tokenizer, data, config))
+        results[name] = row
+    speed = prefill_tokens_per_second([dense, pruned], next(iter(data.eval_windows.values()))[:2])
+    results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed
+    _write_json(uri, results)
+    return results
+
+
+def _zero_shot(model, tokenizer, data, config: CompressConfig) -> dict:
+    if not config.evaluate.tasks:
+        return {}
+    import tempfile
+
+    from darwinlm_core.lm_tasks import run_lm_eval, write_local_tasks
+
+    with tempfile.TemporaryDirectory() as folder:
+        if config.evaluate.tasks == "local":
+            tasks, include = write_local_tasks(data.split, folder), folder
+        else:
+            tasks, include = config.evaluate.tasks.split(","), None
+        scores = run_lm_eval(model, tokenizer, tasks, include_path=include, limit=config.evaluate.task_limit)
+    accuracies = {f"acc_{task}": metrics["acc"] for task, metrics in scores.items() if "acc" in metrics}
+    if accuracies:
+        accuracies["zeroshot_acc"] = sum(accuracies.values()) / len(accuracies)
+    return accuracies
+
+
+def _local_model_dir(uri: str) -> str:
+    """A local folder holding the export: the URI itself, or a download of a remote one."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "file" in fs.protocol:
+        return path
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="darwinlm-model-")
+    fs.get(path.rstrip("/") + "/", folder, recursive=True)
+    return folder

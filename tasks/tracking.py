@@ -1,0 +1,97 @@
+"""MLflow tracking for compressions: one parent run per compression, nested runs per stage, the registry.
+
+Runs are addressed by id through MlflowClient rather than mlflow's thread-local "active run", because Prefect
+may run tasks on worker threads. The default store is sqlite under the data home; MLFLOW_TRACKING_URI wins.
+MLflow reserves the alias `latest`, so the newest pruned version of a base model carries the alias `current`.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+from darwinlm_core.home import data_home
+
+EXPERIMENT = "darwinlm"
+CURRENT_ALIAS = "current"
+
+
+def tracking_uri() -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    data_home().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_home() / 'mlflow.db'}"
+
+
+class Tracker:
+    def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri or tracking_uri())
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None if os.environ.get("MLFLOW_TRACKING_URI") else (data_home() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    def start(self, name: str, params: dict | None = None, tags: dict | None = None,
+              parent: str | None = None) -> str:
+        tags = dict(tags or {})
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+        for key, value in (params or {}).items():
+            self.client.log_param(run.info.run_id, key, str(value)[:6000])
+        return run.info.run_id
+
+    def metrics(self, run_id: str, values: dict, step: int | None = None) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.client.log_metric(run_id, key, float(value), step=step or 0)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def figure(self, run_id: str, figure, filename: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / filename
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            self.client.log_artifact(run_id, str(path))
+
+    def register(self, run_id: str, model_dir: str, name: str, tags: dict) -> str:
+        """Log the exported folder as the run's `model` artifact and register it; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(run_id, model_dir, "model")
+        try:
+            self.client.create_registered_model(name, tags={"darwinlm": "pruned"})
+        except MlflowException:
+            pass  # registered by an earlier compression of the same base model
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        version = self.client.create_model_version(name, source=source, run_id=run_id,
+                                                   tags={k: str(v) for k, v in tags.items()})
+        self.client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
+        return version.version
+
+
+def plots(genome_ref: dict, database_manifest: dict):
+    """(kept heads and channels per layer, fitness curve) as matplotlib figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    from matplotlib import pyplot
+
+    modules = {(m["layer"], m["kind"]): m for m in database_manifest["modules"]}
+    layers = range(len(genome_ref["attn"]))
+    kept = {kind: [1 - modules[(i, kind)]["levels"][genome_ref[kind][i]]["units_removed"] / modules[(i, kind)]["n_units"]
+                   for i in layers] for kind in ("attn", "mlp")}
+    structure, axis = pyplot.subplots(figsize=(8, 3))
+    axis.bar([i - 0.2 for i in layers], kept["attn"], width=0.4, label="attention heads kept")
+    axis.bar([i + 0.2 for i in layers], kept["mlp"], width=0.4, label="MLP channels kept")
+    axis.set(xlabel="layer", ylabel="fraction kept", ylim=(0, 1))
+    axis.legend()
+    curve, axis = pyplot.subplots(figsize=(6, 3))
+    history = genome_ref.get("history", [])
+    axis.plot([h["generation"] for h in history], [h["best_fitness"] for h in history], marker="o")
+    axis.set(xlabel="generation", ylabel="KL to dense (parent)")
+    return structure, curve

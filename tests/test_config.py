@@ -1,0 +1,50 @@
+"""Presets: every shipped preset validates and names its command; bad presets fail with one clear line."""
+
+import pytest
+
+from darwinlm_core.config import PRESET_DIR, config_from_dict, load_preset, preset_names
+from darwinlm_core.errors import DarwinLMError
+
+
+def test_the_three_presets_ship():
+    assert {"tiny", "smollm2-demo", "paper"} <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_validates_and_starts_with_its_command(name):
+    config = load_preset(name)
+    assert config.search.stages[-1].survivors == 1
+    first_line = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    assert first_line.startswith("# darwinlm compress --preset " + name)
+    assert config_from_dict(config.to_dict()) == config  # survives the trip through Prefect parameters
+
+
+def test_paper_preset_is_the_published_schedule():
+    search = load_preset("paper").search
+    assert search.offspring == 16 and search.generations == 200
+    assert [s.survivors for s in search.stages] == [8, 4, 2, 1]
+    assert [s.fitness_tokens for s in search.stages] == [1024, 2048, 4096, 8192]
+    assert [s.finetune_tokens for s in search.stages] == [10_000, 50_000, 100_000, 200_000]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("search:\n  generatoins: 3\n", "unknown option 'generatoins'"),
+    ("search:\n  fraction_removed: lots\n", "expected float"),
+    ("search: [1, 2]\n", "must be a mapping"),
+    ("search:\n  stages:\n    - {survivors: 2, fitness_tokens: 64}\n", "exactly 1"),
+    ("data: {seq_len: 32, fitness_rows: 1}\nsearch:\n  stages:\n    - {survivors: 1, fitness_tokens: 640}\n",
+     "fitness tokens"),
+    ("database: {gqa_mode: rows}\n", "unknown gqa_mode"),
+    ("search: {a: [\n", "not valid YAML"),
+])
+def test_malformed_presets_fail_clearly(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(DarwinLMError, match=message) as error:
+        load_preset(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_preset_name_lists_the_known_ones():
+    with pytest.raises(DarwinLMError, match="tiny"):
+        load_preset("nope")
