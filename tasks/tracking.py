@@ -22,6 +22,14 @@ def tracking_uri() -> str:
     return f"sqlite:///{data_home() / 'mlflow.db'}"
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Next to a sqlite store (MLflow would otherwise use ./mlruns in whatever folder we run from); a tracking
+    server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 class Tracker:
     def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT):
         from mlflow import MlflowClient
@@ -29,7 +37,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri or tracking_uri())
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            location = None if os.environ.get("MLFLOW_TRACKING_URI") else (data_home() / "mlartifacts").as_uri()
+            location = _artifact_location(uri or tracking_uri())
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
