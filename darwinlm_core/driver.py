@@ -42,7 +42,7 @@ class BlockDriver:
         self.position = 0
         device = next(model.parameters()).device
         with torch.no_grad():
-            self._block_kwargs = _record_block_kwargs(model, self.blocks, input_ids.shape[1], device)
+            self._block_kwargs = _record_block_kwargs(model, self.spec, input_ids.shape[1], device)
             self.hidden = _capture_block0_inputs(model, self.blocks, input_ids.to(device), batch_size)
 
     @property
@@ -78,8 +78,12 @@ class BlockDriver:
         )
 
 
-def _record_block_kwargs(model: nn.Module, blocks: nn.ModuleList, seq_len: int, device) -> list[dict]:
-    """Keyword arguments each block receives in a full-sequence, cache-free pass, recorded with batch 1."""
+def _record_block_kwargs(model: nn.Module, spec: ArchSpec, seq_len: int, device) -> list[dict]:
+    """Keyword arguments each block receives in a full-sequence, cache-free pass, recorded with batch 1.
+
+    The pass stops at the final norm: the LM head's logits are not needed and cost a vocabulary-wide matmul.
+    """
+    blocks = spec.block_list(model)
     recorded: list[dict] = [{} for _ in blocks]
 
     def recorder(index):
@@ -88,9 +92,15 @@ def _record_block_kwargs(model: nn.Module, blocks: nn.ModuleList, seq_len: int, 
 
         return hook
 
+    def stop(*_):
+        raise _StopForward
+
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles.append(model.get_submodule(spec.final_norm).register_forward_pre_hook(stop))
     try:
         model(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device), use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,196 @@
+"""Database benchmark on SmolLM2: OBS quality against magnitude and torch-pruning, build speed, memory, size.
+
+    python -m bench.database [--rows 64] [--windows 40] [--skip-peer]
+
+Prints a table and writes bench/results/database.json. Speeds are ratios measured in this one run (the build
+against the calibration forward passes alone), because absolute seconds drift on a shared machine.
+"""
+
+import argparse
+import hashlib
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from darwinlm_core.environment import apply_offline_defaults
+
+RESULTS = Path(__file__).parent / "results" / "database.json"
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _calibration(split, tokenizer, rows: int, seq_len: int):
+    from darwinlm_core.data import sample_blocks, tokenize_blocks
+
+    blocks = tokenize_blocks(split.calibration, tokenizer, seq_len)
+    ids = sample_blocks(blocks, rows, torch.Generator().manual_seed(0))
+    digest = hashlib.sha256(split.digest.encode() + ids.numpy().tobytes()).hexdigest()
+    return ids, digest
+
+
+@torch.no_grad()
+def _time_forward(model, ids, batch_size: int) -> float:
+    start = time.perf_counter()
+    for s in range(0, ids.shape[0], batch_size):
+        model(ids[s : s + batch_size], use_cache=False)
+    return time.perf_counter() - start
+
+
+def _magnitude_kept(weight: torch.Tensor, n_units: int, unit_size: int, removed: int) -> torch.Tensor:
+    """Units kept by magnitude pruning: drop the `removed` units with the smallest output-column norms."""
+    norms = weight.reshape(weight.shape[0], n_units, unit_size).pow(2).sum((0, 2))
+    return norms.argsort(descending=True)[: n_units - removed].sort().values
+
+
+def _full_width(kept: torch.Tensor, weight: torch.Tensor, n_units: int, unit_size: int) -> torch.Tensor:
+    columns = (kept[:, None] * unit_size + torch.arange(unit_size)).flatten()
+    full = torch.zeros(weight.shape[0], n_units * unit_size)
+    full[:, columns] = weight.float()
+    return full
+
+
+def error_ratios(model, ids, database, batch_size: int) -> list[float]:
+    """OBS ÷ magnitude reconstruction error ‖WX − ŴX‖² for every layer, module and level strictly between ends."""
+    from darwinlm_core.driver import BlockDriver
+    from darwinlm_core.hessians import collect_block_hessians
+    from darwinlm_core.obs import reconstruction_error
+
+    driver, ratios = BlockDriver(model, ids, batch_size=batch_size), []
+    for layer in range(driver.num_blocks):
+        block = driver.blocks[layer]
+        with collect_block_hessians(block, driver.spec) as accumulators:
+            driver.advance()
+        for kind, linear in (("attn", driver.spec.attention_of(block).o_proj), ("mlp", driver.spec.mlp_of(block).down_proj)):
+            entry, hessian = database.module(layer, kind), accumulators[kind].hessian()
+            dense = linear.weight.detach().float()
+            n_units, unit_size = entry["n_units"], entry["unit_size"]
+            for level in range(1, len(entry["levels"]) - 1):
+                pruned = database.load(layer, kind, level)
+                obs = _full_width(pruned.kept_units, pruned.weight, n_units, unit_size)
+                kept = _magnitude_kept(dense, n_units, unit_size, pruned.units_removed)
+                columns = (kept[:, None] * unit_size + torch.arange(unit_size)).flatten()
+                # Same storage precision for both, so the ratio compares selection and update, not rounding.
+                magnitude = _full_width(kept, dense[:, columns].half(), n_units, unit_size)
+                ratios.append(reconstruction_error(dense, obs, hessian) / reconstruction_error(dense, magnitude, hessian))
+    return ratios
+
+
+def _uniform_levels(database, fraction_removed: float) -> dict:
+    """Every module at (nearly) the same fraction removed, repaired to the exact parameter budget, so all
+    methods compared keep the same number of parameters."""
+    from darwinlm_core.genome import Budget, Genome
+
+    levels = Budget.from_database(database, fraction_removed=fraction_removed).uniform()
+    return Genome(levels, database.digest).assignment()
+
+
+@torch.no_grad()
+def _magnitude_model(model, database, levels) -> None:
+    """Zero, in place, the output-projection columns of the units magnitude pruning removes at `levels`."""
+    from darwinlm_core.arch import arch_for
+
+    spec = arch_for(model)
+    for (layer, kind), level in levels.items():
+        block = spec.block_list(model)[layer]
+        linear = spec.attention_of(block).o_proj if kind == "attn" else spec.mlp_of(block).down_proj
+        entry = database.module(layer, kind)
+        removed = entry["levels"][level]["units_removed"]
+        kept = _magnitude_kept(linear.weight, entry["n_units"], entry["unit_size"], removed)
+        mask = torch.zeros(entry["n_units"], dtype=torch.bool)
+        mask[kept] = True
+        linear.weight.mul_(mask.repeat_interleave(entry["unit_size"]).to(linear.weight.dtype))
+
+
+def main() -> None:
+    apply_offline_defaults()
+    from darwinlm_core.assembly import LiveAssembly
+    from darwinlm_core.data import default_split, tokenize_blocks
+    from darwinlm_core.database import DatabaseConfig, build_database, model_digest
+    from darwinlm_core.evaluation import perplexity
+    from darwinlm_core.models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64, help="calibration rows of 512 tokens")
+    parser.add_argument("--windows", type=int, default=40, help="held-out windows of 512 tokens")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--skip-peer", action="store_true", help="do not run torch-pruning")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("smollm2")
+    split = default_split()
+    ids, calibration_digest = _calibration(split, tokenizer, args.rows, 512)
+    eval_windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512, max_blocks=args.windows)
+    digest = model_digest(model)
+    dense_bytes = sum(p.numel() for p in model.parameters()) * 4
+
+    with tempfile.TemporaryDirectory() as root:
+        start = time.perf_counter()
+        database = build_database(model, ids, root, calibration_digest=calibration_digest,
+                                  config=DatabaseConfig(storage_dtype="float16"), batch_size=args.batch_size,
+                                  base_model_digest=digest, progress=True)
+        build_s = time.perf_counter() - start
+        peak_rss = _peak_rss_gb()  # before anything else allocates: the build's own peak (plus the model)
+        forward_s = _time_forward(model, ids, args.batch_size)
+        db_bytes = sum(f.stat().st_size for f in Path(database.root).rglob("*") if f.is_file())
+        ratios = error_ratios(model, ids, database, args.batch_size)
+
+        levels = _uniform_levels(database, 0.5)
+        assembly = LiveAssembly(model, database, base_model_digest=digest)
+        assembly.apply(levels)
+        kept_fraction = assembly.kept_params() / database.manifest["dense_params"]
+        ppl_obs = perplexity(model, eval_windows, progress=True, desc="ppl obs 50%")
+        assembly.apply({key: 0 for key in levels})
+        ppl_dense = perplexity(model, eval_windows, progress=True, desc="ppl dense")
+        _magnitude_model(model, database, levels)
+        ppl_magnitude = perplexity(model, eval_windows, progress=True, desc="ppl magnitude 50%")
+
+    results = {
+        "model": "SmolLM2-135M-Instruct", "calibration_rows": args.rows, "seq_len": 512,
+        "eval_windows": int(eval_windows.shape[0]), "kept_block_fraction_uniform50": kept_fraction,
+        "obs_vs_magnitude_error_ratio_max": max(ratios),
+        "obs_vs_magnitude_error_ratio_median": statistics.median(ratios),
+        "obs_vs_magnitude_pairs": len(ratios),
+        "ppl_dense": ppl_dense, "ppl_uniform50_obs": ppl_obs, "ppl_uniform50_magnitude": ppl_magnitude,
+        "ppl_uniform50_torch_pruning": None,
+        "build_s": build_s, "calibration_forward_s": forward_s, "build_time_ratio_vs_forward": build_s / forward_s,
+        "peak_rss_gb": peak_rss, "fp32_model_gb": dense_bytes / 2**30,
+        "db_size_ratio_vs_dense": db_bytes / dense_bytes,
+    }
+    if not args.skip_peer:
+        from bench.peer_torch_pruning import prune_uniform_taylor
+
+        peer_model, _ = load_model("smollm2")
+        peer = prune_uniform_taylor(peer_model, ids[:32], kept_fraction)
+        results["ppl_uniform50_torch_pruning"] = perplexity(peer_model, eval_windows, progress=True, desc="ppl torch-pruning")
+        results["kept_block_fraction_torch_pruning"] = peer["kept_block_params"] / peer["dense_block_params"]
+    _report(results)
+
+
+def _report(results: dict) -> None:
+    goals = {
+        "obs_vs_magnitude_error_ratio_max": "≤ 1.0",
+        "ppl_uniform50_obs": "≤ 0.5 × magnitude and peer",
+        "build_time_ratio_vs_forward": "≤ 1.5",
+        "peak_rss_gb": f"≤ {3 * results['fp32_model_gb']:.2f} (3 × fp32 model)",
+        "db_size_ratio_vs_dense": "≤ 3 (fp16)",
+    }
+    print(f"\n{'metric':<40} {'value':>14}  goal")
+    for key, value in results.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"{key:<40} {shown:>14}  {goals.get(key, '')}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    temporary = RESULTS.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=1))
+    temporary.replace(RESULTS)
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
