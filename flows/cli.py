@@ -50,7 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_text_options(evaluate)
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     evaluate.add_argument("--windows", type=int, default=40, help="windows per evaluation set (default 40)")
-    evaluate.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    evaluate.add_argument("--batch-size", type=int, default=4,
+                          help="windows (and lm-eval requests) per forward pass (default 4)")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     evaluate.add_argument(
         "--tasks",
@@ -188,7 +189,7 @@ def _export(args) -> None:
 def _evaluate(args) -> None:
     from darwinlm_core.data import default_split, read_documents, split_documents, tokenize_blocks
     from darwinlm_core.evaluation import perplexity
-    from darwinlm_core.lm_tasks import run_lm_eval, write_local_tasks
+    from darwinlm_core.lm_tasks import run_lm_eval
     from darwinlm_core.models import load_model
 
     if args.seq_len < 2 or args.windows < 1 or args.batch_size < 1:
@@ -196,7 +197,8 @@ def _evaluate(args) -> None:
     requested = _parse_tasks(args.tasks, args.task_limit)
     split = default_split() if args.text is None else split_documents(read_documents(args.text, args.text_field))
     with tempfile.TemporaryDirectory(prefix="darwinlm-tasks-") as task_dir:
-        local = write_local_tasks(split, task_dir, examples_per_task=LOCAL_TASK_EXAMPLES) if requested else []
+        if requested:  # tasks first: a typo in --tasks fails before any model is loaded
+            names, manager = _prepare_tasks(requested, split, task_dir)
         model, tokenizer = load_model(args.model, dtype=args.dtype)
         results = {}
         for name, documents in split.evaluation.items():
@@ -205,9 +207,9 @@ def _evaluate(args) -> None:
             results[name] = {"perplexity": ppl, "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
         tasks = {}
         if requested:
-            names = list(dict.fromkeys(n for task in requested for n in (local if task == "local" else [task])))
             tasks = run_lm_eval(model, tokenizer, names, include_path=task_dir, batch_size=args.batch_size,
-                                limit=args.task_limit, device=str(next(model.parameters()).device))
+                                limit=args.task_limit, device=str(next(model.parameters()).device),
+                                task_manager=manager)
     if args.json:
         extra = {"tasks": tasks} if requested else {}
         print(json.dumps({"model": args.model, "split_digest": split.digest, "results": results, **extra}))
@@ -232,6 +234,15 @@ def _parse_tasks(tasks: str | None, limit: int | None) -> list[str]:
     if not names:
         raise DarwinLMError(f"--tasks {tasks!r} names no task", "pass e.g. --tasks local or --tasks local,arc_easy")
     return names
+
+
+def _prepare_tasks(requested: list[str], split, task_dir: str):
+    """Write the local tasks of `split` into task_dir; (task names with `local` expanded, checked TaskManager)."""
+    from darwinlm_core.lm_tasks import task_manager_for, write_local_tasks
+
+    local = write_local_tasks(split, task_dir, examples_per_task=LOCAL_TASK_EXAMPLES)
+    names = list(dict.fromkeys(name for task in requested for name in (local if task == "local" else [task])))
+    return names, task_manager_for(names, task_dir)
 
 
 def _print_task_table(tasks: dict[str, dict[str, float]]) -> None:

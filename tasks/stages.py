@@ -148,11 +148,10 @@ def _zero_shot(model, tokenizer, data, config: CompressConfig) -> dict:
     from darwinlm_core.lm_tasks import run_lm_eval, write_local_tasks
 
     with tempfile.TemporaryDirectory() as folder:
-        if config.evaluate.tasks == "local":
-            tasks, include = write_local_tasks(data.split, folder), folder
-        else:
-            tasks, include = config.evaluate.tasks.split(","), None
-        scores = run_lm_eval(model, tokenizer, tasks, include_path=include, limit=config.evaluate.task_limit)
+        local = write_local_tasks(data.split, folder)
+        names = [name.strip() for name in config.evaluate.tasks.split(",") if name.strip()]
+        tasks = [task for name in names for task in (local if name == "local" else [name])]
+        scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit)
     accuracies = {f"acc_{task}": metrics["acc"] for task, metrics in scores.items() if "acc" in metrics}
     if accuracies:
         accuracies["zeroshot_acc"] = sum(accuracies.values()) / len(accuracies)

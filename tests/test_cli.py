@@ -1,6 +1,7 @@
 """`darwinlm evaluate`: figures on a tiny saved model, and one clear error line for each kind of bad input."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,23 @@ def test_process_exit_codes(tmp_path):
     assert bad_input.returncode == 1 and len(bad_input.stderr.strip().splitlines()) == 1
     usage = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--bogus"], capture_output=True, text=True)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_runs_local_lm_eval_tasks(capsys, model_dir, tmp_path):
+    from tests.test_lm_tasks import synthetic_document  # varied prose: next-sentence choice needs distinct sentences
+
+    rng = random.Random(0)
+    (tmp_path / "prose").mkdir()
+    for index in range(40):
+        document = synthetic_document(rng, index)
+        (tmp_path / "prose" / document.id).write_text(document.text)
+    code, out, err = run_cli(capsys, "evaluate", "--model", str(model_dir), "--text", str(tmp_path / "prose"),
+                             "--seq-len", "32", "--windows", "2", "--tasks", "local", "--task-limit", "5", "--json")
+    assert code == 0, err[-2000:]
+    result = json.loads(out)
+    assert result["results"]["in_domain"]["windows"] == 2  # perplexity is still reported
+    tasks = result["tasks"]
+    assert sorted(tasks) == ["darwinlm_lastword_in_domain", "darwinlm_nextsent_in_domain"]
+    for metrics in tasks.values():
+        assert 0.0 <= metrics["acc"] <= 1.0 and metrics["examples"] == 5
+    assert 0.0 <= tasks["darwinlm_nextsent_in_domain"]["acc_norm"] <= 1.0

@@ -32,13 +32,7 @@ CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
 EVAL_ROWS = random_token_rows(128, rows=3, seq_len=20, seed=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin overhead on a shared, busy CPU (ms per op instead of ~25).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

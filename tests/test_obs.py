@@ -15,13 +15,7 @@ from darwinlm_core.structure import level_ladder
 DAMPING = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin overhead on a shared, busy CPU (ms per op instead of ~25).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def synthetic(d_out: int, d_in: int, seed: int = 0, tokens: int = 512, private: float = 0.3, per_factor: int = 4):

@@ -15,12 +15,7 @@ from darwinlm_core.search import Search, SearchConfig, StageConfig
 from darwinlm_core.tiny_models import random_token_rows, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: thread start-up dominates on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

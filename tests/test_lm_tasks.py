@@ -1,0 +1,178 @@
+"""Local lm-eval tasks: deterministic files, sound examples from evaluation text only, runnable in memory and by
+the `lm_eval` command on a pruned export."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from darwinlm_core import lm_tasks
+from darwinlm_core.data import CorpusSplit, Document
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.export import export_model
+from darwinlm_core.lm_tasks import local_task_names, run_lm_eval, write_local_tasks
+from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
+from tests.test_export import pruned_tiny
+
+WORDS = ("river mountain council harbor farmer letter winter budget soldier garden school nation worker engine "
+         "promise market village captain whale ocean law doctor family future bridge").split()
+VERBS = "builds guards answers follows carries remembers watches opens crosses visits".split()
+
+
+def synthetic_document(rng: random.Random, index: int, paragraphs: int = 6) -> Document:
+    """Prose-shaped text: paragraphs of 6-9 short, varied sentences, blank lines between paragraphs."""
+    def sentence() -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 7))]
+        return f"The {words[0]} {rng.choice(VERBS)} {' '.join(words[1:])} near the {rng.choice(WORDS)}."
+    text = "\n\n".join(" ".join(sentence() for _ in range(rng.randint(6, 9))) for _ in range(paragraphs))
+    return Document(f"doc_{index:02d}.txt", text)
+
+
+def synthetic_split(seed: int = 0) -> CorpusSplit:
+    rng = random.Random(seed)
+    docs = [synthetic_document(rng, index) for index in range(22)]
+    return CorpusSplit(calibration=docs[:5], training=docs[5:10],
+                       evaluation={"in_domain": docs[10:16], "out_of_domain": docs[16:]}, rule="synthetic test split")
+
+
+@pytest.fixture(scope="module")
+def split() -> CorpusSplit:
+    return synthetic_split()
+
+
+@pytest.fixture(scope="module")
+def task_dir(split, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tasks")
+    write_local_tasks(split, folder, examples_per_task=20)
+    return folder
+
+
+def read_examples(folder: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+ALL_TASKS = ["darwinlm_lastword_in_domain", "darwinlm_lastword_out_of_domain",
+             "darwinlm_nextsent_in_domain", "darwinlm_nextsent_out_of_domain"]
+
+
+def test_tasks_are_written_deterministically(split, tmp_path):
+    names = write_local_tasks(split, tmp_path / "a", examples_per_task=20, seed=3)
+    assert names == ALL_TASKS == local_task_names(tmp_path / "a")
+    first = {path.name: path.read_bytes() for path in (tmp_path / "a").glob("darwinlm*")}
+    write_local_tasks(split, tmp_path / "a", examples_per_task=20, seed=3)  # rewrite in place: same bytes
+    assert first == {path.name: path.read_bytes() for path in (tmp_path / "a").glob("darwinlm*")}
+    write_local_tasks(synthetic_split(), tmp_path / "b", examples_per_task=20, seed=3)  # rebuilt split, other dir
+    for name, data in first.items():
+        other = (tmp_path / "b" / name).read_text()
+        assert data.decode() == other.replace(str(tmp_path / "b"), str(tmp_path / "a")), name
+    write_local_tasks(split, tmp_path / "c", examples_per_task=20, seed=4)
+    assert (tmp_path / "c" / f"{ALL_TASKS[2]}.jsonl").read_bytes() != first[f"{ALL_TASKS[2]}.jsonl"]
+    assert not list(tmp_path.rglob("*.tmp"))
+    manifest = json.loads((tmp_path / "a" / "darwinlm_tasks.json").read_text())
+    assert manifest["split_digest"] == split.digest and manifest["tasks"] == dict.fromkeys(ALL_TASKS, 20)
+
+
+def test_next_sentence_choices_hold_the_truth_once(split, task_dir):
+    for set_name in ("in_domain", "out_of_domain"):
+        documents = {doc.id: flat(doc.text) for doc in split.evaluation[set_name]}
+        examples = read_examples(task_dir, f"darwinlm_nextsent_{set_name}")
+        assert len(examples) == 20
+        for example in examples:
+            choices, label, own = example["choices"], example["label"], documents[example["document"]]
+            assert len(choices) == 4 and len(set(choices)) == 4 and 0 <= label < 4
+            truth = choices[label]
+            assert f"{example['context']} {truth}" in own  # the label points at the sentence that follows
+            # Exactly one choice follows the context in its document; the others come from other documents.
+            assert [f"{example['context']} {choice}" in own for choice in choices].count(True) == 1
+            slack = max(2, round(lm_tasks.DISTRACTOR_LENGTH_SLACK * len(truth.split())))
+            for index, choice in enumerate(choices):
+                assert abs(len(choice.split()) - len(truth.split())) <= slack  # length is no give-away
+                if index != label:
+                    assert choice not in own
+                    assert any(choice in text for doc_id, text in documents.items() if doc_id != example["document"])
+        assert len({example["label"] for example in examples}) >= 3  # labels are shuffled, not all in one place
+
+
+def test_task_text_comes_only_from_evaluation_documents(split, task_dir):
+    seen_in_other_roles = [flat(doc.text) for doc in split.calibration + split.training]
+    for set_name, documents in split.evaluation.items():
+        texts = {doc.id: flat(doc.text) for doc in documents}
+        for example in read_examples(task_dir, f"darwinlm_lastword_{set_name}"):
+            assert example["target"].startswith(" ") and example["target"].strip().isalpha()
+            assert example["text"].startswith(example["context"] + example["target"])
+            assert example["text"] in texts[example["document"]]
+            assert not any(example["text"] in other for other in seen_in_other_roles)
+        for example in read_examples(task_dir, f"darwinlm_nextsent_{set_name}"):
+            assert example["document"] in texts
+            for sentence in [example["context"], *example["choices"]]:
+                assert any(sentence in text for text in texts.values())
+                assert not any(sentence in other for other in seen_in_other_roles)
+
+
+def test_a_set_too_small_for_a_task_is_skipped_and_no_text_at_all_is_an_error(split, tmp_path):
+    one_document = CorpusSplit(split.calibration, split.training, {"in_domain": split.evaluation["in_domain"][:1]},
+                               rule="one evaluation document")
+    assert write_local_tasks(one_document, tmp_path / "one") == ["darwinlm_lastword_in_domain"]
+    manifest = json.loads((tmp_path / "one" / "darwinlm_tasks.json").read_text())
+    assert "darwinlm_nextsent_in_domain" in manifest["skipped"]
+    too_short = CorpusSplit(split.calibration, split.training, {"in_domain": [Document("x", "Too short.")]},
+                            rule="too short")
+    with pytest.raises(DarwinLMError, match="no lm-eval task could be built"):
+        write_local_tasks(too_short, tmp_path / "short")
+
+
+def test_a_crash_while_writing_leaves_no_config_without_its_data(split, tmp_path, monkeypatch):
+    calls = []
+
+    def replace_then_crash(source, target):
+        calls.append(target)
+        if len(calls) == 4:  # the data of the second task is in place, its config not yet
+            raise OSError("disk full")
+        os.rename(source, target)
+
+    monkeypatch.setattr(lm_tasks.os, "replace", replace_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_local_tasks(split, tmp_path, examples_per_task=5)
+    assert local_task_names(tmp_path) == ["darwinlm_lastword_in_domain"]
+    assert (tmp_path / "darwinlm_lastword_in_domain.jsonl").is_file()
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "darwinlm_tasks.json").exists()
+
+
+def test_run_lm_eval_in_memory_on_a_tiny_model(task_dir):
+    results = run_lm_eval(tiny_model("llama"), tiny_tokenizer(), ALL_TASKS, include_path=str(task_dir),
+                          batch_size=8, limit=6)
+    assert sorted(results) == ALL_TASKS
+    for name, metrics in results.items():
+        accuracies = ["acc"] + (["acc_norm"] if "nextsent" in name else [])
+        assert all(0.0 <= metrics[metric] <= 1.0 for metric in accuracies), metrics
+        assert metrics["examples"] == 6 and not any("," in key or "stderr" in key for key in metrics)
+    assert all(results[name]["perplexity"] > 1.0 for name in ALL_TASKS[:2])
+
+
+def test_unknown_task_is_one_clear_line(task_dir):
+    with pytest.raises(DarwinLMError) as error:
+        run_lm_eval(tiny_model("llama"), tiny_tokenizer(), ["darwinlm_nope_in_domain"], include_path=str(task_dir))
+    message = str(error.value)
+    assert "\n" not in message and "darwinlm_nope_in_domain" in message
+    assert all(name in message for name in ALL_TASKS) and "network" in message
+
+
+def test_lm_eval_command_runs_on_a_pruned_export(task_dir, tmp_path):
+    model, _, _, _ = pruned_tiny("llama", tmp_path)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "pruned"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf",
+               "--model_args", f"pretrained={tmp_path / 'pruned'},trust_remote_code=True,dtype=float32",
+               "--tasks", "darwinlm_lastword_in_domain", "--include_path", str(task_dir),
+               "--limit", "5", "--device", "cpu", "--batch_size", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "darwinlm_lastword_in_domain" in result.stdout and "acc" in result.stdout
