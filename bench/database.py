@@ -8,7 +8,6 @@ against the calibration forward passes alone), because absolute seconds drift on
 
 import argparse
 import hashlib
-import json
 import resource
 import statistics
 import tempfile
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from bench.results_file import write_results
 from darwinlm_core.environment import apply_offline_defaults
 
-RESULTS = Path(__file__).parent / "results" / "database.json"
 
 
 def _peak_rss_gb() -> float:
@@ -181,15 +180,7 @@ def _report(results: dict) -> None:
         "peak_rss_gb": f"≤ {3 * results['fp32_model_gb']:.2f} (3 × fp32 model)",
         "db_size_ratio_vs_dense": "≤ 3 (fp16)",
     }
-    print(f"\n{'metric':<40} {'value':>14}  goal")
-    for key, value in results.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        print(f"{key:<40} {shown:>14}  {goals.get(key, '')}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    temporary = RESULTS.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=1))
-    temporary.replace(RESULTS)
-    print(f"\nwrote {RESULTS}")
+    write_results("database", results, goals)
 
 
 if __name__ == "__main__":
