@@ -89,6 +89,8 @@ def arch_for(model_or_config) -> ArchSpec:
 
 # Llama, Mistral and Qwen2 share module names; Qwen2's q/k/v biases need no entry because pruning slices any
 # bias a projection has, and Mistral/Qwen2 sliding windows arrive in the per-block kwargs the driver records.
-register_arch(ArchSpec(family="llama"), "llama")
-register_arch(ArchSpec(family="mistral"), "mistral")
-register_arch(ArchSpec(family="qwen2"), "qwen2")
+# Exported pruned models (modeling_pruned.py) keep their family's module layout, so they can be loaded,
+# evaluated and driven like it; their per-layer widths come from the modules, not from head_layout().
+register_arch(ArchSpec(family="llama"), "llama", "darwinlm_llama")
+register_arch(ArchSpec(family="mistral"), "mistral", "darwinlm_mistral")
+register_arch(ArchSpec(family="qwen2"), "qwen2", "darwinlm_qwen2")

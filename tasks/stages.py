@@ -31,6 +31,12 @@ def _config(values: dict) -> CompressConfig:
     return config_from_dict(values)  # the same strict parser presets go through
 
 
+def _dense_model_and_data(config: CompressConfig):
+    """A fresh dense model, its tokenizer, and the run's rows (tokenizing is seconds; cheaper than storing)."""
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    return model, tokenizer, prepare_data(config, tokenizer)
+
+
 def _write_json(uri: str, value) -> None:
     storage.write_bytes(uri, json.dumps(value, indent=1).encode())
 
@@ -46,8 +52,7 @@ def prepare_data_task(config_values: dict, run_uri: str) -> dict:
     if storage.exists(uri):
         return _read_json(uri)
     config = _config(config_values)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
-    data = prepare_data(config, tokenizer)
+    model, tokenizer, data = _dense_model_and_data(config)
     record = {"split": data.split.describe(), "split_digest": data.split.digest,
               "calibration_digest": data.calibration_digest, "base_model_digest": model_digest(model)}
     _write_json(uri, record)
@@ -62,8 +67,7 @@ def database_task(config_values: dict, store_uri: str, data_ref: dict) -> dict:
     root = database_root(base_uri, data_ref["base_model_digest"], data_ref["calibration_digest"], config.database)
     if storage.exists(storage.join(root, "manifest.json")):  # built before: no model to load
         return {"uri": root, "digest": Database.open(root).digest}
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
-    data = prepare_data(config, tokenizer)
+    model, tokenizer, data = _dense_model_and_data(config)
     database = build_database(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
                               config=config.database, base_model_digest=data_ref["base_model_digest"], progress=True)
     get_run_logger().info("database %s ready", database.root)
@@ -77,8 +81,7 @@ def search_task(config_values: dict, run_uri: str, database_ref: dict, on_genera
     if storage.exists(genome_uri):
         return _read_json(genome_uri)
     config = _config(config_values)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
-    data = prepare_data(config, tokenizer)
+    model, tokenizer, data = _dense_model_and_data(config)
     teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before any pruning
     assembly = LiveAssembly(model, Database.open(database_ref["uri"]))
     search = Search(assembly, teacher, data.train_ids, config.search,
@@ -98,8 +101,7 @@ def post_train_task(config_values: dict, run_uri: str, database_ref: dict, genom
     if storage.exists(storage.join(model_uri, "config.json")):
         return {"uri": model_uri}
     config = _config(config_values)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
-    data = prepare_data(config, tokenizer)
+    model, tokenizer, data = _dense_model_and_data(config)
     teacher = None
     if config.post_train.finetune.distill_weight > 0:
         teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
@@ -124,8 +126,7 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     config = _config(config_values)
-    dense, tokenizer = load_model(config.model, dtype=config.dtype)
-    data = prepare_data(config, tokenizer)
+    dense, tokenizer, data = _dense_model_and_data(config)
     teacher = dense_eval_teacher(dense, data, config.teacher_top_k)
     pruned = AutoModelForCausalLM.from_pretrained(_local_model_dir(model_ref["uri"])).eval()
     results = {}

@@ -159,6 +159,21 @@ def test_cli_export_writes_a_loadable_model(capsys, saved_base, tmp_path):
     assert json.loads((tmp_path / "pruned" / "darwinlm.json").read_text())["database"] == database.digest
 
 
+def test_cli_evaluates_an_exported_model(capsys, saved_base, tmp_path):
+    base, database = saved_base
+    levels = tmp_path / "levels.json"
+    levels.write_text(json.dumps({"attn": [1, 2, 4], "mlp": [3, 0, 10]}))
+    assert run_export(capsys, base, database, levels, tmp_path / "pruned")[0] == 0
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(30):
+        (corpus / f"doc_{index}.txt").write_text(f"Document {index} says the union is strong. " * 6)
+    code = main(["evaluate", "--model", str(tmp_path / "pruned"), "--text", str(corpus), "--seq-len", "16",
+                 "--windows", "2", "--json"])
+    output = capsys.readouterr().out
+    assert code == 0 and json.loads(output)["results"]["in_domain"]["perplexity"] > 1
+
+
 @pytest.mark.parametrize("content, message", [
     ({"attn": [0, 1], "mlp": [0, 0]}, "list of 3 levels"),
     ({"attn": [0, 1, 99], "mlp": [0, 0, 0]}, "not in 0.."),
