@@ -133,55 +133,45 @@ def _init_per_layer(config, layer_query_heads, layer_kv_heads, layer_intermediat
     config.layer_kv_of_query = layer_kv_of_query
 
 
-class PrunedLlamaConfig(LlamaConfig):
+class _PerLayerWidthsConfig:
+    """Mixed in before a family's config class: the same config plus the per-layer width lists."""
+
+    def __init__(self, layer_query_heads=None, layer_kv_heads=None, layer_intermediate_sizes=None,
+                 layer_kv_of_query=None, **kwargs):
+        super().__init__(**kwargs)
+        _init_per_layer(self, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query)
+
+
+class _ReshapedLayersModel:
+    """Mixed in before a family's *ForCausalLM: build dense, then give each layer its configured widths."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        reshape_decoder_layers(self, config)
+
+
+class PrunedLlamaConfig(_PerLayerWidthsConfig, LlamaConfig):
     model_type = "darwinlm_llama"
 
-    def __init__(self, layer_query_heads=None, layer_kv_heads=None, layer_intermediate_sizes=None,
-                 layer_kv_of_query=None, **kwargs):
-        super().__init__(**kwargs)
-        _init_per_layer(self, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query)
 
-
-class PrunedMistralConfig(MistralConfig):
+class PrunedMistralConfig(_PerLayerWidthsConfig, MistralConfig):
     model_type = "darwinlm_mistral"
 
-    def __init__(self, layer_query_heads=None, layer_kv_heads=None, layer_intermediate_sizes=None,
-                 layer_kv_of_query=None, **kwargs):
-        super().__init__(**kwargs)
-        _init_per_layer(self, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query)
 
-
-class PrunedQwen2Config(Qwen2Config):
+class PrunedQwen2Config(_PerLayerWidthsConfig, Qwen2Config):
     model_type = "darwinlm_qwen2"
 
-    def __init__(self, layer_query_heads=None, layer_kv_heads=None, layer_intermediate_sizes=None,
-                 layer_kv_of_query=None, **kwargs):
-        super().__init__(**kwargs)
-        _init_per_layer(self, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query)
 
-
-class PrunedLlamaForCausalLM(LlamaForCausalLM):
+class PrunedLlamaForCausalLM(_ReshapedLayersModel, LlamaForCausalLM):
     config_class = PrunedLlamaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        reshape_decoder_layers(self, config)
 
-
-class PrunedMistralForCausalLM(MistralForCausalLM):
+class PrunedMistralForCausalLM(_ReshapedLayersModel, MistralForCausalLM):
     config_class = PrunedMistralConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        reshape_decoder_layers(self, config)
 
-
-class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
+class PrunedQwen2ForCausalLM(_ReshapedLayersModel, Qwen2ForCausalLM):
     config_class = PrunedQwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        reshape_decoder_layers(self, config)
 
 
 # base model_type → (pruned config class, pruned model class)
