@@ -90,6 +90,88 @@ def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[Pruned
             "levels": records}
 
 
+class DatabaseBuilder:
+    """A database build, one layer at a time, so that an orchestrator can make each layer its own resumable step.
+
+    Layers are built in order. A layer whose layer.json exists is not pruned again; the driver only walks the
+    dense block to reach the next one (that walk is the whole cost of resuming at layer i in a new process).
+    `finish()` writes the manifest, after checking that every layer is there.
+    """
+
+    def __init__(self, model, calibration_ids: torch.Tensor, base_uri: str, *, calibration_digest: str,
+                 config: DatabaseConfig = DatabaseConfig(), batch_size: int = 8,
+                 base_model_digest: str | None = None):
+        self.model, self.calibration_ids, self.config, self.batch_size = model, calibration_ids, config, batch_size
+        self.calibration_digest = calibration_digest
+        self.base_model_digest = base_model_digest or model_digest(model)
+        self.root = database_root(base_uri, self.base_model_digest, calibration_digest, config)
+        self.spec = arch_for(model)
+        self.shapes = module_shapes(model, self.spec, config.gqa_mode)
+        self.num_layers = len(self.spec.block_list(model))
+        self._driver: BlockDriver | None = None  # made on first need: it holds every row's activations
+
+    @property
+    def finished(self) -> bool:
+        return storage.exists(storage.join(self.root, "manifest.json"))
+
+    def _record_uri(self, layer: int) -> str:
+        return storage.join(self.root, f"layers/{layer:03d}/layer.json")
+
+    def layer_done(self, layer: int) -> bool:
+        return storage.exists(self._record_uri(layer))
+
+    def build_layer(self, layer: int) -> list[dict]:
+        """Prune both modules of `layer` at every level and write them (layer.json last); returns its records.
+        A layer already written is read back instead."""
+        if not 0 <= layer < self.num_layers:
+            raise DarwinLMError(f"layer {layer} out of range: the model has {self.num_layers}")
+        if self.layer_done(layer):
+            return json.loads(storage.read_bytes(self._record_uri(layer)))
+        if self._driver is None:
+            self._driver = BlockDriver(self.model, self.calibration_ids, batch_size=self.batch_size)
+        if self._driver.position > layer:
+            raise DarwinLMError(f"layer {layer} was walked past without being written",
+                                "build layers in order, or start a new DatabaseBuilder")
+        while self._driver.position < layer:
+            self._driver.advance()  # a layer built earlier (or by another process): walk it without Hessians
+        block = self._driver.blocks[layer]
+        with collect_block_hessians(block, self.spec) as accumulators:
+            self._driver.advance()
+        modules = []
+        for kind in MODULE_KINDS:
+            linear = _output_projection(block, self.spec, kind)
+            shape = self.shapes[layer][kind]
+            levels = _prune_module(linear.weight.detach(), accumulators[kind].hessian(), shape, self.config)
+            modules.append(_write_module(self.root, layer, shape, levels, _STORAGE_DTYPES[self.config.storage_dtype]))
+        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
+        return modules
+
+    def finish(self) -> "Database":
+        """Write the manifest (last: the database exists once it does) and open the database."""
+        if self.finished:
+            return Database.open(self.root)
+        missing = [layer for layer in range(self.num_layers) if not self.layer_done(layer)]
+        if missing:
+            raise DarwinLMError(f"database at {self.root} lacks layers {missing}", "build them before finishing")
+        self._driver = None  # frees the activations
+        layer_records = [json.loads(storage.read_bytes(self._record_uri(layer))) for layer in range(self.num_layers)]
+        config = self.model.config
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "code_version": code_version(),
+            "base_model": {"digest": self.base_model_digest, "model_type": config.model_type,
+                           "num_layers": self.num_layers, "hidden_size": config.hidden_size,
+                           "head_layout": asdict(self.spec.head_layout(config))},
+            "calibration": {"digest": self.calibration_digest, "rows": int(self.calibration_ids.shape[0]),
+                            "seq_len": int(self.calibration_ids.shape[1])},
+            "config": asdict(self.config),
+            "dense_params": sum(s.dense_params() for layer in self.shapes for s in layer.values()),
+            "modules": [module for modules in layer_records for module in modules],
+        }
+        storage.write_bytes(storage.join(self.root, "manifest.json"), json.dumps(manifest, indent=1).encode())
+        return Database.open(self.root)
+
+
 def build_database(
     model,
     calibration_ids: torch.Tensor,
@@ -101,48 +183,14 @@ def build_database(
     base_model_digest: str | None = None,
     progress: bool = False,
 ) -> "Database":
-    """Build (or reuse, or resume) the database of `model` on calibration rows (n_rows, seq_len) int64.
-
-    Layers whose layer.json already exists are not pruned again; the driver still runs them to reach the next.
-    """
-    base_model_digest = base_model_digest or model_digest(model)
-    root = database_root(base_uri, base_model_digest, calibration_digest, config)
-    if storage.exists(storage.join(root, "manifest.json")):
-        return Database.open(root)
-    spec = arch_for(model)
-    shapes = module_shapes(model, spec, config.gqa_mode)
-    driver = BlockDriver(model, calibration_ids, batch_size=batch_size)
-    layer_records = []
-    for layer in tqdm(range(driver.num_blocks), desc="database", unit="layer", disable=not progress):
-        record_uri = storage.join(root, f"layers/{layer:03d}/layer.json")
-        if storage.exists(record_uri):
-            layer_records.append(json.loads(storage.read_bytes(record_uri)))
-            driver.advance()
-            continue
-        block = driver.blocks[layer]
-        with collect_block_hessians(block, spec) as accumulators:
-            driver.advance()
-        modules = []
-        for kind in MODULE_KINDS:
-            linear = _output_projection(block, spec, kind)
-            levels = _prune_module(linear.weight.detach(), accumulators[kind].hessian(), shapes[layer][kind], config)
-            modules.append(_write_module(root, layer, shapes[layer][kind], levels, _STORAGE_DTYPES[config.storage_dtype]))
-        storage.write_bytes(record_uri, json.dumps(modules).encode())
-        layer_records.append(modules)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "code_version": code_version(),
-        "base_model": {"digest": base_model_digest, "model_type": model.config.model_type,
-                       "num_layers": driver.num_blocks, "hidden_size": model.config.hidden_size,
-                       "head_layout": asdict(spec.head_layout(model.config))},
-        "calibration": {"digest": calibration_digest, "rows": int(calibration_ids.shape[0]),
-                        "seq_len": int(calibration_ids.shape[1])},
-        "config": asdict(config),
-        "dense_params": sum(s.dense_params() for layer in shapes for s in layer.values()),
-        "modules": [module for modules in layer_records for module in modules],
-    }
-    storage.write_bytes(storage.join(root, "manifest.json"), json.dumps(manifest, indent=1).encode())
-    return Database.open(root)
+    """Build (or reuse, or resume per layer) the database of `model` on calibration rows (n_rows, seq_len) int64."""
+    builder = DatabaseBuilder(model, calibration_ids, base_uri, calibration_digest=calibration_digest,
+                              config=config, batch_size=batch_size, base_model_digest=base_model_digest)
+    if builder.finished:
+        return Database.open(builder.root)
+    for layer in tqdm(range(builder.num_layers), desc="database", unit="layer", disable=not progress):
+        builder.build_layer(layer)
+    return builder.finish()
 
 
 def _output_projection(block, spec, kind: str):

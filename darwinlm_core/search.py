@@ -136,28 +136,38 @@ class Search:
         self.compute_s += time.perf_counter() - start
         return fitness
 
-    def generation(self, state: SearchState) -> SearchState:
-        """One generation: mutate, select through the stages, return the next state."""
+    def select(self, generation: int, stage_index: int, candidates: list[tuple[int, ...]]
+               ) -> list[tuple[float, tuple[int, ...]]]:
+        """One selection stage: every candidate gets the stage's short finetune on fresh rows and its KL on fresh
+        rows (both drawn from a generator seeded by (seed, generation, stage)). Returns all of them as
+        (fitness, candidate), best first; the caller keeps the stage's survivors."""
+        stage = self.config.stages[stage_index]
+        seq_len = self.teacher_pool.input_ids.shape[1]
+        generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, stage_index))
+        teacher = self.teacher_pool.rows(_rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
+                                               seq_len, generator))
+        train = None
+        if stage.finetune_tokens:
+            train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
+                                          self.train_pool.shape[1], generator)]
+        scored = [(self.evaluate(tuple(c), teacher, train), tuple(c)) for c in candidates]
+        return sorted(scored, key=lambda pair: pair[0])
+
+    def generation(self, state: SearchState, select=None) -> SearchState:
+        """One generation: mutate, select through the stages, return the next state. `select` (default
+        `self.select`, same signature) lets an orchestrator run each stage as its own step."""
+        select = select or self.select
         start, compute_before = time.perf_counter(), self.compute_s
         rng = random.Random()
         rng.setstate(_decode_rng(state.rng_state))
         parent = tuple(state.parent)
         candidates = offspring(parent, self.config.offspring, self.budget, rng)
-        seq_len = self.teacher_pool.input_ids.shape[1]
         evaluations = 0
         for stage_index, stage in enumerate(self.config.stages):
-            generator = torch.Generator().manual_seed(hash_seed(self.config.seed, state.generation, stage_index))
-            teacher = self.teacher_pool.rows(_rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
-                                                   seq_len, generator))
-            train = None
-            if stage.finetune_tokens:
-                train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
-                                              self.train_pool.shape[1], generator)]
             if stage_index == len(self.config.stages) - 1 and parent not in candidates:
                 candidates = candidates + [parent]  # elitism: the parent competes in the last stage
-            scored = [(self.evaluate(c, teacher, train), c) for c in candidates]
+            scored = [(float(f), tuple(c)) for f, c in select(state.generation, stage_index, candidates)]
             evaluations += len(scored)
-            scored.sort(key=lambda pair: pair[0])
             candidates = [c for _, c in scored[: stage.survivors]]
         best_fitness, best = scored[0]
         record = {"generation": state.generation, "best_fitness": best_fitness,
@@ -167,6 +177,10 @@ class Search:
         return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
                            _encode_rng(rng.getstate()), state.history + [record])
 
+    def save(self, state: SearchState) -> None:
+        if self.state_uri is not None:
+            storage.write_bytes(self.state_uri, state.to_json())
+
     def run(self, on_generation=None) -> SearchState:
         """Run (or resume) to `config.generations`; saves the state after each; returns the final state."""
         state = self.load_or_start()
@@ -174,8 +188,7 @@ class Search:
                    disable=not self.progress)
         while state.generation < self.config.generations:
             state = self.generation(state)
-            if self.state_uri is not None:
-                storage.write_bytes(self.state_uri, state.to_json())
+            self.save(state)
             if on_generation is not None:
                 on_generation(state)
             bar.update(1)

@@ -1,6 +1,8 @@
 """The `compress` flow: the whole DarwinLM pipeline as Prefect tasks, tracked in MLflow.
 
-    prepare-data → build-database → search → post-train-and-export → evaluate → register
+    prepare-data → plan-database → database-layer × layers → finish-database
+                 → (search-generation → select × stages) × generations → finish-search
+                 → post-train-and-export → evaluate → register
 
 Each stage's artifact lives under the run root on the store (a path or fsspec URI); the run root is named by
 the config digest and the base model, so running the same compression again resumes it (or does nothing
@@ -18,7 +20,8 @@ from darwinlm_core.config import CompressConfig, load_preset
 from darwinlm_core.database import Database
 from darwinlm_core.environment import apply_offline_defaults
 from darwinlm_core.home import data_home
-from tasks.stages import database_task, evaluate_task, post_train_task, prepare_data_task, search_task
+from tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
+                          post_train_task, prepare_data_task, search_finish_task, search_generation_task)
 from tasks.tracking import Tracker, plots
 
 
@@ -51,6 +54,12 @@ class CompressParameters(BaseModel):
         return self.store or str(data_home())
 
 
+def run_root(parameters: CompressParameters) -> str:
+    """Same config (which names the model and the text) → same run root: re-running resumes or does nothing."""
+    config = parameters.config()
+    return storage.join(parameters.store_uri(), "runs", f"{config.digest}-{_safe(config.model)}")
+
+
 @flow(name="compress", log_prints=True)
 def compress(parameters: CompressParameters = CompressParameters()) -> dict:
     """Compress a model end to end; returns the run's summary (URIs, digests, evaluation)."""
@@ -59,8 +68,7 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
     config = parameters.config()
     values, store = json.loads(json.dumps(config.to_dict())), parameters.store_uri()
     logger = get_run_logger()
-    # Same config (which names the model and the text) → same run root: re-running resumes or does nothing.
-    run_uri = storage.join(store, "runs", f"{config.digest}-{_safe(config.model)}")
+    run_uri = run_root(parameters)
     data = prepare_data_task(values, run_uri)
     tracker = Tracker()
     lineage = {"base_model": config.model, "base_model_digest": data["base_model_digest"],
@@ -71,13 +79,16 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
                                    "run_uri": run_uri},
                            tags=lineage)
     try:
-        database_ref = _stage(tracker, parent, "database", lambda: database_task(values, store, data))
+        database_ref = _stage(tracker, parent, "database", lambda: _build_database(values, store, data))
         tracker.client.set_tag(parent, "database_digest", database_ref["digest"])
         search_run = tracker.start("search", tags=lineage, parent=parent,
                                    params={"database_digest": database_ref["digest"]})
-        on_generation = lambda state: tracker.metrics(  # noqa: E731
-            search_run, {k: v for k, v in state.history[-1].items() if k != "generation"}, step=state.generation)
-        genome_ref = search_task(values, run_uri, database_ref, on_generation=on_generation)
+        for generation in range(config.search.generations):  # each generation (and its stages) a task
+            record = search_generation_task(values, run_uri, database_ref, generation)
+            tracker.metrics(search_run, {k: v for k, v in record.items() if k != "generation"}, step=generation + 1)
+            logger.info("search generation %d/%d: best KL %.4f, kept %s parameters", generation + 1,
+                        config.search.generations, record["best_fitness"], f"{record['kept']:,}")
+        genome_ref = search_finish_task(values, run_uri, database_ref)
         structure, curve = plots(genome_ref, Database.open(database_ref["uri"]).manifest)
         tracker.figure(search_run, structure, "kept_per_layer.png")
         tracker.figure(search_run, curve, "fitness_curve.png")
@@ -98,6 +109,15 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
                "dense_params": genome_ref["dense_params"], "wall_s": time.perf_counter() - started}
     logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
     return summary
+
+
+def _build_database(values: dict, store: str, data: dict) -> dict:
+    """One task per layer, so a crash resumes at the layer it was building; nothing runs when it was built."""
+    plan = database_plan_task(values, store, data)
+    if not plan["finished"]:
+        for layer in range(plan["num_layers"]):
+            database_layer_task(values, store, data, plan, layer)
+    return database_finish_task(values, store, data, plan)
 
 
 def _stage(tracker: Tracker, parent: str, name: str, work):

@@ -14,14 +14,15 @@ from prefect import get_run_logger, task
 from darwinlm_core import storage
 from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.config import CompressConfig, config_from_dict
-from darwinlm_core.database import Database, build_database, database_root, model_digest
+from darwinlm_core.database import Database, DatabaseBuilder, database_root, model_digest
 from darwinlm_core.evaluation import prefill_tokens_per_second
 from darwinlm_core.export import export_model
 from darwinlm_core.fitness import compute_teacher
-from darwinlm_core.genome import Genome
-from darwinlm_core.models import load_model
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.genome import Budget, Genome
+from darwinlm_core.models import load_config, load_model
 from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
-from darwinlm_core.search import Search
+from darwinlm_core.search import Search, SearchState
 
 # Storage can fail transiently (a bucket, a network file system); compute failures are not retried.
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -59,38 +60,118 @@ def prepare_data_task(config_values: dict, run_uri: str) -> dict:
     return record
 
 
-@task(name="build-database", **IO_RETRIES)
-def database_task(config_values: dict, store_uri: str, data_ref: dict) -> dict:
-    """Build (or reuse, or resume per layer) the content-addressed database of the base model."""
-    config = _config(config_values)
+# Live objects that consecutive tasks of one flow process share — the dense model with the driver's activations,
+# the search's assembled model and teacher — because rebuilding them costs seconds to minutes. Keyed by the
+# artifact root they work on. A crashed process loses them and the next task rebuilds them from storage.
+_LIVE: dict[str, object] = {}
+
+
+def _database_builder(config: CompressConfig, store_uri: str, data_ref: dict) -> DatabaseBuilder:
     base_uri = storage.join(store_uri, "databases")
     root = database_root(base_uri, data_ref["base_model_digest"], data_ref["calibration_digest"], config.database)
-    if storage.exists(storage.join(root, "manifest.json")):  # built before: no model to load
-        return {"uri": root, "digest": Database.open(root).digest}
-    model, tokenizer, data = _dense_model_and_data(config)
-    database = build_database(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
-                              config=config.database, base_model_digest=data_ref["base_model_digest"], progress=True)
-    get_run_logger().info("database %s ready", database.root)
-    return {"uri": database.root, "digest": database.digest}
+    if root not in _LIVE:
+        model, tokenizer, data = _dense_model_and_data(config)
+        _LIVE[root] = DatabaseBuilder(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
+                                      config=config.database, base_model_digest=data_ref["base_model_digest"])
+    return _LIVE[root]
 
 
-@task(name="search", **IO_RETRIES)
-def search_task(config_values: dict, run_uri: str, database_ref: dict, on_generation=None) -> dict:
-    """Run (or resume) the evolutionary search; writes search_state.json every generation, genome.json last."""
+@task(name="plan-database", **IO_RETRIES)
+def database_plan_task(config_values: dict, store_uri: str, data_ref: dict) -> dict:
+    """Where the content-addressed database of this model + calibration + config lives, and how many layers
+    it has; `finished` when it was built before (then no layer task needs to run)."""
+    config = _config(config_values)
+    root = database_root(storage.join(store_uri, "databases"), data_ref["base_model_digest"],
+                         data_ref["calibration_digest"], config.database)
+    finished = storage.exists(storage.join(root, "manifest.json"))
+    return {"uri": root, "num_layers": load_config(config.model).num_hidden_layers, "finished": finished}
+
+
+@task(name="database-layer", task_run_name="database-layer-{layer}", **IO_RETRIES)
+def database_layer_task(config_values: dict, store_uri: str, data_ref: dict, plan: dict, layer: int) -> dict:
+    """Prune one layer at every level (or find it written by an earlier, crashed run)."""
+    if storage.exists(storage.join(plan["uri"], f"layers/{layer:03d}/layer.json")):
+        return {"layer": layer, "built": False}
+    _database_builder(_config(config_values), store_uri, data_ref).build_layer(layer)
+    return {"layer": layer, "built": True}
+
+
+@task(name="finish-database", **IO_RETRIES)
+def database_finish_task(config_values: dict, store_uri: str, data_ref: dict, plan: dict) -> dict:
+    """Write the manifest once every layer is there (without loading the model when they all were built)."""
+    if not storage.exists(storage.join(plan["uri"], "manifest.json")):
+        builder = _database_builder(_config(config_values), store_uri, data_ref)
+        builder.finish()
+        get_run_logger().info("database %s ready", builder.root)
+    _LIVE.pop(plan["uri"], None)
+    return {"uri": plan["uri"], "digest": Database.open(plan["uri"]).digest}
+
+
+def _search(config: CompressConfig, run_uri: str, database_ref: dict) -> Search:
+    if run_uri not in _LIVE:
+        model, tokenizer, data = _dense_model_and_data(config)
+        teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before any pruning
+        assembly = LiveAssembly(model, Database.open(database_ref["uri"]))
+        _LIVE[run_uri] = Search(assembly, teacher, data.train_ids, config.search,
+                                state_uri=storage.join(run_uri, "search_state.json"))
+    return _LIVE[run_uri]
+
+
+def _saved_search_state(run_uri: str) -> SearchState | None:
+    uri = storage.join(run_uri, "search_state.json")
+    return SearchState.from_json(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+@task(name="select", task_run_name="select-g{generation}-s{stage_index}")
+def select_task(config_values: dict, run_uri: str, database_ref: dict, generation: int, stage_index: int,
+                candidates: list) -> list:
+    """One finetune-and-select stage of one generation: [(fitness, levels)] best first. Not persisted: the
+    generation is the unit of resumption, and its rows are seeded, so a re-run selects the same."""
+    search = _search(_config(config_values), run_uri, database_ref)
+    return [(fitness, list(levels)) for fitness, levels in search.select(generation, stage_index, candidates)]
+
+
+@task(name="search-generation", task_run_name="generation-{generation}", **IO_RETRIES)
+def search_generation_task(config_values: dict, run_uri: str, database_ref: dict, generation: int) -> dict:
+    """Generation `generation` of the search, each stage its own task; writes search_state.json. A generation
+    the saved state already holds (from an earlier, crashed run) returns its record without work."""
+    saved = _saved_search_state(run_uri)
+    if saved is not None and saved.generation > generation:
+        return saved.history[generation]
+    search = _search(_config(config_values), run_uri, database_ref)
+    state = search.load_or_start()
+    if state.generation != generation:
+        raise DarwinLMError(f"search at {run_uri} is at generation {state.generation}, asked for {generation}",
+                            "run generations in order")
+    state = search.generation(state, select=lambda g, i, candidates: [
+        (fitness, tuple(levels)) for fitness, levels in select_task(config_values, run_uri, database_ref, g, i,
+                                                                    [list(c) for c in candidates])])
+    search.save(state)
+    return state.history[-1]
+
+
+@task(name="finish-search", **IO_RETRIES)
+def search_finish_task(config_values: dict, run_uri: str, database_ref: dict) -> dict:
+    """The winner (genome.json, written last) from the final search state."""
     genome_uri = storage.join(run_uri, "genome.json")
     if storage.exists(genome_uri):
         return _read_json(genome_uri)
     config = _config(config_values)
-    model, tokenizer, data = _dense_model_and_data(config)
-    teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before any pruning
-    assembly = LiveAssembly(model, Database.open(database_ref["uri"]))
-    search = Search(assembly, teacher, data.train_ids, config.search,
-                    state_uri=storage.join(run_uri, "search_state.json"), progress=True)
-    state = search.run(on_generation=on_generation)
-    genome = search.genome(state)
-    record = {**genome.to_json(), "kept_params": search.budget.cost(genome.levels),
-              "dense_params": search.budget.dense, "fitness": state.parent_fitness, "history": state.history}
+    database = Database.open(database_ref["uri"])
+    state = _saved_search_state(run_uri) if config.search.generations else None
+    if state is not None and state.config_digest != config.search.digest:
+        raise DarwinLMError(f"search state at {run_uri} belongs to another search config",
+                            "use a new run location, or delete the state to start over")
+    if config.search.generations and (state is None or state.generation < config.search.generations):
+        raise DarwinLMError(f"search at {run_uri} has not finished its {config.search.generations} generations",
+                            "run the search generations first")
+    budget = Budget.from_database(database, fraction_removed=config.search.fraction_removed,
+                                  kind=config.search.budget_kind, seq_len=config.data.seq_len)
+    genome = Genome(tuple(state.parent) if state else budget.uniform(), database.digest)
+    record = {**genome.to_json(), "kept_params": budget.cost(genome.levels), "dense_params": budget.dense,
+              "fitness": state.parent_fitness if state else None, "history": state.history if state else []}
     _write_json(genome_uri, record)
+    _LIVE.pop(run_uri, None)
     return record
 
 

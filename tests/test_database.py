@@ -4,14 +4,10 @@ and clear errors instead of a silently wrong model."""
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
@@ -19,7 +15,7 @@ import darwinlm_core
 from darwinlm_core import database as database_module
 from darwinlm_core import storage
 from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.database import Database, DatabaseConfig, build_database, model_digest
+from darwinlm_core.database import Database, DatabaseBuilder, DatabaseConfig, build_database, model_digest
 from darwinlm_core.driver import BlockDriver
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP
@@ -209,47 +205,6 @@ def test_half_pruned_candidate_is_smaller_and_counts_match(db_cache):
 # ---------------------------------------------------------------------------------------------- storage
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server with bucket 'darwinlm', and fsspec configured to reach it; all undone afterwards."""
-    s3fs = pytest.importorskip("s3fs")
-    moto_server = Path(sys.executable).parent / "moto_server"
-    if not moto_server.exists():
-        pytest.skip("moto_server is not installed")
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.1)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-            patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            patch.setitem(fsspec.config.conf, "s3",
-                          {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}})
-            s3fs.S3FileSystem.clear_instance_cache()
-            s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}).mkdir("darwinlm")
-            yield endpoint
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 def _all_levels(db: Database):
     for module in db.manifest["modules"]:
         for level in range(1, len(module["levels"])):
@@ -331,6 +286,31 @@ def test_rebuild_reuses_and_partial_build_resumes(tmp_path, monkeypatch):
         if name not in rewritten:
             assert mtime == before[name][0], name  # untouched
     assert resumed.manifest == db.manifest
+
+
+
+def test_builder_resumes_at_any_layer_in_a_new_process_and_refuses_gaps(tmp_path):
+    """What the per-layer Prefect tasks rely on: a fresh builder (a new process after a crash) continues at
+    layer i by walking the dense blocks before it, and gives the same bytes as an uninterrupted build."""
+    model = tiny_model("llama", seed=4)
+    config = DatabaseConfig(level_steps=3)
+    reference = build_database(model, CALIBRATION, str(tmp_path / "a"), calibration_digest="c", config=config)
+    builder = lambda: DatabaseBuilder(model, CALIBRATION, str(tmp_path / "b"), calibration_digest="c",  # noqa: E731
+                                      config=config)
+    first = builder()
+    first.build_layer(0)
+    with pytest.raises(DarwinLMError, match="lacks layers \\[1, 2\\]"):
+        first.finish()
+    second = builder()  # the crash: layer 1 and 2 are built by another builder
+    second.build_layer(1)
+    second.build_layer(2)
+    with pytest.raises(DarwinLMError, match="walked past"):
+        skipping = DatabaseBuilder(model, CALIBRATION, str(tmp_path / "c"), calibration_digest="c", config=config)
+        skipping.build_layer(1)  # walks layer 0 without writing it
+        skipping.build_layer(0)
+    assert second.finish().manifest == reference.manifest
+    ours, theirs = _files(second.root), _files(reference.root)
+    assert {name: data for name, (_, data) in ours.items()} == {name: data for name, (_, data) in theirs.items()}
 
 
 # ---------------------------------------------------------------------------------------------- errors
