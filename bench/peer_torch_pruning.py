@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-__all__ = ["prune_uniform_taylor", "plan_uniform", "block_linears"]
+__all__ = ["prune_taylor", "prune_uniform_taylor", "plan_uniform", "block_linears"]
 
 
 def block_linears(model) -> list[nn.Linear]:
@@ -133,15 +133,54 @@ def _check_identity(group, n: int) -> None:
             raise RuntimeError(f"unexpected index mapping in torch-pruning's group for {item.dep}")
 
 
-def prune_uniform_taylor(
-    model, calibration_ids: torch.LongTensor, target_block_fraction_kept: float, batch_size: int = 4
+def _plan_global(scores: list[tuple[torch.Tensor, torch.Tensor]], s: dict, n_layers: int,
+                 target_block_fraction_kept: float) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Global Taylor pruning: one ranking of every removable unit of every layer by Taylor score per parameter
+    (the estimated loss increase per parameter saved), removed cheapest first until the kept block parameters
+    reach the target. A head unit is one query head from each KV group (the worst of each), since HF attention
+    needs equal query heads per KV group; every layer keeps at least one such unit and one MLP channel."""
+    n_q, n_kv = s["n_q"], s["n_kv"]
+    per_group = n_q // n_kv
+    units = []  # (score per parameter, layer, kind, the indices this unit removes)
+    for layer, (head_score, channel_score) in enumerate(scores):
+        ranked = [torch.argsort(head_score[g * per_group:(g + 1) * per_group]) + g * per_group for g in range(n_kv)]
+        for depth in range(per_group - 1):
+            heads = [int(order[depth]) for order in ranked]
+            units.append((float(head_score[heads].sum()) / (n_kv * s["per_head"]), layer, "heads", heads))
+        for channel in torch.argsort(channel_score)[:-1].tolist():
+            units.append((float(channel_score[channel]) / s["per_channel"], layer, "channel", [channel]))
+    units.sort(key=lambda unit: unit[0])
+    dense = n_layers * (s["attn_dense"] + s["mlp_dense"])
+    kept, target = dense, target_block_fraction_kept * dense
+    plans = [([], []) for _ in range(n_layers)]
+    for _, layer, kind, indices in units:  # within a layer a cheaper unit always comes first
+        size = n_kv * s["per_head"] if kind == "heads" else s["per_channel"]
+        if kept - size < target:
+            continue  # a smaller unit may still fit
+        plans[layer][0 if kind == "heads" else 1].extend(indices)
+        kept -= size
+    return [(sorted(h), sorted(c)) for h, c in plans], kept
+
+
+def prune_uniform_taylor(model, calibration_ids: torch.LongTensor, target_block_fraction_kept: float,
+                         batch_size: int = 4) -> dict:
+    """torch-pruning Taylor, the same number of heads and channels kept in every layer (see prune_taylor)."""
+    return prune_taylor(model, calibration_ids, target_block_fraction_kept, batch_size, scope="uniform")
+
+
+def prune_taylor(
+    model, calibration_ids: torch.LongTensor, target_block_fraction_kept: float, batch_size: int = 4,
+    scope: str = "uniform",
 ) -> dict:
-    """Prune an HF Llama IN PLACE, uniformly per layer, with torch-pruning's Taylor importance.
+    """Prune an HF Llama IN PLACE with torch-pruning's Taylor importance: `scope="uniform"` keeps the same
+    heads/channels per layer; `scope="global"` ranks all units of all layers together (_plan_global).
 
     `calibration_ids`: (n, seq_len) int64 token rows; the causal-LM loss on them gives the Taylor gradients.
     Returns {"kept_block_params", "dense_block_params", "heads_per_layer", "channels_per_layer",
     "kept_fraction"} (per-layer lists of query heads / MLP channels kept).
     """
+    if scope not in ("uniform", "global"):
+        raise ValueError(f"scope must be uniform or global, got {scope!r}")
     heads, channels, planned_kept, dense = plan_uniform(model, target_block_fraction_kept)
     assert _count(block_linears(model)) == dense
     layers = list(model.model.layers)
@@ -168,31 +207,33 @@ def prune_uniform_taylor(
         _accumulate_taylor_grads(model, calibration_ids, batch_size)
 
         importance = tp.importance.GroupTaylorImportance()  # |w * grad| per channel, mean over the group's layers
-        plans = []
+        scores = []
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
-            drop_heads, drop_channels = [], []
-            if heads < n_q:
-                full = _keep_only(
-                    DG.get_pruning_group(a.q_proj, tp.prune_linear_out_channels, list(range(n_q * head_dim))),
-                    {a.q_proj: True, a.o_proj: False},
-                )
-                _check_identity(full, n_q * head_dim)
-                head_score = importance(full).view(n_q, head_dim).sum(1)
-                per_group, keep_per_group = n_q // n_kv, heads // n_kv
+            full = _keep_only(
+                DG.get_pruning_group(a.q_proj, tp.prune_linear_out_channels, list(range(n_q * head_dim))),
+                {a.q_proj: True, a.o_proj: False},
+            )
+            _check_identity(full, n_q * head_dim)
+            head_score = importance(full).view(n_q, head_dim).sum(1)
+            full = _keep_only(
+                DG.get_pruning_group(m.gate_proj, tp.prune_linear_out_channels, list(range(inter))),
+                {m.gate_proj: True, m.up_proj: True, m.down_proj: False},
+            )
+            _check_identity(full, inter)
+            scores.append((head_score, importance(full)))
+        if scope == "global":
+            plans, planned_kept = _plan_global(scores, s, len(layers), target_block_fraction_kept)
+        else:
+            plans = []
+            per_group, keep_per_group = n_q // n_kv, heads // n_kv
+            for head_score, channel_score in scores:
+                drop_heads = []
                 for g in range(n_kv):  # KV head g serves query heads [g * per_group, (g + 1) * per_group)
-                    scores = head_score[g * per_group : (g + 1) * per_group]
-                    worst = torch.argsort(scores)[: per_group - keep_per_group]
+                    worst = torch.argsort(head_score[g * per_group : (g + 1) * per_group])[: per_group - keep_per_group]
                     drop_heads += sorted(int(i) + g * per_group for i in worst)
-            if channels < inter:
-                full = _keep_only(
-                    DG.get_pruning_group(m.gate_proj, tp.prune_linear_out_channels, list(range(inter))),
-                    {m.gate_proj: True, m.up_proj: True, m.down_proj: False},
-                )
-                _check_identity(full, inter)
-                channel_score = importance(full)
                 drop_channels = sorted(int(i) for i in torch.argsort(channel_score)[: inter - channels])
-            plans.append((drop_heads, drop_channels))
+                plans.append((drop_heads, drop_channels))
 
         for layer, (drop_heads, drop_channels) in zip(layers, plans):
             a, m = layer.self_attn, layer.mlp
