@@ -146,6 +146,16 @@ def _publish(folder: Path, out_uri: str) -> None:
     """Copy every file to `out_uri`, config.json last: a folder without config.json is not a model."""
     files = sorted(path for path in folder.iterdir() if path.name != "config.json") + [folder / "config.json"]
     fs, root = fsspec.core.url_to_fs(out_uri)
+    created = not fs.exists(root)
     fs.makedirs(root, exist_ok=True)
-    for path in files:
-        storage.write_bytes(storage.join(out_uri, path.name), path.read_bytes())
+    written = []
+    try:
+        for path in files:
+            storage.write_bytes(storage.join(out_uri, path.name), path.read_bytes())
+            written.append(path.name)
+    except BaseException:  # a failed export (disk full, store down) leaves nothing, not a config-less folder
+        for name in written:
+            fs.rm(f"{root.rstrip('/')}/{name}")
+        if created and fs.exists(root):
+            fs.rm(root, recursive=True)
+        raise

@@ -55,6 +55,20 @@ def load_config(name: str):
     return config
 
 
+def load_tokenizer(name: str):
+    """The model's tokenizer, after checking the architecture is supported and the tokenizer fits the model
+    (no weights are read: this is the seconds-long check a run makes before it starts)."""
+    from transformers import AutoTokenizer
+
+    config = load_config(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name))
+    except (OSError, ValueError) as error:
+        raise _load_error(name, error) from error
+    check_tokenizer_matches(tokenizer, config, name)
+    return tokenizer
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """(model in eval mode, tokenizer) for a folder, the `smollm2` alias, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -69,6 +69,14 @@ def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
     )
 
 
+def preflight(config: CompressConfig) -> None:
+    """What a compression can check in seconds, before weights load or a workflow starts: the model's
+    architecture is supported, its tokenizer fits it, and the text gives enough rows for every stage."""
+    from darwinlm_core.models import load_tokenizer
+
+    prepare_data(config, load_tokenizer(config.model))
+
+
 def post_train(assembly: LiveAssembly, genome: Genome, rows: torch.Tensor, config: CompressConfig,
                teacher: CompactTeacher | None = None, progress: bool = False) -> list[float]:
     """Assemble the winner afresh and finetune it on `rows` with warmup + cosine (and distillation)."""

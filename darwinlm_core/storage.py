@@ -3,16 +3,45 @@
 Local files are written under a temporary name and renamed; object stores make a PUT visible only when it
 completes, so the same call is atomic there too. Artifacts become visible as a whole by writing their
 manifest last.
+
+Stores fail transiently (a dropped connection, a throttled bucket): every call is retried with backoff on
+OSError, except errors that retrying cannot fix (missing file, no permission, disk full), and a call that
+keeps failing ends in one DarwinLMError naming the URI.
 """
 
+import errno
 import hashlib
+import time
 import uuid
 
 import fsspec
 
+from darwinlm_core.errors import DarwinLMError
+
+# Seconds between attempts: four attempts over ~5 s ride out a blip without hiding an outage for long.
+RETRY_DELAYS = (0.25, 1.0, 4.0)
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
 
 def _fs(uri: str):
     return fsspec.core.url_to_fs(uri)
+
+
+def _retrying(action: str, uri: str, operation):
+    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+        try:
+            return operation()
+        except _NOT_TRANSIENT:
+            raise
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise DarwinLMError(f"no space left on the device while {action} {uri}",
+                                    "free space there, or write elsewhere (--store, --out)") from error
+            if delay is None:
+                raise DarwinLMError(f"storage kept failing while {action} {uri} ({attempt} attempts): {error}",
+                                    "check that the store is reachable and its credentials, then re-run "
+                                    "(finished stages are kept)") from error
+            time.sleep(delay)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -21,25 +50,33 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
-    return fs.exists(path)
+    return _retrying("checking", uri, lambda: fs.exists(path))
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = _fs(uri)
-    return fs.cat_file(path)
+    return _retrying("reading", uri, lambda: fs.cat_file(path))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` at `uri` so that readers see either nothing or all of it."""
     fs, path = _fs(uri)
+    if "file" not in fs.protocol:  # protocol is a str or a tuple of aliases
+        _retrying("writing", uri, lambda: fs.pipe_file(path, data))
+        return
     parent = path.rsplit("/", 1)[0]
-    if "file" in fs.protocol:  # protocol is a str or a tuple of aliases
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def write_then_rename():
         fs.makedirs(parent, exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(temporary, data)
-        fs.mv(temporary, path)
-    else:
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(temporary, data)
+            fs.mv(temporary, path)
+        finally:
+            if fs.exists(temporary):  # a failed write leaves nothing behind, not even its temporary
+                fs.rm(temporary)
+
+    _retrying("writing", uri, write_then_rename)
 
 
 def sha256(data: bytes) -> str:

@@ -153,10 +153,19 @@ def _compress(args) -> None:
     from flows.compress import CompressParameters, compress
     from flows.report import print_summary, write_results
 
-    parameters = CompressParameters(preset=args.preset, model=args.model, text=args.text, text_field=args.text_field,
-                                    fraction_removed=args.fraction_removed, generations=args.generations,
-                                    seed=args.seed, store=args.store)
-    parameters.config()  # a bad preset or override fails here, before Prefect starts
+    from pydantic import ValidationError
+
+    from darwinlm_core.pipeline import preflight
+
+    try:
+        parameters = CompressParameters(preset=args.preset, model=args.model, text=args.text,
+                                        text_field=args.text_field, fraction_removed=args.fraction_removed,
+                                        generations=args.generations, seed=args.seed, store=args.store)
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-")
+        raise DarwinLMError(f"{option} {first.get('input')!r}: {first['msg']}", "see `darwinlm compress --help`")
+    preflight(parameters.config())  # bad preset, model, tokenizer or text fail here, before Prefect starts
     summary = compress(parameters)
     if args.results:
         write_results(summary, args.results)
