@@ -148,8 +148,11 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     if storage.exists(marker):
         return json.loads(storage.read_bytes(marker))["version"]
     tags = {**lineage, "database_digest": database_ref["digest"], "database_uri": database_ref["uri"],
-            "search_run": search_run, "compress_run": parent}
-    version = _stage(tracker, parent, "register",
-                     lambda: tracker.register(parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags))
+            "search_run": search_run, "compress_run": parent, "run_uri": run_uri}
+    # A crash between registering and writing the marker must not register the same model twice.
+    version = tracker.registered_version(_registered_name(config), {"run_uri": run_uri})
+    if version is None:
+        version = _stage(tracker, parent, "register", lambda: tracker.register(
+            parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags))
     storage.write_bytes(marker, json.dumps({"name": _registered_name(config), "version": version}).encode())
     return version

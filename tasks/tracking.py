@@ -66,6 +66,15 @@ class Tracker:
             figure.savefig(path, dpi=100, bbox_inches="tight")
             self.client.log_artifact(run_id, str(path))
 
+    def registered_version(self, name: str, tags: dict) -> str | None:
+        """The version of `name` carrying all of `tags`, if one was registered (by a run that then crashed)."""
+        wanted = {k: str(v) for k, v in tags.items()}
+        for version in self.client.search_model_versions(f"name='{name}'"):
+            if all(version.tags.get(k) == v for k, v in wanted.items()):
+                self.client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
+                return version.version
+        return None
+
     def register(self, run_id: str, model_dir: str, name: str, tags: dict) -> str:
         """Log the exported folder as the run's `model` artifact and register it; returns the version."""
         from mlflow.exceptions import MlflowException

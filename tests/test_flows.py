@@ -1,16 +1,14 @@
 """The compress flow end to end on a tiny model through Prefect, with MLflow lineage, resume and re-runs."""
 
 import json
-import random
-from pathlib import Path
+import os
+import signal
 
 import pytest
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
-
-WORDS = "the state of the union is strong and people will work together for the nation future economy peace".split()
+from bench import crash_campaign as campaign
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +23,25 @@ def prefect_server():
 def workspace(tmp_path, monkeypatch, prefect_server):
     monkeypatch.setenv("DARWINLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    tiny_model("llama").save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    rng = random.Random(0)
-    (tmp_path / "corpus").mkdir()
-    for index in range(60):
-        text = " ".join(rng.choice(WORDS) for _ in range(300))
-        (tmp_path / "corpus" / f"doc_{index:02d}.txt").write_text(text + ".")
-    return tmp_path
+    return campaign.make_workspace(tmp_path)
 
 
 def parameters(workspace):
     from flows.compress import CompressParameters
 
-    return CompressParameters(preset="tiny", model=str(workspace / "model"), text=str(workspace / "corpus"),
-                              store=str(workspace / "store"))
+    return CompressParameters(**campaign.parameters(workspace))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prefect_server):
+    """The fingerprint (genome, exported weights) of a compression nobody killed."""
+    from flows.compress import compress
+
+    root = campaign.make_workspace(tmp_path_factory.mktemp("uninterrupted"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DARWINLM_HOME", str(root / "home"))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        return campaign.fingerprint(compress(parameters(root))["run_uri"])
 
 
 def test_compress_runs_end_to_end_and_registers_lineage(workspace):
@@ -105,57 +107,33 @@ def test_crashed_compression_resumes_without_redoing_finished_stages(workspace, 
     assert AutoModelForCausalLM.from_pretrained(summary["model_uri"]) is not None
 
 
-KILLED_FLOW = """
-import json, os, signal, sys
-from darwinlm_core.search import Search
-
-real_select = Search.select
-
-def select(self, generation, stage_index, candidates):
-    if (generation, stage_index) == (1, 1):  # mid-search: generation 0 saved, generation 1 half done
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_select(self, generation, stage_index, candidates)
-
-Search.select = select
-from flows.compress import CompressParameters, compress
-compress(CompressParameters(**json.loads(sys.argv[1])))
-"""
-
-
-def test_killed_search_resumes_to_the_uninterrupted_result(workspace, monkeypatch):
-    import os
-    import signal
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("kill_point", sorted(campaign.KILL_POINTS))
+def test_killed_compression_resumes_to_the_uninterrupted_result(workspace, kill_point, uninterrupted, monkeypatch):
+    """kill -9 during the database build, mid-search, mid-export, or between registering and its marker; the
+    re-run redoes no finished stage, leaves nothing half-written, registers once, and ends where an
+    uninterrupted run does."""
     from prefect.settings import PREFECT_API_URL
 
     from darwinlm_core.search import Search
     from flows.compress import compress
-    import tasks.stages as stages
 
-    killed = parameters(workspace)
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
-    process = subprocess.run([sys.executable, "-c", KILLED_FLOW, killed.model_dump_json()], env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
-    [run_root] = (workspace / "store" / "runs").iterdir()
-    assert json.loads((run_root / "search_state.json").read_text())["generation"] == 1
-    assert not (run_root / "genome.json").exists()
+    env = campaign.child_env(workspace, PREFECT_API_URL.value())
+    code, _ = campaign.run_child(campaign.parameters(workspace), env, kill_point=kill_point)
+    assert code == -signal.SIGKILL
+    before = campaign.stage_markers(workspace / "store")
+    state_file = next((workspace / "store").glob("runs/*/search_state.json"), None)
+    saved_generation = json.loads(state_file.read_text())["generation"] if state_file else 0
 
-    stages_run = []
+    generations_run = []
     real_select = Search.select
-    with monkeypatch.context() as patch:  # the workspace's environment stays
-        patch.setattr(Search, "select", lambda self, g, i, c: stages_run.append((g, i)) or real_select(self, g, i, c))
-        patch.setattr(stages, "DatabaseBuilder", lambda *a, **k: pytest.fail("the finished database was rebuilt"))
-        resumed = compress(killed)
-    assert stages_run == [(1, 0), (1, 1)]  # generation 0 is not run again
-
-    uninterrupted = compress(killed.model_copy(update={"store": str(workspace / "store-uninterrupted")}))
-    genome = lambda summary: json.loads((Path(summary["run_uri"]) / "genome.json").read_text())  # noqa: E731
-    assert genome(resumed)["attn"] == genome(uninterrupted)["attn"]
-    assert genome(resumed)["mlp"] == genome(uninterrupted)["mlp"]
-    assert genome(resumed)["fitness"] == pytest.approx(genome(uninterrupted)["fitness"], rel=1e-5)
+    with monkeypatch.context() as patch:
+        patch.setattr(Search, "select", lambda self, g, i, c: generations_run.append(g) or real_select(self, g, i, c))
+        summary = compress(parameters(workspace))
+    assert campaign.rerun_stages(before, campaign.stage_markers(workspace / "store")) == []
+    assert all(generation >= saved_generation for generation in generations_run)
+    assert campaign.artifact_problems(workspace / "store") == []
+    assert campaign.fingerprint(summary["run_uri"]) == uninterrupted
+    assert campaign.registered_versions(os.environ["MLFLOW_TRACKING_URI"], summary["registered_model"]) == 1
 
 
 def test_nightly_compresses_each_registered_checkpoint_once(workspace, monkeypatch):
