@@ -17,6 +17,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 WORDS = "the state of the union is strong and people will work together for the nation future economy peace".split()
@@ -63,6 +64,23 @@ Tracker.register = register
 """,
 }
 
+# Counts the work a child really does (layers pruned, selection stages run), printed as WORK {...} at exit.
+COUNT_WORK = """
+import atexit
+from darwinlm_core.database import DatabaseBuilder
+from darwinlm_core.search import Search
+work = {"layers": 0, "stages": 0}
+real_build, real_select = DatabaseBuilder._build_layer, Search.select
+def build(self, layer):
+    work["layers"] += 1
+    return real_build(self, layer)
+def select(self, *args):
+    work["stages"] += 1
+    return real_select(self, *args)
+DatabaseBuilder._build_layer, Search.select = build, select
+atexit.register(lambda: print("WORK " + json.dumps(work), flush=True))
+"""
+
 CHILD = """
 import json, os, signal, sys
 {hook}
@@ -92,29 +110,52 @@ def parameters(workspace: Path, store: str | None = None) -> dict:
             "store": store or str(workspace / "store")}
 
 
-def run_child(params: dict, env: dict, kill_point: str | None = None, kill_after_s: float | None = None,
-              timeout_s: float = 600) -> tuple[int, dict | None]:
-    """Run compress in a child process; returns (exit code, summary or None). A kill point or delay kills it."""
-    code = CHILD.format(hook=KILL_POINTS[kill_point] if kill_point else "")
+def start_child(params: dict, env: dict, kill_point: str | None = None) -> subprocess.Popen:
+    """Start compress in a child process that counts its work (and dies at `kill_point`, if given)."""
+    code = CHILD.format(hook=COUNT_WORK + (KILL_POINTS[kill_point] if kill_point else ""))
+    # output to files, not pipes: a child nobody reads from until it ends must never block on a full pipe
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     process = subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=out, stderr=err)
+    process.output_files = (out, err)
+    return process
+
+
+def finish_child(process: subprocess.Popen, kill_after_s: float | None = None,
+                 timeout_s: float = 600) -> tuple[int, dict | None, dict | None]:
+    """(exit code, summary or None, work counts or None) of a child, killed after `kill_after_s` if given."""
     try:
         if kill_after_s is not None:
             try:
                 process.wait(timeout=kill_after_s)
             except subprocess.TimeoutExpired:
                 process.send_signal(signal.SIGKILL)
-        out, err = process.communicate(timeout=timeout_s)
+        process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
         raise
-    summary = None
+    out, err = (_read_and_close(file) for file in process.output_files)
+    found = {}
     for line in out.splitlines():
-        if line.startswith("SUMMARY "):
-            summary = json.loads(line.removeprefix("SUMMARY "))
+        for key in ("SUMMARY", "WORK"):
+            if line.startswith(key + " "):
+                found[key] = json.loads(line.removeprefix(key + " "))
     if process.returncode not in (0, -signal.SIGKILL):
         raise RuntimeError(f"compress failed with {process.returncode}: {err[-3000:]}")
-    return process.returncode, summary
+    return process.returncode, found.get("SUMMARY"), found.get("WORK")
+
+
+def _read_and_close(file) -> str:
+    file.seek(0)
+    text = file.read()
+    file.close()
+    return text
+
+
+def run_child(params: dict, env: dict, kill_point: str | None = None, kill_after_s: float | None = None,
+              timeout_s: float = 600) -> tuple[int, dict | None, dict | None]:
+    """Run compress in a child process to its end (or its kill); see finish_child."""
+    return finish_child(start_child(params, env, kill_point), kill_after_s, timeout_s)
 
 
 MARKER_NAMES = ("data.json", "layer.json", "manifest.json", "genome.json", "evaluation.json", "registered.json")

@@ -125,8 +125,13 @@ class DatabaseBuilder:
         A layer already written is read back instead."""
         if not 0 <= layer < self.num_layers:
             raise DarwinLMError(f"layer {layer} out of range: the model has {self.num_layers}")
-        if self.layer_done(layer):
-            return json.loads(storage.read_bytes(self._record_uri(layer)))
+        with storage.lock(storage.join(self.root, "locks", f"layer-{layer:03d}.lock")):
+            # under the lock: a concurrent build of the same database may have just written this layer
+            if self.layer_done(layer):
+                return json.loads(storage.read_bytes(self._record_uri(layer)))
+            return self._build_layer(layer)
+
+    def _build_layer(self, layer: int) -> list[dict]:
         if self._driver is None:
             self._driver = BlockDriver(self.model, self.calibration_ids, batch_size=self.batch_size)
         if self._driver.position > layer:

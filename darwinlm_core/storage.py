@@ -9,8 +9,11 @@ OSError, except errors that retrying cannot fix (missing file, no permission, di
 keeps failing ends in one DarwinLMError naming the URI.
 """
 
+import contextlib
 import errno
+import fcntl
 import hashlib
+import os
 import time
 import uuid
 
@@ -81,3 +84,27 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def lock(uri: str, on_wait=None):
+    """Hold an exclusive lock named `uri` while the block runs, so concurrent processes share one piece of work
+    instead of doing it twice. Local stores use flock, which the OS drops when a process dies (a killed run
+    never leaves a stale lock); `on_wait()` is called if another process holds it. Object stores have no locks: there the block runs unlocked, and concurrent runs
+    may repeat work but cannot corrupt it (writes are atomic and content-addressed, results deterministic)."""
+    fs, path = _fs(uri)
+    if "file" not in fs.protocol:
+        yield
+        return
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

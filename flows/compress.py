@@ -69,6 +69,12 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
     values, store = json.loads(json.dumps(config.to_dict())), parameters.store_uri()
     logger = get_run_logger()
     run_uri = run_root(parameters)
+    waiting = lambda: logger.info("another compression of %s is running; waiting for it", run_uri)  # noqa: E731
+    with storage.lock(storage.join(run_uri, "run.lock"), on_wait=waiting):  # the twin then finds its work done
+        return _run_stages(parameters, config, values, store, run_uri, started, logger)
+
+
+def _run_stages(parameters, config, values, store, run_uri, started, logger) -> dict:
     data = prepare_data_task(values, run_uri)
     tracker = Tracker()
     lineage = {"base_model": config.model, "base_model_digest": data["base_model_digest"],

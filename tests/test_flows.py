@@ -118,7 +118,7 @@ def test_killed_compression_resumes_to_the_uninterrupted_result(workspace, kill_
     from flows.compress import compress
 
     env = campaign.child_env(workspace, PREFECT_API_URL.value())
-    code, _ = campaign.run_child(campaign.parameters(workspace), env, kill_point=kill_point)
+    code, _, _ = campaign.run_child(campaign.parameters(workspace), env, kill_point=kill_point)
     assert code == -signal.SIGKILL
     before = campaign.stage_markers(workspace / "store")
     state_file = next((workspace / "store").glob("runs/*/search_state.json"), None)
@@ -181,3 +181,27 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
     pruned = AutoModelForCausalLM.from_pretrained(_local_model_dir(summary["model_uri"]))
     assert sum(p.numel() for p in pruned.parameters()) == summary["evaluation"]["pruned"]["params"]
     assert not (workspace / "store").exists()  # nothing went to local disk instead
+
+
+def test_concurrent_compressions_share_work_and_do_not_interfere(workspace, uninterrupted):
+    """Two compressions of the same checkpoint started together: one does the work, the other waits and finds
+    it done, and both end with the uninterrupted result. A different one alongside is unaffected."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = campaign.child_env(workspace, PREFECT_API_URL.value())
+    same = campaign.parameters(workspace)
+    processes = [campaign.start_child(same, env) for _ in range(2)]
+    results = [campaign.finish_child(process) for process in processes]
+    assert [code for code, _, _ in results] == [0, 0]
+    assert results[0][1] == results[1][1]  # same run, same model, same registered name
+    assert sum(work["layers"] for _, _, work in results) == 3  # the tiny model's layers, pruned once in all
+    assert campaign.fingerprint(results[0][1]["run_uri"]) == uninterrupted
+    assert campaign.registered_versions(os.environ["MLFLOW_TRACKING_URI"], results[0][1]["registered_model"]) == 1
+
+    other = dict(same, store=str(workspace / "store-other"))
+    different = campaign.start_child(dict(other, seed=7), env)
+    again = campaign.start_child(dict(same, store=str(workspace / "store-again")), env)
+    (code_a, summary_a, _), (code_b, summary_b, _) = campaign.finish_child(again), campaign.finish_child(different)
+    assert code_a == code_b == 0 and summary_b["run_uri"] != summary_a["run_uri"]
+    assert campaign.fingerprint(summary_a["run_uri"]) == uninterrupted
+    assert campaign.artifact_problems(workspace / "store-other") == []
