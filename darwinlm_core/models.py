@@ -5,6 +5,7 @@ unsupported model fails in a second with a one-line error instead of after a mul
 """
 
 import os
+import pickle  # for its exception type only: nothing here unpickles
 from pathlib import Path
 
 import torch
@@ -81,6 +82,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(location)
         check_tokenizer_matches(tokenizer, config, name)  # before reading weights: fail in seconds
         model = AutoModelForCausalLM.from_pretrained(location, dtype=_DTYPES[dtype]).to(device)
+    except pickle.UnpicklingError as error:  # transformers loads .bin files with torch.load(weights_only=True)
+        raise DarwinLMError(f"the weights of {name} hold pickled objects besides tensors; darwinlm loads only "
+                            "safetensors or weights-only torch files, and will not run code from a checkpoint",
+                            "convert the checkpoint to safetensors where you trust its source") from error
     except (OSError, ValueError) as error:
         raise _load_error(name, error) from error
     return model.eval(), tokenizer

@@ -1,0 +1,112 @@
+"""Security: weights never unpickle arbitrary objects, credentials never reach MLflow, Prefect or the store,
+and exports carry only darwinlm's own modeling code."""
+
+import ast
+import pickle
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from bench import crash_campaign as campaign
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.models import load_model
+from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+SENTINELS = {"key": "AKIASENTINEL7c41d2", "secret": "sentinel-secret-5f0e9a3b7d"}
+
+
+class _Payload:
+    """Unpickling this runs code: it writes `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "pwned"))
+
+
+def test_a_pickled_checkpoint_is_refused_without_running_its_code(tmp_path):
+    folder = tmp_path / "checkpoint"
+    model = tiny_model("llama")
+    model.config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    marker = tmp_path / "marker"
+    state = {name: tensor for name, tensor in model.state_dict().items()}
+    state["model.evil"] = _Payload(str(marker))
+    with open(folder / "pytorch_model.bin", "wb") as file:
+        pickle.dump(state, file)
+    with pytest.raises(DarwinLMError) as error:
+        load_model(str(folder))
+    assert not marker.exists()
+    assert "\n" not in str(error.value) and "safetensors" in str(error.value)
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield ast.unparse(node.func), {k.arg: ast.unparse(k.value) for k in node.keywords}
+
+
+def test_code_never_unpickles_or_trusts_remote_code():
+    """No torch.load without weights_only=True, no pickle loads, no trust_remote_code=True, in any package."""
+    for package in ("darwinlm_core", "tasks", "flows"):
+        for path in (REPO / package).rglob("*.py"):
+            for function, keywords in _calls(ast.parse(path.read_text())):
+                where = f"{path.relative_to(REPO)}: {function}"
+                assert not function.endswith(("pickle.load", "pickle.loads", "dill.load")), where
+                if function.endswith("torch.load"):
+                    assert keywords.get("weights_only") == "True", where
+                assert keywords.get("trust_remote_code") != "True", where
+
+
+@pytest.fixture()
+def sentinel_s3(s3_endpoint, monkeypatch):
+    """The moto bucket reached with sentinel credentials, from the environment and fsspec's config."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SENTINELS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SENTINELS["secret"])
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"key": SENTINELS["key"], "secret": SENTINELS["secret"],
+                                                   "client_kwargs": {"endpoint_url": s3_endpoint}})
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_credentials_never_reach_mlflow_prefect_logs_or_the_store(tmp_path, monkeypatch, sentinel_s3, capfd):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.compress import CompressParameters, compress
+
+    monkeypatch.setenv("DARWINLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    workspace = campaign.make_workspace(tmp_path / "workspace")
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = compress(CompressParameters(**campaign.parameters(workspace, store="s3://darwinlm/secure")))
+        with get_client(sync_client=True) as client:
+            prefect_text = [str(run.parameters) for run in client.read_flow_runs()]
+            prefect_text += [log.message for log in client.read_logs()]
+    client = MlflowClient()
+    mlflow_text = []
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        mlflow_text += [str(run.data.params), str(run.data.tags)]
+    for version in client.search_model_versions():
+        mlflow_text += [str(version.tags), str(version.source)]
+    s3 = fsspec.filesystem("s3")
+    stored = [s3.cat_file(path).decode(errors="replace") for path in s3.find("darwinlm/secure")
+              if path.endswith((".json", ".py", ".txt", ".yaml"))]
+    captured = capfd.readouterr()
+    assert summary["model_uri"].startswith("s3://darwinlm/secure/")
+    assert prefect_text and mlflow_text and stored
+    for where, texts in (("prefect", prefect_text), ("mlflow", mlflow_text), ("store", stored),
+                         ("output", [captured.out, captured.err])):
+        for sentinel in SENTINELS.values():
+            assert not any(sentinel in text for text in texts), f"credential found in {where}"
+
+    code = [path for path in s3.find(summary["model_uri"].removeprefix("s3://")) if path.endswith(".py")]
+    assert [Path(path).name for path in code] == ["modeling_pruned.py"]
+    assert s3.cat_file(code[0]) == (REPO / "darwinlm_core" / "modeling_pruned.py").read_bytes()
