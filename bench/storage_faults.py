@@ -10,8 +10,14 @@ Transient faults fail a call with ConnectionError or TimeoutError (both OSError,
 instance darwinlm's storage layer resolves to patches what it uses.
 """
 
+import contextlib
 import random
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 _METHODS = ("cat_file", "pipe_file", "exists")
 
@@ -55,3 +61,48 @@ class StorageFaults:
                 delattr(self.fs, name)
             else:
                 setattr(self.fs, name, saved)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "darwinlm"):
+    """A moto S3 server on 127.0.0.1 with `bucket`, and fsspec (and boto) configured to reach it with test
+    credentials; everything undone afterwards. Yields the endpoint URL."""
+    import fsspec
+    import pytest
+    import s3fs
+
+    moto_server = Path(sys.executable).parent / "moto_server"
+    if not moto_server.exists():
+        raise FileNotFoundError("moto_server is not installed (requirements/dev.txt: moto[server])")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+            patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            patch.setitem(fsspec.config.conf, "s3",
+                          {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}})
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}).mkdir(bucket)
+            yield endpoint
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -9,12 +9,12 @@ import fsspec
 import pytest
 
 from bench import crash_campaign as campaign
+from bench.reliability import SENTINELS
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.models import load_model
 from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-SENTINELS = {"key": "AKIASENTINEL7c41d2", "secret": "sentinel-secret-5f0e9a3b7d"}
 
 
 class _Payload:
@@ -76,10 +76,9 @@ def sentinel_s3(s3_endpoint, monkeypatch):
 
 
 def test_credentials_never_reach_mlflow_prefect_logs_or_the_store(tmp_path, monkeypatch, sentinel_s3, capfd):
-    from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
+    from bench.reliability import credential_leaks
     from flows.compress import CompressParameters, compress
 
     monkeypatch.setenv("DARWINLM_HOME", str(tmp_path / "home"))
@@ -87,26 +86,10 @@ def test_credentials_never_reach_mlflow_prefect_logs_or_the_store(tmp_path, monk
     workspace = campaign.make_workspace(tmp_path / "workspace")
     with prefect_test_harness(server_startup_timeout=120):
         summary = compress(CompressParameters(**campaign.parameters(workspace, store="s3://darwinlm/secure")))
-        with get_client(sync_client=True) as client:
-            prefect_text = [str(run.parameters) for run in client.read_flow_runs()]
-            prefect_text += [log.message for log in client.read_logs()]
-    client = MlflowClient()
-    mlflow_text = []
-    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
-        mlflow_text += [str(run.data.params), str(run.data.tags)]
-    for version in client.search_model_versions():
-        mlflow_text += [str(version.tags), str(version.source)]
-    s3 = fsspec.filesystem("s3")
-    stored = [s3.cat_file(path).decode(errors="replace") for path in s3.find("darwinlm/secure")
-              if path.endswith((".json", ".py", ".txt", ".yaml"))]
-    captured = capfd.readouterr()
-    assert summary["model_uri"].startswith("s3://darwinlm/secure/")
-    assert prefect_text and mlflow_text and stored
-    for where, texts in (("prefect", prefect_text), ("mlflow", mlflow_text), ("store", stored),
-                         ("output", [captured.out, captured.err])):
-        for sentinel in SENTINELS.values():
-            assert not any(sentinel in text for text in texts), f"credential found in {where}"
+        captured = capfd.readouterr()
+        assert credential_leaks(SENTINELS, "s3://darwinlm/secure", [captured.out, captured.err]) == []
 
+    s3 = fsspec.filesystem("s3")
     code = [path for path in s3.find(summary["model_uri"].removeprefix("s3://")) if path.endswith(".py")]
     assert [Path(path).name for path in code] == ["modeling_pruned.py"]
     assert s3.cat_file(code[0]) == (REPO / "darwinlm_core" / "modeling_pruned.py").read_bytes()
