@@ -42,7 +42,7 @@ class BlockDriver:
         self.position = 0
         device = next(model.parameters()).device
         with torch.no_grad():
-            self._block_kwargs = _record_block_kwargs(model, self.spec, input_ids.shape[1], device)
+            self._block_kwargs = record_block_kwargs(model, self.spec, input_ids.shape[1], device)
             self.hidden = _capture_block0_inputs(model, self.blocks, input_ids.to(device), batch_size)
 
     @property
@@ -78,7 +78,7 @@ class BlockDriver:
         )
 
 
-def _record_block_kwargs(model: nn.Module, spec: ArchSpec, seq_len: int, device) -> list[dict]:
+def record_block_kwargs(model: nn.Module, spec: ArchSpec, seq_len: int, device) -> list[dict]:
     """Keyword arguments each block receives in a full-sequence, cache-free pass, recorded with batch 1.
 
     The pass stops at the final norm: the LM head's logits are not needed and cost a vocabulary-wide matmul.

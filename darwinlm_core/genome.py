@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from darwinlm_core.errors import DarwinLMError
 
 KINDS = ("attn", "mlp")
+BUDGET_KINDS = ("params", "flops", "latency")
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,26 @@ class Budget:
     kind: str
 
     @classmethod
-    def from_database(cls, database, *, fraction_removed: float, kind: str = "params", seq_len: int = 512):
+    def from_database(cls, database, *, fraction_removed: float, kind: str = "params", seq_len: int = 512,
+                      latency: dict | None = None):
+        """`kind`: params (kept parameters), flops (per token), or latency (nanoseconds of the modules'
+        prefill on the device a `latency` table from darwinlm_core.latency was measured on)."""
         if not 0.0 <= fraction_removed < 1.0:
             raise DarwinLMError(f"target fraction removed {fraction_removed} is outside [0, 1)", "use e.g. 0.5")
-        if kind not in ("params", "flops"):
-            raise DarwinLMError(f"unknown budget kind '{kind}'", "use params or flops")
+        if kind not in BUDGET_KINDS:
+            raise DarwinLMError(f"unknown budget kind '{kind}'", f"use one of {', '.join(BUDGET_KINDS)}")
+        if kind == "latency" and latency is None:
+            raise DarwinLMError("a latency budget needs a latency table", "measure one with darwinlm_core.latency")
+        seconds = {(m["layer"], m["kind"]): m["seconds"] for m in (latency or {}).get("modules", [])}
         costs = []
         for layer, module_kind in module_keys(database):
             levels = range(database.num_levels(layer, module_kind))
             if kind == "params":
                 costs.append(tuple(database.params(layer, module_kind, lvl) for lvl in levels))
-            else:
+            elif kind == "flops":
                 costs.append(tuple(flops_per_token(database, layer, module_kind, lvl, seq_len) for lvl in levels))
+            else:
+                costs.append(tuple(int(round(s * 1e9)) for s in seconds[(layer, module_kind)]))
         dense = sum(c[0] for c in costs)
         tolerance = max(c[i] - c[i + 1] for c in costs for i in range(len(c) - 1))
         return cls(tuple(costs), int(round(dense * (1.0 - fraction_removed))), tolerance, kind)

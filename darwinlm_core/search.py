@@ -26,7 +26,8 @@ from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.finetune import FinetuneConfig, finetune
 from darwinlm_core.fitness import CompactTeacher, kl_per_token
-from darwinlm_core.genome import Budget, Genome, offspring
+from darwinlm_core.genome import BUDGET_KINDS, Budget, Genome, offspring
+from darwinlm_core.latency import load_or_measure
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class StageConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     fraction_removed: float = 0.5
-    budget_kind: str = "params"  # or "flops"
+    budget_kind: str = "params"  # or "flops", or "latency" (measured on this device, see latency.py)
     generations: int = 50
     offspring: int = 16
     stages: tuple[StageConfig, ...] = (StageConfig(8, 1024, 10_000), StageConfig(4, 2048, 50_000),
@@ -55,6 +56,8 @@ class SearchConfig:
         if survivors[0] > self.offspring or self.generations < 0 or self.offspring < 1:
             raise DarwinLMError(f"first stage keeps {survivors[0]} of {self.offspring} offspring",
                                 "keep at most as many as are made, with offspring ≥ 1 and generations ≥ 0")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise DarwinLMError(f"unknown budget_kind '{self.budget_kind}'", f"use one of {', '.join(BUDGET_KINDS)}")
         if any(stage.fitness_tokens < 1 or stage.finetune_tokens < 0 for stage in self.stages):
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
 
@@ -102,8 +105,12 @@ class Search:
         self.assembly, self.teacher_pool, self.train_pool = assembly, teacher_pool, train_pool
         self.config, self.state_uri, self.progress = config, state_uri, progress
         database = assembly.database
+        seq_len = teacher_pool.input_ids.shape[1]
+        latency = None
+        if config.budget_kind == "latency":  # measured once per database, device and row shape, then stored
+            latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=progress)
         self.budget = Budget.from_database(database, fraction_removed=config.fraction_removed,
-                                           kind=config.budget_kind, seq_len=teacher_pool.input_ids.shape[1])
+                                           kind=config.budget_kind, seq_len=seq_len, latency=latency)
         self.database_digest = database.digest
         self.compute_s = 0.0  # time inside forward/backward passes, for the overhead figure
         self._dirty = True  # live weights may differ from what the database gives (training, fresh model)

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -205,3 +206,35 @@ def test_concurrent_compressions_share_work_and_do_not_interfere(workspace, unin
     assert code_a == code_b == 0 and summary_b["run_uri"] != summary_a["run_uri"]
     assert campaign.fingerprint(summary_a["run_uri"]) == uninterrupted
     assert campaign.artifact_problems(workspace / "store-other") == []
+
+
+def test_deployments_run_through_a_worker(workspace):
+    """README's server/worker path: create the pool, deploy prefect.yaml, trigger `compress` with a form's
+    parameters, and let a worker (started as `darwinlm worker` does) run it to completion."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    repository = Path(__file__).resolve().parent.parent
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = dict(campaign.child_env(workspace, PREFECT_API_URL.value()), DARWINLM_REPO=str(repository),
+               DARWINLM_CHECKPOINTS=str(workspace / "checkpoints"))
+
+    def run(*arguments, timeout=300):
+        done = subprocess.run([prefect, *arguments], env=env, cwd=repository, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    run("work-pool", "create", "darwinlm", "--type", "process")
+    run("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    form = json.dumps({"parameters": campaign.parameters(workspace)})
+    run("deployment", "run", "compress/compress", "--params", form)
+    run("worker", "start", "--pool", "darwinlm", "--run-once", timeout=600)
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        runs = [r for r in client.read_flow_runs() if r.deployment_id == deployments["compress"].id]
+    assert [r.state.type.value for r in runs] == ["COMPLETED"]
+    assert len(list((workspace / "store").glob("runs/*/registered.json"))) == 1
