@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,16 @@ class CompactTeacher:
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes, so workers load the teacher from the artifact store instead of recomputing it."""
+        return save_safetensors({"input_ids": self.input_ids.contiguous(), "top_logprobs": self.top_logprobs.contiguous(),
+                                 "top_ids": self.top_ids.contiguous()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CompactTeacher":
+        tensors = load_safetensors(data)
+        return cls(tensors["input_ids"], tensors["top_logprobs"], tensors["top_ids"])
 
 
 @torch.no_grad()

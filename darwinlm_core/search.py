@@ -143,11 +143,9 @@ class Search:
         self.compute_s += time.perf_counter() - start
         return fitness
 
-    def select(self, generation: int, stage_index: int, candidates: list[tuple[int, ...]]
-               ) -> list[tuple[float, tuple[int, ...]]]:
-        """One selection stage: every candidate gets the stage's short finetune on fresh rows and its KL on fresh
-        rows (both drawn from a generator seeded by (seed, generation, stage)). Returns all of them as
-        (fitness, candidate), best first; the caller keeps the stage's survivors."""
+    def stage_rows(self, generation: int, stage_index: int) -> tuple[CompactTeacher, torch.Tensor | None]:
+        """The fitness rows (and finetune rows, if the stage trains) of one stage of one generation, drawn
+        from a generator seeded by (seed, generation, stage): the same wherever and whenever it is asked."""
         stage = self.config.stages[stage_index]
         seq_len = self.teacher_pool.input_ids.shape[1]
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, stage_index))
@@ -157,8 +155,18 @@ class Search:
         if stage.finetune_tokens:
             train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
                                           self.train_pool.shape[1], generator)]
-        scored = [(self.evaluate(tuple(c), teacher, train), tuple(c)) for c in candidates]
-        return sorted(scored, key=lambda pair: pair[0])
+        return teacher, train
+
+    def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> float:
+        """One candidate's fitness in one stage (what a distributed worker computes)."""
+        return self.evaluate(tuple(levels), *self.stage_rows(generation, stage_index))
+
+    def select(self, generation: int, stage_index: int, candidates: list[tuple[int, ...]]
+               ) -> list[tuple[float, tuple[int, ...]]]:
+        """One selection stage: every candidate gets the stage's short finetune and its KL on the stage's
+        rows. Returns all of them as (fitness, candidate), best first; the caller keeps the survivors."""
+        teacher, train = self.stage_rows(generation, stage_index)
+        return rank(candidates, [self.evaluate(tuple(c), teacher, train) for c in candidates])
 
     def generation(self, state: SearchState, select=None) -> SearchState:
         """One generation: mutate, select through the stages, return the next state. `select` (default
@@ -205,6 +213,12 @@ class Search:
 
     def genome(self, state: SearchState) -> Genome:
         return Genome(tuple(state.parent), self.database_digest)
+
+
+def rank(candidates, fitnesses) -> list[tuple[float, tuple[int, ...]]]:
+    """(fitness, candidate) best first; ties keep the candidates' order, so every evaluation path (serial or
+    distributed) selects the same."""
+    return sorted(zip((float(f) for f in fitnesses), (tuple(c) for c in candidates)), key=lambda pair: pair[0])
 
 
 def hash_seed(*parts: int) -> int:

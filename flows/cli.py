@@ -80,6 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--seed", type=int, default=None, help="override the search seed")
     compress.add_argument("--store", default=None, help="artifact root: a folder or s3://bucket/prefix "
                           "(default: $DARWINLM_HOME, ~/.cache/darwinlm)")
+    compress.add_argument("--dask-workers", type=int, default=0,
+                          help="evaluate the search's offspring on a local Dask cluster of N worker processes")
+    compress.add_argument("--dask-address", default=None,
+                          help="or on a running Dask cluster, e.g. tcp://scheduler:8786 (same genome either way)")
     compress.add_argument("--json", action="store_true", help="print the run summary as JSON")
     compress.add_argument("--results", default=None, help="also write the summary table as JSON to this file")
     compress.set_defaults(handler=_compress)
@@ -160,7 +164,8 @@ def _compress(args) -> None:
     try:
         parameters = CompressParameters(preset=args.preset, model=args.model, text=args.text,
                                         text_field=args.text_field, fraction_removed=args.fraction_removed,
-                                        generations=args.generations, seed=args.seed, store=args.store)
+                                        generations=args.generations, seed=args.seed, store=args.store,
+                                        dask_workers=args.dask_workers, dask_address=args.dask_address)
     except ValidationError as error:
         first = error.errors()[0]
         option = "--" + str(first["loc"][0]).replace("_", "-")

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from darwinlm_core import storage
-from darwinlm_core.config import CompressConfig, load_preset
+from darwinlm_core.config import CompressConfig, config_from_dict, load_preset
 from darwinlm_core.database import Database
 from darwinlm_core.environment import apply_offline_defaults
 from darwinlm_core.home import data_home
@@ -36,6 +36,10 @@ class CompressParameters(BaseModel):
     generations: int | None = Field(None, ge=0, description="search generations")
     seed: int | None = Field(None, description="search seed")
     store: str | None = Field(None, description="artifact root (path or s3://...); default: the data home")
+    dask_workers: int = Field(0, ge=0, description="evaluate offspring on a local Dask cluster of this many "
+                              "worker processes (0: in the flow's process); the genome does not change")
+    dask_address: str | None = Field(None, description="or: the scheduler address of a running Dask cluster, "
+                                     "e.g. tcp://10.0.0.5:8786 (workers must reach the model and the store)")
 
     def config(self) -> CompressConfig:
         overrides: dict = {}
@@ -89,11 +93,10 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
         tracker.client.set_tag(parent, "database_digest", database_ref["digest"])
         search_run = tracker.start("search", tags=lineage, parent=parent,
                                    params={"database_digest": database_ref["digest"]})
-        for generation in range(config.search.generations):  # each generation (and its stages) a task
-            record = search_generation_task(values, run_uri, database_ref, generation)
-            tracker.metrics(search_run, {k: v for k, v in record.items() if k != "generation"}, step=generation + 1)
-            logger.info("search generation %d/%d: best KL %.4f, kept %s parameters", generation + 1,
-                        config.search.generations, record["best_fitness"], f"{record['kept']:,}")
+        search = search_flow
+        if parameters.dask_workers or parameters.dask_address:
+            search = search_flow.with_options(task_runner=_dask_runner(parameters))
+        search(values, run_uri, database_ref, search_run, distributed=search is not search_flow)
         genome_ref = search_finish_task(values, run_uri, database_ref)
         structure, curve = plots(genome_ref, Database.open(database_ref["uri"]).manifest)
         tracker.figure(search_run, structure, "kept_per_layer.png")
@@ -115,6 +118,29 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                "dense_params": genome_ref["dense_params"], "wall_s": time.perf_counter() - started}
     logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
     return summary
+
+
+@flow(name="search", log_prints=True)
+def search_flow(values: dict, run_uri: str, database_ref: dict, search_run: str, distributed: bool = False) -> None:
+    """The search's generations, each a task with a task per selection stage; with a Dask task runner
+    (`distributed`), every candidate's finetune-and-fitness is its own task on a Dask worker."""
+    config, logger, tracker = config_from_dict(values), get_run_logger(), Tracker()
+    for generation in range(config.search.generations):
+        record = search_generation_task(values, run_uri, database_ref, generation, distributed)
+        tracker.metrics(search_run, {k: v for k, v in record.items() if k != "generation"}, step=generation + 1)
+        logger.info("search generation %d/%d: best KL %.4f, kept %s parameters", generation + 1,
+                    config.search.generations, record["best_fitness"], f"{record['kept']:,}")
+
+
+def _dask_runner(parameters: CompressParameters):
+    """A Dask task runner: the given cluster, or a local one of single-threaded worker processes on
+    127.0.0.1 (torch in each worker then uses one thread, so workers do not fight over cores)."""
+    from prefect_dask import DaskTaskRunner
+
+    if parameters.dask_address:
+        return DaskTaskRunner(address=parameters.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": parameters.dask_workers, "threads_per_worker": 1,
+                                          "processes": True, "host": "127.0.0.1", "dashboard_address": None})
 
 
 def _build_database(values: dict, store: str, data: dict) -> dict:

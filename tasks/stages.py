@@ -17,12 +17,12 @@ from darwinlm_core.config import CompressConfig, config_from_dict
 from darwinlm_core.database import Database, DatabaseBuilder, database_root, model_digest
 from darwinlm_core.evaluation import prefill_tokens_per_second
 from darwinlm_core.export import export_model
-from darwinlm_core.fitness import compute_teacher
+from darwinlm_core.fitness import CompactTeacher, compute_teacher
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.genome import Budget, Genome
 from darwinlm_core.models import load_config, load_model
 from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
-from darwinlm_core.search import Search, SearchState
+from darwinlm_core.search import Search, SearchState, rank
 
 # Storage can fail transiently (a bucket, a network file system); compute failures are not retried.
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -108,9 +108,16 @@ def database_finish_task(config_values: dict, store_uri: str, data_ref: dict, pl
 
 
 def _search(config: CompressConfig, run_uri: str, database_ref: dict) -> Search:
+    """The live search of a run in this process (a flow process, or a Dask worker that keeps it between
+    candidates). The teacher is computed once per run and stored, so workers read it instead."""
     if run_uri not in _LIVE:
         model, tokenizer, data = _dense_model_and_data(config)
-        teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before any pruning
+        teacher_uri = storage.join(run_uri, "teacher.safetensors")
+        if storage.exists(teacher_uri):
+            teacher = CompactTeacher.from_bytes(storage.read_bytes(teacher_uri))
+        else:
+            teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before pruning
+            storage.write_bytes(teacher_uri, teacher.to_bytes())
         assembly = LiveAssembly(model, Database.open(database_ref["uri"]))
         _LIVE[run_uri] = Search(assembly, teacher, data.train_ids, config.search,
                                 state_uri=storage.join(run_uri, "search_state.json"))
@@ -122,17 +129,32 @@ def _saved_search_state(run_uri: str) -> SearchState | None:
     return SearchState.from_json(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
+@task(name="evaluate-candidate", task_run_name="candidate-g{generation}-s{stage_index}-{index}")
+def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: dict, generation: int,
+                            stage_index: int, index: int, levels: list) -> float:
+    """One candidate's short finetune and fitness, wherever the task runner puts it (a Dask worker loads the
+    model, database and teacher on its first candidate and keeps them)."""
+    return _search(_config(config_values), run_uri, database_ref).evaluate_in_stage(generation, stage_index, levels)
+
+
 @task(name="select", task_run_name="select-g{generation}-s{stage_index}")
 def select_task(config_values: dict, run_uri: str, database_ref: dict, generation: int, stage_index: int,
-                candidates: list) -> list:
-    """One finetune-and-select stage of one generation: [(fitness, levels)] best first. Not persisted: the
-    generation is the unit of resumption, and its rows are seeded, so a re-run selects the same."""
-    search = _search(_config(config_values), run_uri, database_ref)
-    return [(fitness, list(levels)) for fitness, levels in search.select(generation, stage_index, candidates)]
+                candidates: list, distributed: bool = False) -> list:
+    """One finetune-and-select stage of one generation: [(fitness, levels)] best first. `distributed`: each
+    candidate is its own task on the flow's task runner (Dask), else all run here, one after another. Not
+    persisted: the generation is the unit of resumption, and its rows are seeded, so a re-run selects the same."""
+    if distributed:
+        futures = [evaluate_candidate_task.submit(config_values, run_uri, database_ref, generation, stage_index,
+                                                  index, list(levels)) for index, levels in enumerate(candidates)]
+        ranked = rank(candidates, [future.result() for future in futures])
+    else:
+        ranked = _search(_config(config_values), run_uri, database_ref).select(generation, stage_index, candidates)
+    return [(fitness, list(levels)) for fitness, levels in ranked]
 
 
 @task(name="search-generation", task_run_name="generation-{generation}", **IO_RETRIES)
-def search_generation_task(config_values: dict, run_uri: str, database_ref: dict, generation: int) -> dict:
+def search_generation_task(config_values: dict, run_uri: str, database_ref: dict, generation: int,
+                           distributed: bool = False) -> dict:
     """Generation `generation` of the search, each stage its own task; writes search_state.json. A generation
     the saved state already holds (from an earlier, crashed run) returns its record without work."""
     saved = _saved_search_state(run_uri)
@@ -144,8 +166,8 @@ def search_generation_task(config_values: dict, run_uri: str, database_ref: dict
         raise DarwinLMError(f"search at {run_uri} is at generation {state.generation}, asked for {generation}",
                             "run generations in order")
     state = search.generation(state, select=lambda g, i, candidates: [
-        (fitness, tuple(levels)) for fitness, levels in select_task(config_values, run_uri, database_ref, g, i,
-                                                                    [list(c) for c in candidates])])
+        (fitness, tuple(levels)) for fitness, levels in select_task(
+            config_values, run_uri, database_ref, g, i, [list(c) for c in candidates], distributed)])
     search.save(state)
     return state.history[-1]
 

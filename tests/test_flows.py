@@ -238,3 +238,20 @@ def test_deployments_run_through_a_worker(workspace):
         runs = [r for r in client.read_flow_runs() if r.deployment_id == deployments["compress"].id]
     assert [r.state.type.value for r in runs] == ["COMPLETED"]
     assert len(list((workspace / "store").glob("runs/*/registered.json"))) == 1
+
+
+def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, uninterrupted):
+    """Offspring evaluations fan out as Prefect tasks on a 2-worker LocalCluster bound to 127.0.0.1; each
+    worker loads the model, database and stored teacher once; the result equals the serial run's."""
+    from flows.compress import compress
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    summary = compress(parameters(workspace).model_copy(update={"dask_workers": 2}))
+    assert campaign.fingerprint(summary["run_uri"]) == uninterrupted
+    with get_client(sync_client=True) as client:
+        candidates = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="candidate-g")), limit=200)
+    assert len(candidates) == 2 * (4 + 3) and all(run.state.is_completed() for run in candidates)
+    assert (Path(summary["run_uri"]) / "teacher.safetensors").exists()
