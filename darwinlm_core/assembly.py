@@ -89,7 +89,8 @@ class LiveAssembly:
             kept, out_weight = pruned.kept_units, pruned.weight
         setattr(block, attribute, module)
         # Always a copy: training the live model must never write into the dense copy or the database cache.
-        out_weight = out_weight.to(self.dense[layer]["q_proj"][0].dtype, copy=True)
+        dense_q = self.dense[layer]["q_proj"][0]
+        out_weight = out_weight.to(device=dense_q.device, dtype=dense_q.dtype, copy=True)
         if kind == "mlp":
             self._set_mlp(layer, module, kept, out_weight, shape)
         else:
@@ -144,13 +145,13 @@ def _head_rows(weight, bias, heads, head_dim):
 
 
 def _zero_rows_except(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    mask = torch.zeros(tensor.shape[0], dtype=torch.bool)
+    mask = torch.zeros(tensor.shape[0], dtype=torch.bool, device=tensor.device)
     mask[keep] = True
     return tensor * mask.view(-1, *[1] * (tensor.dim() - 1)).to(tensor.dtype)
 
 
 def _scatter_columns(weight: torch.Tensor, kept_units: torch.Tensor, n_units: int, unit_size: int) -> torch.Tensor:
     """Dense-width (d_out, n_units * unit_size) weight with `weight`'s columns at the kept units, zeros elsewhere."""
-    full = torch.zeros(weight.shape[0], n_units * unit_size, dtype=weight.dtype)
+    full = torch.zeros(weight.shape[0], n_units * unit_size, dtype=weight.dtype, device=weight.device)
     full[:, _head_columns(kept_units, unit_size)] = weight
     return full

@@ -58,7 +58,8 @@ class CompressConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     post_train: PostTrainConfig = field(default_factory=PostTrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    dtype: str = "float32"
+    dtype: str = "float32"  # or bfloat16, float16, auto (bfloat16 on a GPU, else float32)
+    device: str = "auto"  # cuda when a GPU is present, else cpu; or cpu, cuda, cuda:N
 
     def __post_init__(self):
         seq_len = self.data.seq_len

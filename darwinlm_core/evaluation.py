@@ -33,11 +33,19 @@ def prefill_tokens_per_second(models: list, ids: torch.Tensor, repeats: int = 3)
     import time
 
     timings: list[list[float]] = [[] for _ in models]
-    for model in models:  # warm-up: first calls allocate and pick kernels
-        model(ids[:1, :8], use_cache=False)
+    inputs = [ids.to(next(model.parameters()).device) for model in models]
+    for model, rows in zip(models, inputs):  # warm-up: first calls allocate and pick kernels
+        model(rows[:1, :8], use_cache=False)
     for _ in range(repeats):
-        for index, model in enumerate(models):
+        for index, (model, rows) in enumerate(zip(models, inputs)):
+            _synchronize(rows.device)
             start = time.perf_counter()
-            model(ids, use_cache=False)
+            model(rows, use_cache=False)
+            _synchronize(rows.device)  # GPU kernels run asynchronously: wait for them before reading the clock
             timings[index].append(time.perf_counter() - start)
     return [ids.numel() / statistics.median(times) for times in timings]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -99,7 +99,7 @@ def pruned_config(model):
 
 def _write_weights(model, folder: Path, dtype: torch.dtype, config) -> None:
     config.dtype = str(dtype).removeprefix("torch.")
-    tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in model.state_dict().items()}
+    tensors = {name: tensor.detach().to(device="cpu", dtype=dtype).contiguous() for name, tensor in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # tied to the input embedding; from_pretrained re-ties it
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

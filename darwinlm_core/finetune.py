@@ -59,16 +59,17 @@ def finetune(model, input_ids: torch.Tensor, config: FinetuneConfig, teacher: Co
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps = math.ceil(input_ids.shape[0] / config.batch_size)
+    device = next(model.parameters()).device
     losses = []
     model.train()
     try:
         for step in tqdm(range(steps), desc="finetune", disable=not progress, unit="step"):
             rows = slice(step * config.batch_size, (step + 1) * config.batch_size)
-            batch = input_ids[rows]
+            batch = input_ids[rows].to(device)
             logits = model(batch, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
             if teacher is not None and config.distill_weight > 0:
-                kl = kl_sum(logits, teacher.top_logprobs[rows], teacher.top_ids[rows]) / batch.numel()
+                kl = kl_sum(logits, teacher.top_logprobs[rows].to(device), teacher.top_ids[rows].to(device)) / batch.numel()
                 loss = (1 - config.distill_weight) * loss + config.distill_weight * kl
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step, steps)

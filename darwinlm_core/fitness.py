@@ -45,11 +45,12 @@ class CompactTeacher:
 def compute_teacher(model, input_ids: torch.Tensor, top_k: int, batch_size: int = 4) -> CompactTeacher:
     """Run the (dense) model once over `input_ids` (n_rows, seq_len) and keep its top-k log-probs per token."""
     values, ids = [], []
+    device = next(model.parameters()).device
     for start in range(0, input_ids.shape[0], batch_size):
-        logits = model(input_ids[start : start + batch_size], use_cache=False).logits.float()
+        logits = model(input_ids[start : start + batch_size].to(device), use_cache=False).logits.float()
         top = torch.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-        values.append(top.values)
-        ids.append(top.indices.to(torch.int32))
+        values.append(top.values.cpu())  # the pool stays in host memory; batches go to the device as needed
+        ids.append(top.indices.to(torch.int32).cpu())
     return CompactTeacher(input_ids, torch.cat(values), torch.cat(ids))
 
 
@@ -73,10 +74,11 @@ def kl_sum(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher
 def kl_per_token(model, teacher: CompactTeacher, batch_size: int = 4) -> float:
     """Mean bucketed KL(dense ‖ model) over every token of the teacher's rows."""
     total = 0.0
+    device = next(model.parameters()).device
     for start in range(0, teacher.input_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        logits = model(teacher.input_ids[rows], use_cache=False).logits
-        total += kl_sum(logits, teacher.top_logprobs[rows], teacher.top_ids[rows]).item()
+        logits = model(teacher.input_ids[rows].to(device), use_cache=False).logits
+        total += kl_sum(logits, teacher.top_logprobs[rows].to(device), teacher.top_ids[rows].to(device)).item()
     return total / teacher.tokens
 
 

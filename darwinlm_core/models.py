@@ -70,12 +70,32 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when a GPU is present, else cpu; an explicit device must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise DarwinLMError(f"unknown device '{device}'", "use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DarwinLMError(f"device '{device}' asked for, but torch sees no GPU", "use device: auto or cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` → bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slow and OBS wants float32)."""
+    if dtype == "auto":
+        return "bfloat16" if resolve_device(device).startswith("cuda") else "float32"
+    if dtype not in _DTYPES:
+        raise DarwinLMError(f"unknown dtype '{dtype}'", f"use auto or one of {', '.join(_DTYPES)}")
+    return dtype
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
-    """(model in eval mode, tokenizer) for a folder, the `smollm2` alias, or a hub id."""
+    """(model in eval mode, tokenizer) for a folder, the `smollm2` alias, or a hub id; dtype and device may be
+    `auto` (see resolve_dtype, resolve_device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise DarwinLMError(f"unknown dtype '{dtype}'", f"use one of {', '.join(_DTYPES)}")
+    dtype, device = resolve_dtype(dtype, device), resolve_device(device)
     config = load_config(name)
     location = resolve_model_location(name)
     try:

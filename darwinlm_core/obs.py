@@ -71,13 +71,13 @@ def _single_thread():
 
 def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> PrunedWeights:
     kept = (~removed).nonzero().flatten()
-    columns = (kept[:, None] * unit_size + torch.arange(unit_size)).flatten()
-    return PrunedWeights(int(removed.sum()), kept, weight[:, columns].clone())
+    columns = (kept[:, None] * unit_size + torch.arange(unit_size, device=kept.device)).flatten()
+    return PrunedWeights(int(removed.sum()), kept.cpu(), weight[:, columns].cpu())  # snapshots live on the CPU
 
 
 def _greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
     n_units = weight.shape[1] // unit_size
-    removed = torch.zeros(n_units, dtype=torch.bool)
+    removed = torch.zeros(n_units, dtype=torch.bool, device=weight.device)
     results = []
     for count in range(n_units + 1):
         while snapshots[len(results) :] and snapshots[len(results)] == count:
@@ -107,8 +107,9 @@ def _greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> li
     matrix products and the running quantities are recomputed exactly, which also bounds rounding drift.
     """
     d_out, d_in = weight.shape
-    removed = torch.zeros(d_in, dtype=torch.bool)
-    a_terms, b_terms, u_terms = torch.zeros(d_out, batch), torch.zeros(batch, d_in), torch.zeros(batch, d_in)
+    on = dict(device=weight.device)
+    removed = torch.zeros(d_in, dtype=torch.bool, **on)
+    a_terms, b_terms, u_terms = torch.zeros(d_out, batch, **on), torch.zeros(batch, d_in, **on), torch.zeros(batch, d_in, **on)
     pending = 0
 
     def flush():

@@ -34,7 +34,7 @@ def _config(values: dict) -> CompressConfig:
 
 def _dense_model_and_data(config: CompressConfig):
     """A fresh dense model, its tokenizer, and the run's rows (tokenizing is seconds; cheaper than storing)."""
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     return model, tokenizer, prepare_data(config, tokenizer)
 
 
@@ -236,6 +236,7 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
     dense, tokenizer, data = _dense_model_and_data(config)
     teacher = dense_eval_teacher(dense, data, config.teacher_top_k)
     pruned = AutoModelForCausalLM.from_pretrained(_local_model_dir(model_ref["uri"])).eval()
+    pruned = pruned.to(next(dense.parameters()).device)
     results = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
         row = evaluate(model, data, teacher, progress=True)
@@ -259,7 +260,8 @@ def _zero_shot(model, tokenizer, data, config: CompressConfig) -> dict:
         local = write_local_tasks(data.split, folder)
         names = [name.strip() for name in config.evaluate.tasks.split(",") if name.strip()]
         tasks = [task for name in names for task in (local if name == "local" else [name])]
-        scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit)
+        scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit,
+                             device=str(next(model.parameters()).device))
     accuracies = {f"acc_{task}": metrics["acc"] for task, metrics in scores.items() if "acc" in metrics}
     if accuracies:
         accuracies["zeroshot_acc"] = sum(accuracies.values()) / len(accuracies)

@@ -1,0 +1,121 @@
+"""Scale benchmark on SmolLM2: serial vs 2-worker Dask generations, and a latency budget's predicted vs
+measured speedup.
+
+    python -m bench.scale [--generations 4] [--latency-generations 8]
+
+Writes bench/results/scale.json: dask_generation_speedup (median serial generation time ÷ median 2-worker
+generation time, same config and seed, so the same candidates), latency_budget_speedup_predicted (from the
+stored per-module latency table) and latency_budget_speedup_measured (prefill of the dense vs the searched
+model, interleaved, medians), and gemma (not run: see the issue note).
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.results_file import write_results
+from darwinlm_core.environment import apply_offline_defaults
+
+
+def _demo_setup(generations: int):
+    from darwinlm_core.config import load_preset
+    from darwinlm_core.database import build_database
+    from darwinlm_core.home import data_home
+    from darwinlm_core.models import load_model
+    from darwinlm_core.pipeline import prepare_data
+
+    config = load_preset("smollm2-demo", {"search": {"generations": generations}})
+    model, tokenizer = load_model("smollm2")
+    data = prepare_data(config, tokenizer)
+    database = build_database(model, data.calibration_ids, str(data_home() / "databases"),
+                              calibration_digest=data.calibration_digest, config=config.database, progress=True)
+    return config, model, data, database
+
+
+def dask_generations(generations: int) -> dict:
+    """The search subflow on the same config twice: evaluations in the flow process, then on 2 Dask workers."""
+    import json
+    import os
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.compress import CompressParameters, _dask_runner, search_flow
+    from tasks.tracking import Tracker
+
+    config, _, _, database = _demo_setup(generations)
+    values = json.loads(json.dumps(config.to_dict()))
+    database_ref = {"uri": database.root, "digest": database.digest}
+    times, parents = {}, {}
+    with tempfile.TemporaryDirectory(prefix="darwinlm-scale-") as folder, prefect_test_harness(server_startup_timeout=120):
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
+        tracker = Tracker()
+        for mode in ("serial", "dask"):
+            run_uri = str(Path(folder) / mode)
+            search = search_flow
+            if mode == "dask":
+                search = search_flow.with_options(task_runner=_dask_runner(CompressParameters(dask_workers=2)))
+            search(values, run_uri, database_ref, tracker.start(mode), distributed=mode == "dask")
+            state = json.loads((Path(run_uri) / "search_state.json").read_text())
+            times[mode] = [record["wall_s"] for record in state["history"]]
+            parents[mode] = state["parent"]
+            print(f"{mode}: generation seconds {[round(t, 1) for t in times[mode]]}", flush=True)
+    return {"dask_generation_speedup": statistics.median(times["serial"]) / statistics.median(times["dask"]),
+            "dask_generation_s": {mode: statistics.median(t) for mode, t in times.items()},
+            "dask_first_generation_s": {mode: t[0] for mode, t in times.items()},
+            "dask_same_genome": parents["serial"] == parents["dask"], "dask_generations": generations}
+
+
+def latency_budget(generations: int, fraction: float) -> dict:
+    """One-shot search under a latency budget; the table's predicted prefill speedup vs the measured one."""
+    from darwinlm_core.assembly import LiveAssembly
+    from darwinlm_core.fitness import compute_teacher
+    from darwinlm_core.latency import load_or_measure, predicted_speedup
+    from darwinlm_core.search import Search, StageConfig
+
+    config, model, data, database = _demo_setup(generations)
+    assembly = LiveAssembly(model, database)
+    seq_len = config.data.seq_len
+    table = load_or_measure(assembly, batch=1, seq_len=seq_len, progress=True)
+    search_config = replace(config.search, budget_kind="latency", fraction_removed=fraction, batch_size=1,
+                            stages=tuple(StageConfig(s.survivors, s.fitness_tokens, 0) for s in config.search.stages))
+    teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
+    search = Search(assembly, teacher, data.train_ids, search_config, progress=True)
+    levels = search.genome(search.run()).assignment()
+    predicted = predicted_speedup(table, levels)
+    ids = data.eval_windows["in_domain"][:1]
+    timings = {"dense": [], "pruned": []}
+    with torch.no_grad():
+        for _ in range(7):
+            for name, assignment in (("dense", {key: 0 for key in levels}), ("pruned", levels)):
+                assembly.apply(assignment, rebuild=True)
+                model(ids, use_cache=False)  # warm-up after the swap
+                start = time.perf_counter()
+                model(ids, use_cache=False)
+                timings[name].append(time.perf_counter() - start)
+    measured = statistics.median(timings["dense"]) / statistics.median(timings["pruned"])
+    return {"latency_budget_speedup_predicted": predicted, "latency_budget_speedup_measured": measured,
+            "latency_budget_fraction_removed": fraction, "latency_table_device": table["device"],
+            "latency_kept_params_fraction": assembly.kept_params() / database.manifest["dense_params"]}
+
+
+def main() -> None:
+    apply_offline_defaults()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--generations", type=int, default=4, help="generations per Dask/serial run")
+    parser.add_argument("--latency-generations", type=int, default=8)
+    parser.add_argument("--latency-fraction", type=float, default=0.5, help="share of module latency removed")
+    args = parser.parse_args()
+    results = {"gemma": None, "gemma_note": "not run: Gemma-3-270M support (ArchSpec, pruned classes) not built yet"}
+    results.update(latency_budget(args.latency_generations, args.latency_fraction))
+    write_results("scale", results, echo=False)
+    results.update(dask_generations(args.generations))
+    write_results("scale", results, goals={"dask_same_genome": "True"})
+
+
+if __name__ == "__main__":
+    main()

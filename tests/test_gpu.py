@@ -1,0 +1,57 @@
+"""The GPU path: device and dtype from config; Hessians, OBS, assembly, fitness, finetuning and export on a
+CUDA device. The CUDA tests skip on machines without a GPU; the device/dtype resolution runs everywhere."""
+
+import pytest
+import torch
+
+from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.models import resolve_device, resolve_dtype
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_auto_device_and_dtype_follow_the_machine():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert resolve_dtype("auto", "auto") == ("bfloat16" if expected == "cuda" else "float32")
+    assert resolve_dtype("float16", "cpu") == "float16"
+    with pytest.raises(DarwinLMError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    with pytest.raises(DarwinLMError, match="unknown dtype"):
+        resolve_dtype("int4", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DarwinLMError, match="sees no GPU"):
+            resolve_device("cuda")
+
+
+@cuda
+def test_database_search_and_export_on_the_gpu(tmp_path):
+    from darwinlm_core.assembly import LiveAssembly
+    from darwinlm_core.database import DatabaseConfig, build_database
+    from darwinlm_core.export import export_model
+    from darwinlm_core.finetune import FinetuneConfig
+    from darwinlm_core.fitness import compute_teacher
+    from darwinlm_core.search import Search, SearchConfig, StageConfig
+    from darwinlm_core.tiny_models import random_token_rows, tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama").cuda()
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=32)
+    database = build_database(model, rows, str(tmp_path / "db"), calibration_digest="c",
+                              config=DatabaseConfig(level_steps=3, storage_dtype="float32"))
+    assembly = LiveAssembly(model, database)
+    levels = {key: 2 for key in assembly.levels}
+    assembly.apply(levels)
+    with torch.no_grad():
+        shrunk = model(rows[:2].cuda(), use_cache=False).logits
+        assembly.apply(levels, masked=True)
+        masked = model(rows[:2].cuda(), use_cache=False).logits
+    assert torch.allclose(shrunk, masked, atol=1e-3)
+    assembly.apply({key: 0 for key in levels}, rebuild=True)
+    config = SearchConfig(generations=1, offspring=2, batch_size=2, stages=(StageConfig(1, 64, 32),),
+                          finetune=FinetuneConfig(lr=1e-3, batch_size=2))
+    search = Search(assembly, compute_teacher(model, rows, top_k=16), rows, config)
+    genome = search.genome(search.run())
+    assembly.apply(genome.assignment(), rebuild=True)
+    assert next(model.parameters()).is_cuda
+    export_model(model, tiny_tokenizer(), str(tmp_path / "export"))
+    assert (tmp_path / "export" / "config.json").exists()
