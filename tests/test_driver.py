@@ -8,7 +8,7 @@ from darwinlm_core.driver import BlockDriver
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.tiny_models import random_token_rows, tiny_model
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
