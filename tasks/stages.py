@@ -15,10 +15,10 @@ from darwinlm_core import storage
 from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.config import CompressConfig, config_from_dict
 from darwinlm_core.database import Database, DatabaseBuilder, database_root, model_digest
+from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.evaluation import prefill_tokens_per_second
 from darwinlm_core.export import export_model
 from darwinlm_core.fitness import CompactTeacher, compute_teacher
-from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.genome import Budget, Genome
 from darwinlm_core.models import load_config, load_model
 from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
