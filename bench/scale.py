@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--latency-generations", type=int, default=8)
     parser.add_argument("--latency-fraction", type=float, default=0.5, help="share of module latency removed")
     args = parser.parse_args()
-    results = {"gemma": None, "gemma_note": "not run: Gemma-3-270M support (ArchSpec, pruned classes) not built yet"}
+    results = {"gemma": None, "gemma_note": "not run here: see bench/gemma.py for the bench.search command on Gemma"}
     results.update(latency_budget(args.latency_generations, args.latency_fraction))
     write_results("scale", results, echo=False)
     results.update(dask_generations(args.generations))
