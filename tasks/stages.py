@@ -187,12 +187,15 @@ def search_finish_task(config_values: dict, run_uri: str, database_ref: dict) ->
     if config.search.generations and (state is None or state.generation < config.search.generations):
         raise DarwinLMError(f"search at {run_uri} has not finished its {config.search.generations} generations",
                             "run the search generations first")
-    if state is None:  # no generations: the uniform genome within the search's own budget
-        levels = _search(config, run_uri, database_ref).budget.uniform()
-    else:
-        levels = tuple(state.parent)
-    genome = Genome(levels, database.digest)
     params = Budget.from_database(database, fraction_removed=config.search.fraction_removed)  # for the record
+    if state is not None:
+        levels = tuple(state.parent)
+    elif config.search.budget_kind == "latency":  # no generations; the latency table needs the live model
+        levels = _search(config, run_uri, database_ref).budget.uniform()
+    else:  # no generations: the uniform genome of the search's budget, without loading a model
+        levels = Budget.from_database(database, fraction_removed=config.search.fraction_removed,
+                                      kind=config.search.budget_kind, seq_len=config.data.seq_len).uniform()
+    genome = Genome(levels, database.digest)
     record = {**genome.to_json(), "kept_params": params.cost(genome.levels), "dense_params": params.dense,
               "budget_kind": config.search.budget_kind, "fitness": state.parent_fitness if state else None,
               "history": state.history if state else []}

@@ -255,3 +255,17 @@ def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, 
             name=TaskRunFilterName(like_="candidate-g")), limit=200)
     assert len(candidates) == 2 * (4 + 3) and all(run.state.is_completed() for run in candidates)
     assert (Path(summary["run_uri"]) / "teacher.safetensors").exists()
+
+
+def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace, monkeypatch):
+    from darwinlm_core.database import Database
+    from darwinlm_core.genome import Budget
+    from flows.compress import compress
+    import tasks.stages as stages
+
+    monkeypatch.setattr(stages, "Search", lambda *a, **k: pytest.fail("no generation needs a live search"))
+    summary = compress(parameters(workspace).model_copy(update={"generations": 0}))
+    genome = json.loads((Path(summary["run_uri"]) / "genome.json").read_text())
+    database = Database.open(summary["database"]["uri"])
+    uniform = Budget.from_database(database, fraction_removed=0.5, seq_len=32).uniform()
+    assert genome["attn"] == list(uniform[0::2]) and genome["mlp"] == list(uniform[1::2])
