@@ -99,5 +99,6 @@ register_arch(ArchSpec(family="mistral"), "mistral", "darwinlm_mistral")
 register_arch(ArchSpec(family="qwen2"), "qwen2", "darwinlm_qwen2")
 # Gemma 3 (text) uses the same names. Its extra norms (q/k norms over head_dim, shared by every head; the
 # post-attention and post-feedforward norms, which map a removed module's zeros to zeros) need no entry.
-# Pruned Gemma models are searched and evaluated live; exporting them needs pruned classes not written yet.
-register_arch(ArchSpec(family="gemma3_text", index_mapped_attention=False), "gemma3_text")
+# Uneven groups become a KV copy per query head, so a pruned Gemma export never needs kv_of_query (whose
+# forward is Llama's, without Gemma's q/k norms).
+register_arch(ArchSpec(family="gemma3_text", index_mapped_attention=False), "gemma3_text", "darwinlm_gemma3_text")

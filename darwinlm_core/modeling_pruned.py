@@ -13,6 +13,8 @@ Each decoder layer is built dense by the family's class and then re-shaped to it
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -162,6 +164,10 @@ class PrunedQwen2Config(_PerLayerWidthsConfig, Qwen2Config):
     model_type = "darwinlm_qwen2"
 
 
+class PrunedGemma3TextConfig(_PerLayerWidthsConfig, Gemma3TextConfig):
+    model_type = "darwinlm_gemma3_text"
+
+
 class PrunedLlamaForCausalLM(_ReshapedLayersModel, LlamaForCausalLM):
     config_class = PrunedLlamaConfig
 
@@ -174,9 +180,14 @@ class PrunedQwen2ForCausalLM(_ReshapedLayersModel, Qwen2ForCausalLM):
     config_class = PrunedQwen2Config
 
 
+class PrunedGemma3ForCausalLM(_ReshapedLayersModel, Gemma3ForCausalLM):
+    config_class = PrunedGemma3TextConfig
+
+
 # base model_type → (pruned config class, pruned model class)
 PRUNED_CLASSES = {
     "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
+    "gemma3_text": (PrunedGemma3TextConfig, PrunedGemma3ForCausalLM),
 }
