@@ -51,7 +51,7 @@ def dask_generations(generations: int) -> dict:
     config, _, _, database = _demo_setup(generations)
     values = json.loads(json.dumps(config.to_dict()))
     database_ref = {"uri": database.root, "digest": database.digest}
-    times, parents = {}, {}
+    times, parents, stages = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="darwinlm-scale-") as folder, prefect_test_harness(server_startup_timeout=120):
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
         tracker = Tracker()
@@ -60,15 +60,39 @@ def dask_generations(generations: int) -> dict:
             search = search_flow
             if mode == "dask":
                 search = search_flow.with_options(task_runner=_dask_runner(CompressParameters(dask_workers=2)))
-            search(values, run_uri, database_ref, tracker.start(mode), distributed=mode == "dask")
+            flow_state = search(values, run_uri, database_ref, tracker.start(mode), distributed=mode == "dask",
+                                return_state=True)
             state = json.loads((Path(run_uri) / "search_state.json").read_text())
             times[mode] = [record["wall_s"] for record in state["history"]]
             parents[mode] = state["parent"]
+            stages[mode] = _stage_seconds(flow_state.state_details.flow_run_id)
             print(f"{mode}: generation seconds {[round(t, 1) for t in times[mode]]}", flush=True)
     return {"dask_generation_speedup": statistics.median(times["serial"]) / statistics.median(times["dask"]),
             "dask_generation_s": {mode: statistics.median(t) for mode, t in times.items()},
             "dask_first_generation_s": {mode: t[0] for mode, t in times.items()},
+            "dask_stage_s": stages,
             "dask_same_genome": parents["serial"] == parents["dask"], "dask_generations": generations}
+
+
+def _stage_seconds(flow_run_id) -> dict:
+    """Where a search's time went, from Prefect's task runs, after the first generation (workers loading):
+    per selection stage, the median seconds of the stage task and, when candidates were tasks of their own,
+    of one candidate. A stage's time minus its candidates' (rounds × candidate) is the orchestration's share."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    spans: dict[str, list[float]] = {}
+    for run in asyncio.run(task_runs()):
+        kind, generation, stage = (run.name.split("-") + ["", "", ""])[:3]
+        if kind in ("select", "candidate") and generation != "g0" and run.start_time and run.end_time:
+            spans.setdefault(f"{kind}_{stage}", []).append((run.end_time - run.start_time).total_seconds())
+    return {key: statistics.median(values) for key, values in sorted(spans.items())}
 
 
 def latency_budget(generations: int, fraction: float) -> dict:
