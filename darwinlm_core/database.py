@@ -23,10 +23,11 @@ from darwinlm_core.arch import arch_for
 from darwinlm_core.driver import BlockDriver
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.hessians import collect_block_hessians
-from darwinlm_core.obs import PrunedWeights, greedy_prune, inverse_hessian
+from darwinlm_core.obs import PrunedWeights, greedy_prune, inverse_hessian, level_errors
 from darwinlm_core.structure import GQA_MODES, MODULE_KINDS, ModuleShape, level_ladder, module_shapes
 
-SCHEMA_VERSION = 1
+# 2: each level records its relative output error and each module its output energy (the informed start)
+SCHEMA_VERSION = 2
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,18 +77,20 @@ def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig) -
     return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder)
 
 
-def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], dtype) -> dict:
+def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], dtype,
+                  errors: list[float], energy: float) -> dict:
     """Write one shard per level above 0; return the module's manifest entry."""
     records = []
     for level, pruned in enumerate(levels):
-        record = {"level": level, "units_removed": pruned.units_removed, "params": shape.params_kept(pruned.kept_units)}
+        record = {"level": level, "units_removed": pruned.units_removed, "params": shape.params_kept(pruned.kept_units),
+                  "error": errors[level]}
         if level > 0:
             data = save_safetensors({"kept_units": pruned.kept_units, "weight": pruned.weight.to(dtype).contiguous()})
             record.update(shard=_shard_name(layer, shape.kind, level), sha256=storage.sha256(data))
             storage.write_bytes(storage.join(root, record["shard"]), data)
         records.append(record)
     return {"layer": layer, "kind": shape.kind, "n_units": shape.n_units, "unit_size": shape.unit_size,
-            "levels": records}
+            "output_energy": energy, "levels": records}
 
 
 class DatabaseBuilder:
@@ -146,8 +149,11 @@ class DatabaseBuilder:
         for kind in MODULE_KINDS:
             linear = _output_projection(block, self.spec, kind)
             shape = self.shapes[layer][kind]
-            levels = _prune_module(linear.weight.detach(), accumulators[kind].hessian(), shape, self.config)
-            modules.append(_write_module(self.root, layer, shape, levels, _STORAGE_DTYPES[self.config.storage_dtype]))
+            weight, hessian = linear.weight.detach(), accumulators[kind].hessian()
+            levels = _prune_module(weight, hessian, shape, self.config)
+            errors, energy = level_errors(weight, hessian, levels, shape.unit_size)
+            modules.append(_write_module(self.root, layer, shape, levels, _STORAGE_DTYPES[self.config.storage_dtype],
+                                         errors, energy))
         storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
         return modules
 
@@ -254,6 +260,10 @@ class Database:
 
     def params(self, layer: int, kind: str, level: int) -> int:
         return self.module(layer, kind)["levels"][level]["params"]
+
+    def error(self, layer: int, kind: str, level: int) -> float:
+        """Relative output error of one level on the calibration data (0 at level 0, 1 with all removed)."""
+        return self.module(layer, kind)["levels"][level]["error"]
 
     def load(self, layer: int, kind: str, level: int) -> PrunedWeights:
         """Kept units and OBS-updated output-projection columns of one level (level ≥ 1), hash-checked."""

@@ -145,6 +145,26 @@ def _greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> li
     return results
 
 
+def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[PrunedWeights], unit_size: int
+                 ) -> tuple[list[float], float]:
+    """Each level's output error relative to the dense output energy, and that energy: (errors, tr(W H Wᵀ)).
+
+    weight: (d_out, d_in) dense; hessian: (d_in, d_in) undamped. The relative error ‖WX − ŴX‖² / ‖WX‖² is
+    what makes errors of different modules comparable (an informed start sums them across the model); a
+    level with everything removed has relative error 1. Computed once per level, as a dense matmul.
+    """
+    hessian = hessian.double()
+    dense = weight.double()
+    energy = float(((dense @ hessian) * dense).sum())
+    errors = []
+    for pruned in levels:
+        columns = (pruned.kept_units[:, None] * unit_size + torch.arange(unit_size)).flatten().to(weight.device)
+        delta = dense.clone()
+        delta[:, columns] -= pruned.weight.to(delta)
+        errors.append(float(((delta @ hessian) * delta).sum()) / energy if energy > 0 else 0.0)
+    return errors, energy
+
+
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """‖WX − ŴX‖² up to the factor n/2 shared by every candidate: tr(ΔW H ΔWᵀ), H undamped.
 

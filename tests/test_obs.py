@@ -8,6 +8,7 @@ from darwinlm_core.obs import (
     dampen,
     greedy_prune,
     inverse_hessian,
+    level_errors,
     reconstruction_error,
 )
 from darwinlm_core.structure import level_ladder
@@ -178,3 +179,16 @@ def test_dampen_handles_dead_inputs():
     assert torch.all(damped.diagonal() > 0)
     assert torch.equal(hessian, torch.diag(torch.tensor([2.0, 0.0, 4.0])))  # input unchanged
     torch.linalg.cholesky(damped)  # positive definite
+
+
+@pytest.mark.parametrize("unit_size,d_in", [(1, 48), (8, 64)])
+def test_level_errors_are_reconstruction_errors_relative_to_the_output_energy(unit_size, d_in):
+    weight, hessian = synthetic(16, d_in, seed=3)
+    levels = greedy_prune(weight, inverse_hessian(hessian, DAMPING), unit_size, level_ladder(d_in // unit_size, 6))
+    errors, energy = level_errors(weight, hessian, levels, unit_size)
+    assert energy == pytest.approx(float(((weight.double() @ hessian.double()) * weight.double()).sum()))
+    assert errors[0] == 0.0 and errors[-1] == pytest.approx(1.0)  # nothing removed / everything removed
+    for pruned, error in zip(levels, errors):
+        expected = reconstruction_error(weight, scatter(pruned, d_in, unit_size), hessian) / energy
+        assert error == pytest.approx(expected, rel=1e-6)
+    assert errors == sorted(errors)  # greedy removal sets are nested: the error only grows
