@@ -31,6 +31,9 @@ class DataConfig:
     train_rows: int = 64  # training-split pool for finetunes inside selection
     post_train_rows: int = 32
     eval_windows: int = 40
+    # Shuffles the calibration and training rows. Apart from the search seed on purpose: a new search seed
+    # reuses the database (same calibration rows, same content address) and changes only the search.
+    seed: int = 0
 
     def __post_init__(self):
         if self.seq_len < 8 or min(self.calibration_rows, self.fitness_rows, self.eval_windows) < 1:
@@ -64,9 +67,10 @@ class CompressConfig:
     def __post_init__(self):
         seq_len = self.data.seq_len
         for index, stage in enumerate(self.search.stages):
-            if -(-stage.fitness_tokens // seq_len) > self.data.fitness_rows:
+            selectable = self.data.fitness_rows - self.search.fixed_rows  # the fixed rows are never selected on
+            if -(-stage.fitness_tokens // seq_len) > selectable:
                 raise DarwinLMError(f"search stage {index} needs {stage.fitness_tokens} fitness tokens but "
-                                    f"data.fitness_rows × seq_len holds {self.data.fitness_rows * seq_len}",
+                                    f"data.fitness_rows − search.fixed_rows rows hold {max(selectable, 0) * seq_len}",
                                     "raise data.fitness_rows or lower the stage's fitness_tokens")
             if -(-stage.finetune_tokens // seq_len) > self.data.train_rows:
                 raise DarwinLMError(f"search stage {index} needs {stage.finetune_tokens} finetune tokens but "

@@ -36,6 +36,11 @@ class Genome:
         """The level-file format of `darwinlm export --levels`."""
         return {"database": self.database, "attn": list(self.levels[0::2]), "mlp": list(self.levels[1::2])}
 
+    @classmethod
+    def from_json(cls, record: dict) -> "Genome":
+        """The inverse of to_json (extra keys, such as a search record's, are ignored)."""
+        return cls(tuple(level for pair in zip(record["attn"], record["mlp"]) for level in pair), record["database"])
+
 
 def module_keys(database) -> list[tuple[int, str]]:
     layers = database.manifest["base_model"]["num_layers"]
@@ -125,32 +130,68 @@ class Budget:
         return tuple(levels)
 
 
-def mutate(parent: tuple[int, ...], budget: Budget, rng: random.Random) -> tuple[int, ...]:
-    """Level-switch mutation: 1–3 switches (min of two uniform draws, as EvoPress), each raising one module's
-    level and lowering another's, then repaired to the budget."""
+def mutate(parent: tuple[int, ...], budget: Budget, rng: random.Random, max_switches: int = 3) -> tuple[int, ...]:
+    """Level-switch mutation of 1..max_switches budget-neutral switches (the count is the min of two uniform
+    draws, as EvoPress), then repaired to the budget (which the switches rarely leave)."""
     levels = list(parent)
-    switches = min(rng.randint(1, 3), rng.randint(1, 3))
+    switches = min(rng.randint(1, max_switches), rng.randint(1, max_switches))
     for _ in range(switches):
-        up = [i for i, lvl in enumerate(levels) if lvl < len(budget.costs[i]) - 1]
-        down = [i for i, lvl in enumerate(levels) if lvl > 0]
-        if not up or not down:
+        if not _switch(levels, budget, rng):
             break
-        raised = rng.choice(up)
-        lowered = rng.choice([i for i in down if i != raised] or down)
-        levels[raised] += 1
-        levels[lowered] -= 1
     return budget.repair(levels, rng)
 
 
+def _step_cost(budget: Budget, levels: list[int], index: int, direction: int) -> int:
+    """Cost freed by one more level of module `index` (direction +1), or added by one fewer (−1)."""
+    costs, level = budget.costs[index], levels[index]
+    return costs[level] - costs[level + 1] if direction > 0 else costs[level - 1] - costs[level]
+
+
+def _switch(levels: list[int], budget: Budget, rng: random.Random) -> bool:
+    """One budget-neutral switch, in place: prune one module a level more, and pay for it with steps down of
+    modules of one cost class (those whose step is within a quarter of a first, randomly chosen payer's), as
+    many as the freed cost buys. Same-kind pairs are one-for-one; an MLP step buys several attention steps.
+    Without this, a cheap step paired with a dear one leaves a gap that repair fills with random moves."""
+    up = [i for i, lvl in enumerate(levels) if lvl < len(budget.costs[i]) - 1]
+    if not up:
+        return False
+    raised = rng.choice(up)
+    freed = _step_cost(budget, levels, raised, +1)
+    down = [i for i, lvl in enumerate(levels) if lvl > 0 and i != raised]
+    if not down:
+        return False
+    levels[raised] += 1
+    class_step = _step_cost(budget, levels, rng.choice(down), -1)
+    while freed * 2 >= class_step:
+        payers = [i for i in down if levels[i] > 0
+                  and abs(_step_cost(budget, levels, i, -1) - class_step) <= class_step / 4]
+        if not payers:
+            break
+        payer = rng.choice(payers)
+        freed -= _step_cost(budget, levels, payer, -1)
+        levels[payer] -= 1
+    return True
+
+
+def adapt_move_size(size: int, success_rate: float, largest: int) -> int:
+    """The 1/5 success rule: grow the move while more than a fifth of recent generations improved the parent,
+    shrink it while fewer did; within 1..largest."""
+    if success_rate > 0.2:
+        return min(largest, size + 1)
+    if success_rate < 0.2:
+        return max(1, size - 1)
+    return size
+
+
 def offspring(parent: tuple[int, ...], count: int, budget: Budget, rng: random.Random,
-              max_tries_per_child: int = 100) -> list[tuple[int, ...]]:
+              max_tries_per_child: int = 100, max_switches: int = 3) -> list[tuple[int, ...]]:
     """`count` distinct mutants of `parent`, none equal to it (duplicates are redrawn)."""
     children: list[tuple[int, ...]] = []
     seen = {parent}
     for _ in range(count * max_tries_per_child):
         if len(children) == count:
             break
-        child = mutate(parent, budget, rng)
+        child = mutate(parent, budget, rng, max_switches)
         if child not in seen:
             seen.add(child)
             children.append(child)

@@ -47,13 +47,13 @@ def _shuffled(blocks: torch.Tensor, seed: int) -> torch.Tensor:
 def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
     """Tokenize the split into the row sets every stage needs; too little text is a clear error."""
     data, split = config.data, load_split(config)
-    calibration = _shuffled(tokenize_blocks(split.calibration, tokenizer, data.seq_len), config.search.seed)
+    calibration = _shuffled(tokenize_blocks(split.calibration, tokenizer, data.seq_len), data.seed)
     needed = data.calibration_rows + data.fitness_rows
     if calibration.shape[0] < needed:
         raise DarwinLMError(f"the calibration text gives {calibration.shape[0]} rows of {data.seq_len} tokens, "
                             f"{needed} are needed (calibration_rows + fitness_rows)",
                             "give more text or lower data.calibration_rows / data.fitness_rows")
-    training = _shuffled(tokenize_blocks(split.training, tokenizer, data.seq_len), config.search.seed + 1)
+    training = _shuffled(tokenize_blocks(split.training, tokenizer, data.seq_len), data.seed + 1)
     if training.shape[0] < data.train_rows + data.post_train_rows:
         raise DarwinLMError(f"the training text gives {training.shape[0]} rows of {data.seq_len} tokens, "
                             f"{data.train_rows + data.post_train_rows} are needed",

@@ -1,10 +1,15 @@
 """The evolutionary search over per-module levels, with training-aware multi-stage selection (DarwinLM).
 
-Each generation: the parent makes `offspring` distinct mutants within the budget; they go through stages,
-each stage sampling fresh fitness rows (and finetune rows) from seeded generators, giving every candidate a
-short finetune, measuring its KL to the dense teacher, and keeping the best `survivors`. The parent joins
-the last stage (elitism), so it is replaced only by a candidate that beats it on the same rows after the
-same finetune. All candidates are assembled in one live model (LiveAssembly), never copied.
+The search starts from the better, on fixed rows, of the uniform genome and the informed start (start.py:
+the budget-exact least summed per-level error). Each generation: the parent makes `offspring` distinct
+mutants of budget-neutral level switches, as many as the move size (adapted by the 1/5 success rule); they go
+through stages, each stage sampling fresh fitness rows (and finetune rows) from seeded generators, giving
+every candidate a short finetune, measuring its KL to the dense teacher on the same rows, and keeping the
+best `survivors`. The parent joins the last stage (elitism), so it is replaced only by a candidate that beats
+it on the same rows after the same finetune. All candidates are assembled in one live model (LiveAssembly).
+
+The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
+generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
 
 The SearchState is written after every generation; running again with the same config resumes after the
 last finished generation and reaches the same final genome as an uninterrupted run, because mutation draws
@@ -26,8 +31,12 @@ from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.finetune import FinetuneConfig, finetune
 from darwinlm_core.fitness import CompactTeacher, kl_per_token
-from darwinlm_core.genome import BUDGET_KINDS, Budget, Genome, offspring
+from darwinlm_core.genome import BUDGET_KINDS, Budget, Genome, adapt_move_size, offspring
 from darwinlm_core.latency import load_or_measure
+from darwinlm_core.start import allocate, database_errors, kl_weights
+
+START_KINDS = ("best", "informed", "uniform")
+SUCCESS_WINDOW = 5  # generations over which the 1/5 rule counts parent replacements
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,11 @@ class SearchConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
     batch_size: int = 4
+    fixed_rows: int = 4  # teacher-pool rows never selected on: the start choice and the KL trajectory
+    start: str = "best"  # uniform, informed (least summed per-level error), or best of the two on fixed rows
+    start_calibration_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
+    move_size: int = 3  # the most level switches per mutant, at the start
+    adaptive_moves: bool = True  # the 1/5 success rule moves it within 1..2·move_size
 
     def __post_init__(self):
         survivors = [stage.survivors for stage in self.stages]
@@ -60,6 +74,10 @@ class SearchConfig:
             raise DarwinLMError(f"unknown budget_kind '{self.budget_kind}'", f"use one of {', '.join(BUDGET_KINDS)}")
         if any(stage.fitness_tokens < 1 or stage.finetune_tokens < 0 for stage in self.stages):
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
+        if self.start not in START_KINDS:
+            raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
+        if self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0:
+            raise DarwinLMError("search needs fixed_rows ≥ 1, move_size ≥ 1 and start_calibration_tokens ≥ 0")
 
     @property
     def digest(self) -> str:
@@ -79,6 +97,9 @@ class SearchState:
     parent_fitness: float | None
     rng_state: list
     history: list[dict]
+    move_size: int = 3
+    parent_fixed_kl: float | None = None  # the parent's KL on the fixed rows
+    start: dict = field(default_factory=dict)  # how the first parent was chosen, and the KL of each option
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -88,13 +109,15 @@ class SearchState:
         return cls(**json.loads(data))
 
 
-def _rows(pool_size: int, tokens: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of ceil(tokens / seq_len) distinct rows of a pool, drawn with `generator`."""
+def _rows(pool_size: int, tokens: int, seq_len: int, generator: torch.Generator, reserved: int = 0) -> torch.Tensor:
+    """Indices of ceil(tokens / seq_len) distinct rows of a pool past its first `reserved`, drawn with
+    `generator`."""
     count = -(-tokens // seq_len)
-    if count > pool_size:
-        raise DarwinLMError(f"a stage needs {count} rows of {seq_len} tokens but the pool has {pool_size}",
+    if count > pool_size - reserved:
+        raise DarwinLMError(f"a stage needs {count} rows of {seq_len} tokens but the pool has {pool_size - reserved}"
+                            f" to select on ({reserved} more are kept fixed)",
                             "lower the stage's tokens or give the search more calibration/training text")
-    return torch.randperm(pool_size, generator=generator)[:count]
+    return torch.randperm(pool_size - reserved, generator=generator)[:count] + reserved
 
 
 class Search:
@@ -114,12 +137,48 @@ class Search:
         self.database_digest = database.digest
         self.compute_s = 0.0  # time inside forward/backward passes, for the overhead figure
         self._dirty = True  # live weights may differ from what the database gives (training, fresh model)
+        if teacher_pool.input_ids.shape[0] <= config.fixed_rows:
+            raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
+                                f"{config.fixed_rows} of them are kept fixed", "raise data.fitness_rows")
+        self.fixed_teacher = teacher_pool.rows(torch.arange(config.fixed_rows))
+        self._fixed_kl: dict[tuple[int, ...], float] = {}
+
+    def fixed_kl(self, levels) -> float:
+        """KL of `levels` (no finetune) on the fixed rows; remembered, since the parent is asked often."""
+        levels = tuple(levels)
+        if levels not in self._fixed_kl:
+            self._fixed_kl[levels] = self.evaluate(levels, self.fixed_teacher, None)
+        return self._fixed_kl[levels]
+
+    def choose_start(self) -> tuple[tuple[int, ...], dict]:
+        """The first parent: uniform, the informed start, or (start: best) whichever has less KL on the
+        fixed rows. Returns it with a record of the choice."""
+        uniform = self.budget.uniform()
+        if self.config.start == "uniform":
+            return uniform, {"chosen": "uniform"}
+        errors = database_errors(self.assembly.database)
+        weights = None
+        if self.config.start_calibration_tokens:
+            generator = torch.Generator().manual_seed(hash_seed(self.config.seed, -1))
+            rows = _rows(self.teacher_pool.input_ids.shape[0], self.config.start_calibration_tokens,
+                         self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
+            teacher = self.teacher_pool.rows(rows)
+            weights = kl_weights(allocate(self.budget, errors), self.budget, errors,
+                                 lambda levels: self.evaluate(tuple(levels), teacher, None))
+        informed = allocate(self.budget, errors, weights)
+        if self.config.start == "informed":
+            return informed, {"chosen": "informed", "calibrated": weights is not None}
+        record = {"uniform_kl": self.fixed_kl(uniform), "informed_kl": self.fixed_kl(informed),
+                  "calibrated": weights is not None}
+        record["chosen"] = "informed" if record["informed_kl"] < record["uniform_kl"] else "uniform"
+        return (informed if record["chosen"] == "informed" else uniform), record
 
     def _initial_state(self) -> SearchState:
         rng = random.Random(self.config.seed)
-        parent = self.budget.uniform()
+        parent, start = self.choose_start()
         return SearchState(self.config.digest, self.database_digest, 0, list(parent), None,
-                           _encode_rng(rng.getstate()), [])
+                           _encode_rng(rng.getstate()), [], move_size=self.config.move_size,
+                           parent_fixed_kl=self.fixed_kl(parent), start=start)
 
     def load_or_start(self) -> SearchState:
         if self.state_uri is None or not storage.exists(self.state_uri):
@@ -150,7 +209,7 @@ class Search:
         seq_len = self.teacher_pool.input_ids.shape[1]
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, stage_index))
         teacher = self.teacher_pool.rows(_rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
-                                               seq_len, generator))
+                                               seq_len, generator, self.config.fixed_rows))
         train = None
         if stage.finetune_tokens:
             train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
@@ -176,21 +235,31 @@ class Search:
         rng = random.Random()
         rng.setstate(_decode_rng(state.rng_state))
         parent = tuple(state.parent)
-        candidates = offspring(parent, self.config.offspring, self.budget, rng)
-        evaluations = 0
+        candidates = offspring(parent, self.config.offspring, self.budget, rng, max_switches=state.move_size)
+        stages = []
         for stage_index, stage in enumerate(self.config.stages):
             if stage_index == len(self.config.stages) - 1 and parent not in candidates:
                 candidates = candidates + [parent]  # elitism: the parent competes in the last stage
             scored = [(float(f), tuple(c)) for f, c in select(state.generation, stage_index, candidates)]
-            evaluations += len(scored)
+            stages.append({"best": scored[0][0], "median": statistics.median(f for f, _ in scored),
+                           "candidates": len(scored)})
             candidates = [c for _, c in scored[: stage.survivors]]
         best_fitness, best = scored[0]
-        record = {"generation": state.generation, "best_fitness": best_fitness,
-                  "median_fitness": statistics.median(f for f, _ in scored),
-                  "kept": self.budget.cost(best), "evaluations": evaluations,
+        accepted = best != parent
+        recent = [h["accepted"] for h in state.history[-(SUCCESS_WINDOW - 1):]] + [accepted]
+        move_size = state.move_size
+        if self.config.adaptive_moves:
+            move_size = adapt_move_size(move_size, sum(recent) / len(recent), 2 * self.config.move_size)
+        fixed_kl = self.fixed_kl(best)
+        record = {"generation": state.generation, "best_fitness": best_fitness, "fixed_kl": fixed_kl,
+                  "previous_fixed_kl": state.parent_fixed_kl,
+                  "accepted": accepted, "acceptance_rate": sum(recent) / len(recent), "move_size": state.move_size,
+                  "median_fitness": stages[-1]["median"], "stages": stages,
+                  "kept": self.budget.cost(best), "evaluations": sum(s["candidates"] for s in stages),
                   "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
         return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
-                           _encode_rng(rng.getstate()), state.history + [record])
+                           _encode_rng(rng.getstate()), state.history + [record], move_size=move_size,
+                           parent_fixed_kl=fixed_kl, start=state.start)
 
     def save(self, state: SearchState) -> None:
         if self.state_uri is not None:
@@ -207,7 +276,8 @@ class Search:
             if on_generation is not None:
                 on_generation(state)
             bar.update(1)
-            bar.set_postfix(kl=f"{state.parent_fitness:.4f}")
+            bar.set_postfix(kl=f"{state.parent_fitness:.4f}", fixed_kl=f"{state.parent_fixed_kl:.4f}",
+                            move=state.move_size)
         bar.close()
         return state
 
