@@ -78,6 +78,11 @@ def _build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--fraction-removed", type=float, default=None, help="share of block parameters to remove")
     compress.add_argument("--generations", type=int, default=None, help="override the search's generations")
     compress.add_argument("--seed", type=int, default=None, help="override the search seed")
+    compress.add_argument("--offspring", type=int, default=None, help="override the offspring per generation")
+    compress.add_argument("--budget-kind", default=None, help="params, flops or latency: what the budget counts")
+    compress.add_argument("--start", default=None,
+                          help="the search's first parent: best (of uniform and informed, on fixed rows), informed, "
+                          "or uniform")
     compress.add_argument("--store", default=None, help="artifact root: a folder or s3://bucket/prefix "
                           "(default: $DARWINLM_HOME, ~/.cache/darwinlm)")
     compress.add_argument("--dask-workers", type=int, default=0,
@@ -162,10 +167,11 @@ def _compress(args) -> None:
     from darwinlm_core.pipeline import preflight
 
     try:
-        parameters = CompressParameters(preset=args.preset, model=args.model, text=args.text,
-                                        text_field=args.text_field, fraction_removed=args.fraction_removed,
-                                        generations=args.generations, seed=args.seed, store=args.store,
-                                        dask_workers=args.dask_workers, dask_address=args.dask_address)
+        parameters = CompressParameters.of(args.preset, model=args.model, text=args.text,
+                                           text_field=args.text_field, fraction_removed=args.fraction_removed,
+                                           generations=args.generations, seed=args.seed, offspring=args.offspring,
+                                           budget_kind=args.budget_kind, start=args.start, store=args.store,
+                                           dask_workers=args.dask_workers, dask_address=args.dask_address)
     except ValidationError as error:
         first = error.errors()[0]
         option = "--" + str(first["loc"][0]).replace("_", "-")

@@ -11,30 +11,42 @@ when it finished). Parameters are a pydantic model, so the Prefect UI renders th
 
 import json
 import time
+from typing import Literal
 
+import yaml
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from darwinlm_core import storage
-from darwinlm_core.config import CompressConfig, config_from_dict, load_preset
+from darwinlm_core.config import CompressConfig, config_from_dict, load_preset, preset_names
 from darwinlm_core.database import Database
 from darwinlm_core.environment import apply_offline_defaults
 from darwinlm_core.home import data_home
 from tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
                           post_train_task, prepare_data_task, search_finish_task, search_generation_task)
-from tasks.tracking import Tracker, plots
+from flows.artifacts import SearchProgress, publish_summary
+from tasks.tracking import Tracker, flat_params, generation_metrics, plots
+
+
+PresetName = Literal[tuple(preset_names())]  # the Prefect form renders a choice list
 
 
 class CompressParameters(BaseModel):
     """What a user sets when starting a compression; unset fields keep the preset's values."""
 
-    preset: str = Field("smollm2-demo", description="a preset name (tiny, smollm2-demo, paper) or a YAML path")
+    preset: PresetName = Field("smollm2-demo", description="a preset shipped with darwinlm")
+    preset_file: str | None = Field(None, description="or: the path of a preset YAML of your own (wins over preset)")
     model: str | None = Field(None, description="`smollm2`, a Hugging Face folder, or a hub id")
     text: str | None = Field(None, description="folder of .txt, a .jsonl, or hf:NAME:SPLIT; default: built-in text")
     text_field: str = Field("text", description="the text field of .jsonl / hf datasets")
     fraction_removed: float | None = Field(None, ge=0.0, lt=1.0, description="share of block parameters to remove")
     generations: int | None = Field(None, ge=0, description="search generations")
     seed: int | None = Field(None, description="search seed")
+    offspring: int | None = Field(None, ge=1, description="offspring per generation")
+    budget_kind: Literal["params", "flops", "latency"] | None = Field(
+        None, description="what the budget counts: kept parameters, FLOPs per token, or measured latency")
+    start: Literal["best", "informed", "uniform"] | None = Field(
+        None, description="the search's first parent: the better on fixed rows of uniform and informed (best)")
     store: str | None = Field(None, description="artifact root (path or s3://...); default: the data home")
     dask_workers: int = Field(0, ge=0, description="evaluate offspring on a local Dask cluster of this many "
                               "worker processes (0: in the flow's process); the genome does not change")
@@ -47,12 +59,18 @@ class CompressParameters(BaseModel):
             overrides["model"] = self.model
         if self.text is not None:
             overrides["data"] = {"text": self.text, "text_field": self.text_field}
-        search = {key: value for key, value in (("fraction_removed", self.fraction_removed),
-                                                 ("generations", self.generations), ("seed", self.seed))
-                  if value is not None}
+        search = {key: getattr(self, key) for key in ("fraction_removed", "generations", "seed", "offspring",
+                                                       "budget_kind", "start") if getattr(self, key) is not None}
         if search:
             overrides["search"] = search
-        return load_preset(self.preset, overrides)
+        return load_preset(self.preset_file or self.preset, overrides)
+
+    @classmethod
+    def of(cls, preset: str, **values) -> "CompressParameters":
+        """Parameters for a preset given by name or as a YAML path (the CLI and the nightly flow take either)."""
+        if preset in preset_names():
+            return cls(preset=preset, **values)
+        return cls(preset_file=preset, **values)
 
     def store_uri(self) -> str:
         return self.store or str(data_home())
@@ -84,10 +102,10 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
     lineage = {"base_model": config.model, "base_model_digest": data["base_model_digest"],
                "split_digest": data["split_digest"], "config_digest": config.digest}
     parent = tracker.start(f"compress {config.model} -{config.search.fraction_removed:.0%}",
-                           params={"preset": parameters.preset, "config_digest": config.digest,
-                                   "seed": config.search.seed, "fraction_removed": config.search.fraction_removed,
-                                   "run_uri": run_uri},
+                           params={"preset": parameters.preset_file or parameters.preset, "run_uri": run_uri,
+                                   "config_digest": config.digest, **flat_params(config.to_dict())},
                            tags=lineage)
+    tracker.text(parent, yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False), "config.yaml")
     try:
         database_ref = _stage(tracker, parent, "database", lambda: _build_database(values, store, data))
         tracker.client.set_tag(parent, "database_digest", database_ref["digest"])
@@ -102,12 +120,23 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
         tracker.figure(search_run, structure, "kept_per_layer.png")
         tracker.figure(search_run, curve, "fitness_curve.png")
         tracker.metrics(search_run, {"kept_params": genome_ref["kept_params"], "fitness": genome_ref["fitness"]})
+        start = genome_ref.get("start", {})
+        tracker.client.set_tag(search_run, "start", start.get("chosen", "uniform"))
+        tracker.metrics(search_run, {f"start_{key}": value for key, value in start.items()})
         tracker.finish(search_run)
         model_ref = _stage(tracker, parent, "post_train", lambda: post_train_task(values, run_uri, database_ref, genome_ref))
         evaluation = _stage(tracker, parent, "evaluate", lambda: evaluate_task(values, run_uri, model_ref))
         for name in ("dense", "pruned"):
             tracker.metrics(parent, {f"{name}_{key}": value for key, value in evaluation[name].items()})
-        version = _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri)
+        if "sample" in evaluation:
+            tracker.text(parent, json.dumps(evaluation["sample"], indent=1), "greedy_sample.json")
+        description = (f"{config.model} with {genome_ref['kept_params'] / genome_ref['dense_params']:.1%} of its block "
+                       f"parameters kept (DarwinLM structured pruning, {config.search.generations} generations "
+                       f"from the {genome_ref.get('start', {}).get('chosen', 'uniform')} start); held-out "
+                       + ", ".join(f"{key} {evaluation['dense'][key]:.2f} → {evaluation['pruned'][key]:.2f}"
+                                   for key in evaluation["pruned"] if key.startswith("ppl_")))
+        version = _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri,
+                            description)
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise
@@ -117,6 +146,7 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                "evaluation": evaluation, "kept_params": genome_ref["kept_params"],
                "dense_params": genome_ref["dense_params"], "wall_s": time.perf_counter() - started}
     logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
+    publish_summary(_safe(config.model), summary, tracker.experiment_id)
     return summary
 
 
@@ -125,11 +155,16 @@ def search_flow(values: dict, run_uri: str, database_ref: dict, search_run: str,
     """The search's generations, each a task with a task per selection stage; with a Dask task runner
     (`distributed`), every candidate's finetune-and-fitness is its own task on a Dask worker."""
     config, logger, tracker = config_from_dict(values), get_run_logger(), Tracker()
+    progress = SearchProgress(_safe(config.model), config.search.generations)
     for generation in range(config.search.generations):
         record = search_generation_task(values, run_uri, database_ref, generation, distributed)
-        tracker.metrics(search_run, {k: v for k, v in record.items() if k != "generation"}, step=generation + 1)
-        logger.info("search generation %d/%d: best KL %.4f, kept %s parameters", generation + 1,
-                    config.search.generations, record["best_fitness"], f"{record['kept']:,}")
+        if generation == 0:  # the start, so the trajectory begins where the search did
+            tracker.metrics(search_run, {"fixed_kl": record["previous_fixed_kl"]}, step=0)
+        tracker.metrics(search_run, generation_metrics(record), step=generation + 1)
+        progress.update(record)
+        logger.info("search generation %d/%d: parent KL %.4f on the fixed rows, %s, move size %d, kept %s "
+                    "parameters", generation + 1, config.search.generations, record["fixed_kl"],
+                    "replaced" if record["accepted"] else "kept", record["move_size"], f"{record['kept']:,}")
 
 
 def _dask_runner(parameters: CompressParameters):
@@ -172,7 +207,7 @@ def _registered_name(config: CompressConfig) -> str:
     return f"{_safe(config.model)}-pruned"
 
 
-def _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri) -> str:
+def _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri, description) -> str:
     """Register the export once per run: registered.json on the store marks it done."""
     from tasks.stages import _local_model_dir
 
@@ -185,6 +220,6 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     version = tracker.registered_version(_registered_name(config), {"run_uri": run_uri})
     if version is None:
         version = _stage(tracker, parent, "register", lambda: tracker.register(
-            parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags))
+            parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags, description))
     storage.write_bytes(marker, json.dumps({"name": _registered_name(config), "version": version}).encode())
     return version

@@ -98,7 +98,7 @@ def nightly(location: str, preset: str = "smollm2-demo", text: str | None = None
     logger = get_run_logger()
     summaries = []
     for checkpoint in find_checkpoints(location):
-        parameters = CompressParameters(preset=preset, model=local_copy(checkpoint), text=text, store=store)
+        parameters = CompressParameters.of(preset, model=local_copy(checkpoint), text=text, store=store)
         if storage.exists(storage.join(run_root(parameters), "registered.json")):
             logger.info("checkpoint %s: compressed before, skipped", checkpoint)
             continue

@@ -16,13 +16,15 @@ from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.config import CompressConfig, config_from_dict
 from darwinlm_core.database import Database, DatabaseBuilder, database_root, model_digest
 from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.evaluation import prefill_tokens_per_second
+from darwinlm_core.evaluation import greedy_continuation, prefill_tokens_per_second
 from darwinlm_core.export import export_model
 from darwinlm_core.fitness import CompactTeacher, compute_teacher
 from darwinlm_core.genome import Budget, Genome
 from darwinlm_core.models import load_config, load_model
 from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
 from darwinlm_core.search import Search, SearchState, rank
+
+SAMPLE_PROMPT_TOKENS = 24
 
 # Storage can fail transiently (a bucket, a network file system); compute failures are not retried.
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -190,14 +192,16 @@ def search_finish_task(config_values: dict, run_uri: str, database_ref: dict) ->
     params = Budget.from_database(database, fraction_removed=config.search.fraction_removed)  # for the record
     if state is not None:
         levels = tuple(state.parent)
-    elif config.search.budget_kind == "latency":  # no generations; the latency table needs the live model
-        levels = _search(config, run_uri, database_ref).budget.uniform()
+    elif config.search.budget_kind == "latency" or config.search.start != "uniform":
+        # no generations, but the start needs the live model (a latency table, or KL on the fixed rows)
+        levels = _search(config, run_uri, database_ref).choose_start()[0]
     else:  # no generations: the uniform genome of the search's budget, without loading a model
         levels = Budget.from_database(database, fraction_removed=config.search.fraction_removed,
                                       kind=config.search.budget_kind, seq_len=config.data.seq_len).uniform()
     genome = Genome(levels, database.digest)
     record = {**genome.to_json(), "kept_params": params.cost(genome.levels), "dense_params": params.dense,
               "budget_kind": config.search.budget_kind, "fitness": state.parent_fitness if state else None,
+              "fixed_kl": state.parent_fixed_kl if state else None, "start": state.start if state else {},
               "history": state.history if state else []}
     _write_json(genome_uri, record)
     _LIVE.pop(run_uri, None)
@@ -217,8 +221,7 @@ def post_train_task(config_values: dict, run_uri: str, database_ref: dict, genom
         teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
     database = Database.open(database_ref["uri"])
     assembly = LiveAssembly(model, database)
-    genome = Genome(tuple(level for pair in zip(genome_ref["attn"], genome_ref["mlp"]) for level in pair),
-                    database.digest)
+    genome = Genome.from_json({**genome_ref, "database": database.digest})
     losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
     metadata = {"database": database.digest, "genome": genome.digest, "levels": genome.to_json(),
                 "base_model_digest": database.manifest["base_model"]["digest"], "config_digest": config.digest,
@@ -244,15 +247,21 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
     for name, model in (("dense", dense), ("pruned", pruned)):
         row = evaluate(model, data, teacher, progress=True)
         row["params"] = sum(p.numel() for p in model.parameters())
-        row.update(_zero_shot(model, tokenizer, data, config))
+        row.update(zero_shot_scores(model, tokenizer, data, config))
         results[name] = row
-    speed = prefill_tokens_per_second([dense, pruned], next(iter(data.eval_windows.values()))[:2])
+    windows = next(iter(data.eval_windows.values()))
+    speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed
+    prompt = windows[0, :SAMPLE_PROMPT_TOKENS]  # held-out text: neither model was fitted on it
+    results["sample"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                         **{name: greedy_continuation(model, tokenizer, prompt)
+                            for name, model in (("dense", dense), ("pruned", pruned))}}
     _write_json(uri, results)
     return results
 
 
-def _zero_shot(model, tokenizer, data, config: CompressConfig) -> dict:
+def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:
+    """Accuracy per configured lm-eval task (offline `local` tasks expanded), and their mean as zeroshot_acc."""
     if not config.evaluate.tasks:
         return {}
     import tempfile

@@ -5,6 +5,7 @@ may run tasks on worker threads. The default store is sqlite under the data home
 MLflow reserves the alias `latest`, so the newest pruned version of a base model carries the alias `current`.
 """
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,9 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def text(self, run_id: str, text: str, filename: str) -> None:
+        self.client.log_text(run_id, text, filename)
+
     def figure(self, run_id: str, figure, filename: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / filename
@@ -75,8 +79,9 @@ class Tracker:
                 return version.version
         return None
 
-    def register(self, run_id: str, model_dir: str, name: str, tags: dict) -> str:
-        """Log the exported folder as the run's `model` artifact and register it; returns the version."""
+    def register(self, run_id: str, model_dir: str, name: str, tags: dict, description: str | None = None) -> str:
+        """Log the exported folder as the run's `model` artifact and register it, with a description of what
+        it is; returns the version."""
         from mlflow.exceptions import MlflowException
 
         self.client.log_artifacts(run_id, model_dir, "model")
@@ -85,10 +90,31 @@ class Tracker:
         except MlflowException:
             pass  # registered by an earlier compression of the same base model
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        version = self.client.create_model_version(name, source=source, run_id=run_id,
+        version = self.client.create_model_version(name, source=source, run_id=run_id, description=description,
                                                    tags={k: str(v) for k, v in tags.items()})
         self.client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
         return version.version
+
+
+def flat_params(values: dict, prefix: str = "") -> dict:
+    """A nested config as MLflow params: {"search.offspring": 4, ...}; lists (the stages) as their JSON."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def generation_metrics(record: dict) -> dict:
+    """A search generation's record as MLflow metrics: the parent's fixed-row KL (the trajectory), acceptance
+    rate, move size, and the best and median candidate of every selection stage."""
+    metrics = {key: record[key] for key in ("fixed_kl", "best_fitness", "acceptance_rate", "move_size", "kept",
+                                            "evaluations", "wall_s", "compute_s") if key in record}
+    for index, stage in enumerate(record.get("stages", [])):
+        metrics[f"stage{index}_best"], metrics[f"stage{index}_median"] = stage["best"], stage["median"]
+    return metrics
 
 
 def plots(genome_ref: dict, database_manifest: dict):
@@ -109,6 +135,7 @@ def plots(genome_ref: dict, database_manifest: dict):
     axis.legend()
     curve, axis = pyplot.subplots(figsize=(6, 3))
     history = genome_ref.get("history", [])
-    axis.plot([h["generation"] for h in history], [h["best_fitness"] for h in history], marker="o")
-    axis.set(xlabel="generation", ylabel="KL to dense (parent)")
+    # the parent's KL on the fixed rows (never selected on): comparable from one generation to the next
+    axis.plot([h["generation"] + 1 for h in history], [h["fixed_kl"] for h in history], marker="o")
+    axis.set(xlabel="generation", ylabel="parent's KL to dense, fixed rows")
     return structure, curve

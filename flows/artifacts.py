@@ -1,0 +1,70 @@
+"""What a compression shows in the Prefect UI's Artifacts tab: search progress, the summary table, links.
+
+Users start compressions from the Prefect UI and look there first, so each run leaves: a progress artifact the
+search updates every generation, a dense-vs-pruned table, and a link to its MLflow run and registered version.
+Keys are per base model (lowercase, digits and dashes, as Prefect requires), so the UI lists their history.
+"""
+
+import os
+import re
+
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+
+# `mlflow ui` serves on this address unless told otherwise; a team's tracking server sets its own
+MLFLOW_UI_URL = os.environ.get("DARWINLM_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+SUMMARY_ROWS = ("params", "kl", "zeroshot_acc", "prefill_tokens_per_s")
+
+
+def artifact_key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+class SearchProgress:
+    """A progress artifact that the search moves forward each generation, with the trajectory in its text."""
+
+    def __init__(self, model: str, generations: int):
+        self.generations = max(generations, 1)
+        self.artifact_id = create_progress_artifact(0.0, key=artifact_key(model, "search-progress"),
+                                                    description=f"search: 0 of {generations} generations")
+
+    def update(self, record: dict) -> None:
+        done = record["generation"] + 1
+        update_progress_artifact(
+            self.artifact_id, 100.0 * done / self.generations,
+            description=f"search: {done} of {self.generations} generations · parent KL on fixed rows "
+                        f"{record['fixed_kl']:.4f} · acceptance {record['acceptance_rate']:.0%} · move size "
+                        f"{record['move_size']}")
+
+
+def summary_rows(evaluation: dict) -> list[dict]:
+    """One row per figure, dense beside pruned; perplexities named after their evaluation sets."""
+    dense, pruned = evaluation["dense"], evaluation["pruned"]
+    keys = [k for k in dense if k.startswith("ppl_")] + [k for k in SUMMARY_ROWS if k in dense]
+    return [{"figure": key, "dense": round(dense[key], 4), "pruned": round(pruned[key], 4)}
+            for key in keys if key in pruned]
+
+
+def publish_summary(model: str, summary: dict, experiment_id: str) -> None:
+    """The summary table, the greedy samples side by side, and the MLflow links, as Prefect artifacts."""
+    evaluation = summary["evaluation"]
+    create_table_artifact(summary_rows(evaluation), key=artifact_key(model, "compression-summary"),
+                          description=f"dense vs pruned, {summary['kept_params'] / summary['dense_params']:.1%} "
+                                      f"of block parameters kept")
+    sample = evaluation.get("sample")
+    if sample:
+        create_markdown_artifact(
+            f"**Prompt:** {sample['prompt']}\n\n| dense | pruned |\n|---|---|\n"
+            f"| {_cell(sample['dense'])} | {_cell(sample['pruned'])} |",
+            key=artifact_key(model, "greedy-sample"), description="greedy continuation, dense vs pruned")
+    run_url = f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}/runs/{summary['mlflow_run_id']}"
+    create_link_artifact(run_url, link_text=f"MLflow run {summary['mlflow_run_id']}",
+                         key=artifact_key(model, "mlflow-run"))
+    create_link_artifact(f"{MLFLOW_UI_URL}/#/models/{summary['registered_model']}/versions/"
+                         f"{summary['registered_version']}",
+                         link_text=f"{summary['registered_model']} v{summary['registered_version']}",
+                         key=artifact_key(model, "registered-model"))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
