@@ -20,9 +20,9 @@ from darwinlm_core.database import Database, DatabaseBuilder, DatabaseConfig, bu
 from darwinlm_core.driver import BlockDriver
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text"]
+FAMILIES = list(TINY_FAMILIES)
 GQA_MODES = ["query_heads", "kv_groups"]
 STEPS = 4  # tiny models: 4 query heads, 96 MLP channels → levels 0..4 for both kinds
 CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
