@@ -4,7 +4,8 @@ The dense tensors are kept aside once; every `apply` builds each changed module'
 kept units) and from the database (OBS-updated output columns), physically shrunk so a pruned candidate runs
 faster. A module at its last level (everything removed) is replaced by a no-op returning zeros, so a block
 with both modules removed is the identity through its residual. `masked=True` keeps dense shapes with zeros
-instead: slower, same function — used to check shrinking and for padded exports.
+instead: slower, same function — used to check shrinking and for padded exports. A fused linear (Phi-3's
+qkv_proj) is split into its parts once, and each apply stacks the parts' kept rows again (ArchSpec.fused).
 
 Uneven GQA groups (query_heads mode can leave, say, 3/1/2 query heads on 3 KV heads) cannot be expressed with
 one `num_key_value_groups`; such attention modules switch to the exported models' own forward, which maps

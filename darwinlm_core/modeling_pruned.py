@@ -7,7 +7,8 @@ itself registers these classes, so after `import darwinlm_core` a plain `from_pr
 A pruned config is the family's own config plus per-layer lists:
     layer_query_heads, layer_kv_heads, layer_intermediate_sizes  (0 = module removed: a no-op)
     layer_kv_of_query  (per layer, the KV head each kept query head reads, or null when groups are even)
-Each decoder layer is built dense by the family's class and then re-shaped to its own widths.
+Each decoder layer is built dense by the family's class and then re-shaped to its own widths; fused linears
+(Phi-3's qkv_proj, gate_up_proj) keep their layout, each part shrunk to the layer's widths (INPUT_ROWS).
 """
 
 import torch
