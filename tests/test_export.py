@@ -5,26 +5,28 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from darwinlm_core.arch import arch_for
+from darwinlm_core.arch import arch_for, supported_model_types
 from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.database import DatabaseConfig, build_database
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.export import export_model
+from darwinlm_core.modeling_pruned import INPUT_ROWS
 from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model, tiny_tokenizer
 from flows.cli import main
 
 FAMILIES = list(TINY_FAMILIES)
 
 
-def pruned_tiny(family: str, tmp_path: Path):
-    """A tiny model with layer 0's attention removed, layer 1's query heads uneven over KV heads (3 of 4 heads
-    kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
-    model = tiny_model(family)
+def pruned_tiny(family: str, tmp_path: Path, model=None):
+    """A tiny model (of `family`, or `model`) with layer 0's attention removed, layer 1's query heads uneven over
+    KV heads (3 of 4 heads kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
+    model = model or tiny_model(family)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
     database = build_database(model, rows, str(tmp_path / "db"), calibration_digest="tiny",
@@ -66,6 +68,25 @@ def test_compact_export_reloads_exactly_and_generates(family, tmp_path):
     prompt = rows[:1, :6]
     generated = reloaded.generate(prompt, max_new_tokens=10, do_sample=False)
     assert torch.equal(generated, greedy_without_cache(reloaded, prompt, 10))  # the KV cache path agrees
+
+
+def test_llama3_checkpoint_config_keeps_its_rope_scaling_through_export(tmp_path):
+    """Llama 3.x checkpoints state their rope the pre-5 way ("rope_scaling" and a top-level "rope_theta"): the
+    pruned export of such a checkpoint keeps rope_type llama3 and computes what the pruned model computes."""
+    tiny_model("llama3").save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["rope_scaling"] = config.pop("rope_parameters")
+    config["rope_theta"] = config["rope_scaling"].pop("rope_theta")
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model, _, _, _ = pruned_tiny("llama3", tmp_path, model=base.eval())
+    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=40, seed=4)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    rope = reloaded.config.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["rope_theta"] == config["rope_theta"] and rope["factor"] == 8.0
+    with torch.no_grad():
+        assert (reloaded(rows).logits - model(rows).logits).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])  # q/k/v biases; fused qkv_proj and gate_up_proj
@@ -141,6 +162,15 @@ def test_exported_folder_carries_only_its_own_code(tmp_path):
     assert python_files == ["modeling_pruned.py"]
     source = (tmp_path / "out" / "modeling_pruned.py").read_text()
     assert "darwinlm_core" not in source.replace("`import darwinlm_core`", "")
+
+
+def test_fused_layouts_agree_between_registry_and_exported_code():
+    """modeling_pruned.py, which must not import darwinlm, restates what rows each fused linear stacks; it must
+    say what the ArchSpec registry says (Phi-3: qkv_proj = q; k; v and gate_up_proj = gate; up)."""
+    fused = [f for model_type in supported_model_types() for f in arch_for(SimpleNamespace(model_type=model_type)).fused]
+    assert {f.path for f in fused} == {"qkv_proj", "gate_up_proj"}
+    for entry in fused:
+        assert INPUT_ROWS[entry.path] == tuple(kind for part in entry.parts for kind in INPUT_ROWS[part])
 
 
 def test_export_refuses_an_occupied_destination(tmp_path):
