@@ -135,7 +135,8 @@ register_arch(ArchSpec(family="gemma3_text", index_mapped_attention=False), "gem
 # and uneven groups take a KV copy per query head. Llama 3.x is model_type "llama"; its rope_parameters
 # (rope_type "llama3") live in the config, which the driver's recorded cos/sin and the export both carry.
 register_arch(ArchSpec(family="qwen3", index_mapped_attention=False), "qwen3", "darwinlm_qwen3")
-# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (its MLP splits the rows in two halves).
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (its MLP splits the rows in two halves). Its
+# attention splits qkv by head counts (modeling_pruned.set_attention_widths), so uneven groups copy KV heads.
 register_arch(
     ArchSpec(family="phi3", index_mapped_attention=False,
              fused=(Fused("qkv_proj", ("q_proj", "k_proj", "v_proj")), Fused("gate_up_proj", ("gate_proj", "up_proj")))),
