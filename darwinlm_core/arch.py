@@ -11,6 +11,21 @@ from torch import nn
 
 from darwinlm_core.errors import DarwinLMError
 
+# The logical input projections of each prunable module, in the row order a fused linear stacks them.
+INPUT_PROJECTIONS = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One linear whose output rows stack several logical projections in order: Phi-3's qkv_proj is q; k; v.
+
+    Each part keeps its own rows (query heads × head_dim, KV heads × head_dim, or MLP channels), so pruning a
+    fused linear is pruning its parts and stacking the kept rows again.
+    """
+
+    path: str  # the fused linear, relative to its module (attention or MLP)
+    parts: tuple[str, ...]  # logical projection names (ArchSpec field names), in row order
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -32,6 +47,7 @@ class ArchSpec:
     # Uneven query-per-KV groups run through modeling_pruned's index-mapped attention, written for the
     # Llama-style forward. Families with another forward get a private copy of its KV head per query head.
     index_mapped_attention: bool = True
+    fused: tuple[Fused, ...] = ()
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -41,6 +57,19 @@ class ArchSpec:
 
     def mlp_of(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.mlp)
+
+    def input_linears(self, module: nn.Module, kind: str) -> list[tuple[nn.Linear, tuple[str, ...]]]:
+        """The linears feeding a module's units ("attn" or "mlp"), each with the logical projections it holds,
+        in INPUT_PROJECTIONS order: [(q_proj, ("q_proj",)), ...] or, fused, [(qkv_proj, ("q_proj", "k_proj", "v_proj"))]."""
+        groups, seen = [], set()
+        for name in INPUT_PROJECTIONS[kind]:
+            fused = next((f for f in self.fused if name in f.parts), None)
+            if fused is None:
+                groups.append((module.get_submodule(getattr(self, name)), (name,)))
+            elif fused.path not in seen:
+                seen.add(fused.path)
+                groups.append((module.get_submodule(fused.path), fused.parts))
+        return groups
 
     def head_layout(self, config) -> "HeadLayout":
         """Query heads, KV heads and head size from a config (shared by every registered family so far)."""
@@ -102,3 +131,14 @@ register_arch(ArchSpec(family="qwen2"), "qwen2", "darwinlm_qwen2")
 # Uneven groups become a KV copy per query head, so a pruned Gemma export never needs kv_of_query (whose
 # forward is Llama's, without Gemma's q/k norms).
 register_arch(ArchSpec(family="gemma3_text", index_mapped_attention=False), "gemma3_text", "darwinlm_gemma3_text")
+# Qwen3 is Gemma 3's case: q/k norms over head_dim shared by every head, so pruning heads leaves them as they are,
+# and uneven groups take a KV copy per query head. Llama 3.x is model_type "llama"; its rope_parameters
+# (rope_type "llama3") live in the config, which the driver's recorded cos/sin and the export both carry.
+register_arch(ArchSpec(family="qwen3", index_mapped_attention=False), "qwen3", "darwinlm_qwen3")
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (its MLP splits the rows in two halves). Its
+# attention splits qkv by head counts (modeling_pruned.set_attention_widths), so uneven groups copy KV heads.
+register_arch(
+    ArchSpec(family="phi3", index_mapped_attention=False,
+             fused=(Fused("qkv_proj", ("q_proj", "k_proj", "v_proj")), Fused("gate_up_proj", ("gate_proj", "up_proj")))),
+    "phi3", "darwinlm_phi3",
+)

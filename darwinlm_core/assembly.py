@@ -4,7 +4,8 @@ The dense tensors are kept aside once; every `apply` builds each changed module'
 kept units) and from the database (OBS-updated output columns), physically shrunk so a pruned candidate runs
 faster. A module at its last level (everything removed) is replaced by a no-op returning zeros, so a block
 with both modules removed is the identity through its residual. `masked=True` keeps dense shapes with zeros
-instead: slower, same function — used to check shrinking and for padded exports.
+instead: slower, same function — used to check shrinking and for padded exports. A fused linear (Phi-3's
+qkv_proj) is split into its parts once, and each apply stacks the parts' kept rows again (ArchSpec.fused).
 
 Uneven GQA groups (query_heads mode can leave, say, 3/1/2 query heads on 3 KV heads) cannot be expressed with
 one `num_key_value_groups`; such attention modules switch to the exported models' own forward, which maps
@@ -18,7 +19,7 @@ from torch import nn
 
 from darwinlm_core.arch import arch_for
 from darwinlm_core.database import Database
-from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP, set_uneven_groups
+from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP, set_attention_widths
 from darwinlm_core.structure import ModuleShape, module_shapes
 
 
@@ -46,13 +47,29 @@ class LiveAssembly:
         self.masked = False
 
     def _dense_tensors(self, block) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        spec = self.spec
-        linears = {name: spec.attention_of(block).get_submodule(getattr(spec, name)) for name in
-                   ("q_proj", "k_proj", "v_proj", "o_proj")}
-        linears.update({name: spec.mlp_of(block).get_submodule(getattr(spec, name)) for name in
-                        ("gate_proj", "up_proj", "down_proj")})
-        return {name: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
-                for name, lin in linears.items()}
+        """Per logical projection (q_proj … down_proj), its dense (weight, bias); fused linears split into parts."""
+        spec, layout = self.spec, self.spec.head_layout(self.model.config)
+        attention, mlp = spec.attention_of(block), spec.mlp_of(block)
+        down = mlp.get_submodule(spec.down_proj)
+        rows = {"q_proj": layout.query_heads * layout.head_dim, "k_proj": layout.kv_heads * layout.head_dim,
+                "v_proj": layout.kv_heads * layout.head_dim, "gate_proj": down.in_features, "up_proj": down.in_features}
+        tensors = {"o_proj": attention.get_submodule(spec.o_proj), "down_proj": down}
+        tensors = {name: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+                   for name, lin in tensors.items()}
+        for module, kind in ((attention, "attn"), (mlp, "mlp")):
+            for linear, parts in spec.input_linears(module, kind):
+                sizes = [rows[part] for part in parts]
+                weights = linear.weight.detach().clone().split(sizes)
+                biases = [None] * len(parts) if linear.bias is None else linear.bias.detach().clone().split(sizes)
+                tensors.update(zip(parts, zip(weights, biases)))
+        return tensors
+
+    def _set_inputs(self, module, kind: str, tensors: dict) -> None:
+        """Set a module's input linears from per-projection (weight, bias), stacking the parts of fused ones."""
+        for linear, parts in self.spec.input_linears(module, kind):
+            weight = torch.cat([tensors[part][0] for part in parts])
+            bias = None if linear.bias is None else torch.cat([tensors[part][1] for part in parts])
+            _set_linear(linear, weight, bias)
 
     def apply(self, levels: Mapping[tuple[int, str], int], masked: bool = False, rebuild: bool = False) -> None:
         """Set each (layer, kind) in `levels` to that level; modules not named keep their current level.
@@ -99,12 +116,14 @@ class LiveAssembly:
     def _set_mlp(self, layer, mlp, kept, down_weight, shape: ModuleShape) -> None:
         dense, spec = self.dense[layer], self.spec
         rows = kept if not self.masked else torch.arange(shape.n_units)
+        inputs = {}
         for name in ("gate_proj", "up_proj"):
             weight, bias = dense[name]
             weight, bias = weight[rows], None if bias is None else bias[rows]
             if self.masked:
                 weight, bias = _zero_rows_except(weight, kept), None if bias is None else _zero_rows_except(bias, kept)
-            _set_linear(mlp.get_submodule(getattr(spec, name)), weight, bias)
+            inputs[name] = (weight, bias)
+        self._set_inputs(mlp, "mlp", inputs)
         if self.masked:
             down_weight = _scatter_columns(down_weight, kept, shape.n_units, 1)
         _set_linear(mlp.get_submodule(spec.down_proj), down_weight, dense["down_proj"][1])
@@ -129,13 +148,11 @@ class LiveAssembly:
         if self.masked:
             q_weight = _zero_rows_except(q_weight, _head_columns(heads, layout.head_dim))
             q_bias = None if q_bias is None else _zero_rows_except(q_bias, _head_columns(heads, layout.head_dim))
-        _set_linear(attention.get_submodule(spec.q_proj), q_weight, q_bias)
-        for name in ("k_proj", "v_proj"):
-            _set_linear(attention.get_submodule(getattr(spec, name)), *_head_rows(*dense[name], kv_heads, layout.head_dim))
+        inputs = {"q_proj": (q_weight, q_bias)}
+        inputs.update({name: _head_rows(*dense[name], kv_heads, layout.head_dim) for name in ("k_proj", "v_proj")})
+        self._set_inputs(attention, "attn", inputs)
         _set_linear(attention.get_submodule(spec.o_proj), o_weight, dense["o_proj"][1])
-        set_uneven_groups(attention, kv_of_query)
-        if kv_of_query is None:
-            attention.num_key_value_groups = len(q_heads) // len(kv_heads)
+        set_attention_widths(attention, len(q_heads), len(kv_heads), kv_of_query)
 
 
 def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

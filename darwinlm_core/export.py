@@ -58,7 +58,11 @@ def read_level_assignment(uri: str, database) -> dict[tuple[int, str], int]:
 
 
 def layer_widths(model) -> dict[str, list]:
-    """Per-layer query heads, KV heads, MLP widths and uneven KV maps of a (possibly shrunk) live model."""
+    """Per-layer query heads, KV heads, MLP widths and uneven KV maps of a (possibly shrunk) live model.
+
+    Read off the output projections (o_proj inputs = query heads × head_dim, down_proj inputs = MLP width) and
+    the input linears' total rows ((query + 2 × KV heads) × head_dim), so fused q/k/v need no special case.
+    """
     spec = arch_for(model)
     head_dim = spec.head_layout(model.config).head_dim
     widths = {field: [] for field in modeling_pruned.PER_LAYER_FIELDS}
@@ -67,14 +71,15 @@ def layer_widths(model) -> dict[str, list]:
         if isinstance(attention, ZeroAttention):
             query_heads, kv_heads, kv_of_query = 0, 0, None
         else:
-            query_heads = attention.get_submodule(spec.q_proj).out_features // head_dim
-            kv_heads = attention.get_submodule(spec.k_proj).out_features // head_dim
+            query_heads = attention.get_submodule(spec.o_proj).in_features // head_dim
+            input_rows = sum(linear.out_features for linear, _ in spec.input_linears(attention, "attn"))
+            kv_heads = (input_rows // head_dim - query_heads) // 2
             kv_of_query = getattr(attention, "kv_of_query", None)
         widths["layer_query_heads"].append(query_heads)
         widths["layer_kv_heads"].append(kv_heads)
         widths["layer_kv_of_query"].append(kv_of_query)
         widths["layer_intermediate_sizes"].append(
-            0 if isinstance(mlp, ZeroMLP) else mlp.get_submodule(spec.gate_proj).out_features
+            0 if isinstance(mlp, ZeroMLP) else mlp.get_submodule(spec.down_proj).in_features
         )
     if all(entry is None for entry in widths["layer_kv_of_query"]):
         widths["layer_kv_of_query"] = None

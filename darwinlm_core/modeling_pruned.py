@@ -7,7 +7,8 @@ itself registers these classes, so after `import darwinlm_core` a plain `from_pr
 A pruned config is the family's own config plus per-layer lists:
     layer_query_heads, layer_kv_heads, layer_intermediate_sizes  (0 = module removed: a no-op)
     layer_kv_of_query  (per layer, the KV head each kept query head reads, or null when groups are even)
-Each decoder layer is built dense by the family's class and then re-shaped to its own widths.
+Each decoder layer is built dense by the family's class and then re-shaped to its own widths; fused linears
+(Phi-3's qkv_proj, gate_up_proj) keep their layout, each part shrunk to the layer's widths (INPUT_ROWS).
 """
 
 import torch
@@ -19,8 +20,12 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -95,36 +100,75 @@ def set_uneven_groups(attention: nn.Module, kv_of_query: list[int] | None) -> No
     attention.forward = uneven_group_forward.__get__(attention)
 
 
+class LayerConfig:
+    """One attention's view of its model's config, with that layer's own head counts.
+
+    Phi-3's attention reads its query width from `config.num_attention_heads`, a number every layer shares;
+    a pruned attention reads this view instead. Everything else (the attention implementation included) is
+    read from, and written to, the model's config as it is at that moment.
+    """
+
+    def __init__(self, base, **overrides):
+        vars(self).update(overrides, base=base)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "base":  # copy/pickle probe dunders before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __setattr__(self, name, value):
+        if name in vars(self):
+            vars(self)[name] = value
+        else:
+            setattr(self.base, name, value)
+
+
+def set_attention_widths(attention: nn.Module, query_heads: int, kv_heads: int, kv_of_query: list[int] | None = None):
+    """Tell an attention module (already holding weights of these widths) its query and KV head counts."""
+    base = vars(attention.config).get("base", attention.config)
+    attention.config = LayerConfig(base, num_attention_heads=query_heads, num_key_value_heads=kv_heads)
+    attention.num_key_value_heads = kv_heads
+    set_uneven_groups(attention, kv_of_query)
+    if kv_of_query is None:
+        attention.num_key_value_groups = query_heads // kv_heads
+
+
+# The rows of each input linear a family may have: a fused linear (Phi-3) stacks several blocks of rows.
+# The ArchSpec registry says the same for live models; this file must not import darwinlm, so it says it again.
+INPUT_ROWS = {"q_proj": ("query",), "k_proj": ("kv",), "v_proj": ("kv",), "qkv_proj": ("query", "kv", "kv"),
+              "gate_proj": ("width",), "up_proj": ("width",), "gate_up_proj": ("width", "width")}
+
+
 def _resize_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device,
                     dtype=linear.weight.dtype)
 
 
+def _resize_module(module: nn.Module, rows: dict[str, int], hidden: int, output: str, width: int) -> None:
+    """Resize a module's input linears to `rows` (per row kind) and its output linear to `width` inputs."""
+    for name, child in list(module.named_children()):
+        if name in INPUT_ROWS:
+            setattr(module, name, _resize_linear(child, hidden, sum(rows[kind] for kind in INPUT_ROWS[name])))
+    setattr(module, output, _resize_linear(getattr(module, output), width, hidden))
+
+
 def reshape_decoder_layers(model: nn.Module, config) -> None:
     """Give every decoder layer of a freshly built dense model the widths listed in `config`."""
     hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_maps = config.layer_kv_of_query or [None] * len(model.model.layers)
     for index, layer in enumerate(model.model.layers):
         query_heads, kv_heads = config.layer_query_heads[index], config.layer_kv_heads[index]
         if query_heads == 0:
             layer.self_attn = ZeroAttention(index)
         else:
-            attention = layer.self_attn
-            attention.q_proj = _resize_linear(attention.q_proj, hidden, query_heads * head_dim)
-            attention.k_proj = _resize_linear(attention.k_proj, hidden, kv_heads * head_dim)
-            attention.v_proj = _resize_linear(attention.v_proj, hidden, kv_heads * head_dim)
-            attention.o_proj = _resize_linear(attention.o_proj, query_heads * head_dim, hidden)
-            attention.num_key_value_groups = query_heads // kv_heads
-            kv_of_query = (config.layer_kv_of_query or [None] * len(model.model.layers))[index]
-            if kv_of_query is not None:
-                set_uneven_groups(attention, kv_of_query)
+            rows = {"query": query_heads * head_dim, "kv": kv_heads * head_dim}
+            _resize_module(layer.self_attn, rows, hidden, "o_proj", query_heads * head_dim)
+            set_attention_widths(layer.self_attn, query_heads, kv_heads, kv_maps[index])
         width = config.layer_intermediate_sizes[index]
         if width == 0:
             layer.mlp = ZeroMLP()
         else:
-            mlp = layer.mlp
-            mlp.gate_proj = _resize_linear(mlp.gate_proj, hidden, width)
-            mlp.up_proj = _resize_linear(mlp.up_proj, hidden, width)
-            mlp.down_proj = _resize_linear(mlp.down_proj, width, hidden)
+            _resize_module(layer.mlp, {"width": width}, hidden, "down_proj", width)
 
 
 def _init_per_layer(config, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query):
@@ -168,6 +212,14 @@ class PrunedGemma3TextConfig(_PerLayerWidthsConfig, Gemma3TextConfig):
     model_type = "darwinlm_gemma3_text"
 
 
+class PrunedQwen3Config(_PerLayerWidthsConfig, Qwen3Config):
+    model_type = "darwinlm_qwen3"
+
+
+class PrunedPhi3Config(_PerLayerWidthsConfig, Phi3Config):
+    model_type = "darwinlm_phi3"
+
+
 class PrunedLlamaForCausalLM(_ReshapedLayersModel, LlamaForCausalLM):
     config_class = PrunedLlamaConfig
 
@@ -184,10 +236,20 @@ class PrunedGemma3ForCausalLM(_ReshapedLayersModel, Gemma3ForCausalLM):
     config_class = PrunedGemma3TextConfig
 
 
+class PrunedQwen3ForCausalLM(_ReshapedLayersModel, Qwen3ForCausalLM):
+    config_class = PrunedQwen3Config
+
+
+class PrunedPhi3ForCausalLM(_ReshapedLayersModel, Phi3ForCausalLM):
+    config_class = PrunedPhi3Config
+
+
 # base model_type → (pruned config class, pruned model class)
 PRUNED_CLASSES = {
     "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
     "gemma3_text": (PrunedGemma3TextConfig, PrunedGemma3ForCausalLM),
+    "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
+    "phi3": (PrunedPhi3Config, PrunedPhi3ForCausalLM),
 }

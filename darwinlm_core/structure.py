@@ -76,7 +76,7 @@ def module_shapes(model: nn.Module, spec: ArchSpec, gqa_mode: str) -> list[dict[
             hidden_size=hidden,
             layout=layout,
             gqa_mode=gqa_mode,
-            has_qkv_bias=attention.get_submodule(spec.q_proj).bias is not None,
+            has_qkv_bias=spec.input_linears(attention, "attn")[0][0].bias is not None,
         )
         down = mlp.get_submodule(spec.down_proj)
         mlp_shape = ModuleShape(

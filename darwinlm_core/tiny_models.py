@@ -19,18 +19,36 @@ _TINY_SHAPE = dict(
 )
 
 
+# Llama 3.x: model_type "llama" with rope_type "llama3". The original context (64) is short enough that the
+# tiny head_dim's frequencies fall in all three bands (kept, interpolated, scaled by `factor`).
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+
+# Per tiny family: its model_type and config fields beyond the shared shape.
+_FAMILIES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", dict(use_sliding_window=False)),
+    "gemma3_text": ("gemma3_text", {}),
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", dict(pad_token_id=0, eos_token_id=1)),  # Phi-3's default ids (32000) lie outside the vocabulary
+    "llama3": ("llama", dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),  # as Llama 3.2 1B/3B
+}
+TINY_FAMILIES = tuple(_FAMILIES)
+
+
 def tiny_config(family: str, *, gqa: bool = True, **overrides):
-    """A config of `family` ("llama", "qwen2", "mistral", "gemma3_text"): 4 query heads over 2 KV heads (gqa)
-    or 4 (plain MHA). Gemma 3 alternates sliding-window (8 tokens) and full attention layers, as it does at scale."""
-    shape = dict(_TINY_SHAPE, num_key_value_heads=2 if gqa else 4)
-    if family == "qwen2":
-        shape["use_sliding_window"] = False
+    """A config of a tiny family (TINY_FAMILIES; "llama3" is a Llama with Llama 3.x rope scaling and tied
+    embeddings): 4 query heads over 2 KV heads (gqa) or 4 (plain MHA). Gemma 3 alternates sliding-window
+    (8 tokens) and full attention layers, as it does at scale."""
+    model_type, extra = _FAMILIES[family]
+    shape = dict(_TINY_SHAPE, num_key_value_heads=2 if gqa else 4, **extra)
     shape.update(overrides)
     if family == "gemma3_text" and "layer_types" not in overrides:
         shape["layer_types"] = ["full_attention" if i % 2 else "sliding_attention"
                                 for i in range(shape["num_hidden_layers"])]
         shape.setdefault("sliding_window", 8)
-    return AutoConfig.for_model(family, **shape)
+    return AutoConfig.for_model(model_type, **shape)
 
 
 def tiny_model(
@@ -44,9 +62,11 @@ def tiny_model(
     # HF init draws small weights (std 0.02) that make every block nearly the identity; larger ones make
     # tests sensitive to mistakes in pruning and driving.
     with torch.no_grad():
-        for parameter in model.parameters():
+        for name, parameter in model.named_parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, parameter.shape[1] ** -0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # per-head q/k norms that are not all ones
+                parameter.add_(torch.randn_like(parameter) * 0.3)
     return model.eval()
 
 

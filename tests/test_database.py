@@ -20,9 +20,9 @@ from darwinlm_core.database import Database, DatabaseBuilder, DatabaseConfig, bu
 from darwinlm_core.driver import BlockDriver
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text"]
+FAMILIES = list(TINY_FAMILIES)
 GQA_MODES = ["query_heads", "kv_groups"]
 STEPS = 4  # tiny models: 4 query heads, 96 MLP channels → levels 0..4 for both kinds
 CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
@@ -165,6 +165,28 @@ def test_gqa_groups_are_respected(db_cache, family, gqa_mode):
         assert saw_uneven  # 3 of 4 query heads over 2 KV heads cannot be even
     else:
         assert saw_dropped_kv
+
+
+def test_fused_projections_keep_the_rows_of_kept_units(db_cache):
+    """Phi-3's qkv_proj stacks q; k; v and its gate_up_proj stacks gate; up. A level keeps, part by part and in
+    that order, the rows of the kept units: what Phi-3's forward splits by head counts and by halves."""
+    model, db = db_cache("phi3", True, "query_heads")
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    hd, group = model.config.head_dim, 2
+    q, k, v = attention.qkv_proj.weight.detach().clone().split([4 * hd, 2 * hd, 2 * hd])
+    gate, up = mlp.gate_up_proj.weight.detach().clone().chunk(2)
+    assembly = LiveAssembly(model, db)
+    for level in (1, 2):  # level 1: 3 query heads on 2 KV heads, uneven, so a KV copy per query head
+        assembly.apply({(0, "attn"): level, (0, "mlp"): level})
+        heads, channels = db.load(0, "attn", level).kept_units, db.load(0, "mlp", level).kept_units
+        kv_heads = torch.unique(heads // group)
+        if attention.num_key_value_heads != len(kv_heads):
+            kv_heads = heads // group
+        expected = torch.cat([_rows(q, heads, hd), _rows(k, kv_heads, hd), _rows(v, kv_heads, hd)])
+        assert torch.equal(attention.qkv_proj.weight, expected)
+        assert attention.config.num_attention_heads == len(heads)  # the query width Phi-3's forward slices
+        assert model.config.num_attention_heads == 4  # ... read from this layer's view, not the model's config
+        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([gate[channels], up[channels]]))
 
 
 def test_block_with_both_modules_removed_is_identity(db_cache):

@@ -6,9 +6,9 @@ import torch
 from darwinlm_core.arch import arch_for, supported_model_types
 from darwinlm_core.driver import BlockDriver
 from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text"]
+FAMILIES = list(TINY_FAMILIES)  # llama3: a Llama with Llama 3.x rope scaling and tied embeddings
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -53,9 +53,22 @@ def test_driver_block_inputs_match_hidden_states():
         driver.advance()
 
 
+def test_llama3_rope_scaling_shapes_what_the_driver_runs():
+    """The tiny Llama 3.x really uses its rope scaling: the same weights with plain rope compute another function."""
+    model = tiny_model("llama3")
+    assert model.config.rope_parameters["rope_type"] == "llama3" and model.config.tie_word_embeddings
+    plain = tiny_model("llama3", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=48)
+    driven, plain_driven = BlockDriver(model, rows).logits(), BlockDriver(plain, rows).logits()
+    assert (driven - plain_driven).abs().max().item() > 1e-3
+
+
 def test_registry_covers_required_families_and_rejects_others():
-    assert {"llama", "qwen2", "mistral"} <= set(supported_model_types())
+    assert {"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "phi3"} <= set(supported_model_types())
     config = tiny_model("llama").config
     config.model_type = "gpt2"
-    with pytest.raises(DarwinLMError, match="unsupported architecture 'gpt2'.*llama"):
+    with pytest.raises(DarwinLMError, match="unsupported architecture 'gpt2'") as error:
         arch_for(config)
+    message = str(error.value)
+    assert "\n" not in message  # one line the CLI prints as is
+    assert all(family in message for family in ("llama", "qwen2", "mistral", "gemma3_text", "qwen3", "phi3"))

@@ -5,25 +5,28 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from darwinlm_core.arch import arch_for, supported_model_types
 from darwinlm_core.assembly import LiveAssembly
 from darwinlm_core.database import DatabaseConfig, build_database
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.export import export_model
-from darwinlm_core.tiny_models import random_token_rows, tiny_model, tiny_tokenizer
+from darwinlm_core.modeling_pruned import INPUT_ROWS
+from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model, tiny_tokenizer
 from flows.cli import main
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma3_text"]
+FAMILIES = list(TINY_FAMILIES)
 
 
-def pruned_tiny(family: str, tmp_path: Path):
-    """A tiny model with layer 0's attention removed, layer 1's query heads uneven over KV heads (3 of 4 heads
-    kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
-    model = tiny_model(family)
+def pruned_tiny(family: str, tmp_path: Path, model=None):
+    """A tiny model (of `family`, or `model`) with layer 0's attention removed, layer 1's query heads uneven over
+    KV heads (3 of 4 heads kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
+    model = model or tiny_model(family)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
     database = build_database(model, rows, str(tmp_path / "db"), calibration_digest="tiny",
@@ -53,7 +56,10 @@ def test_compact_export_reloads_exactly_and_generates(family, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # registered classes, no remote code
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["layer_query_heads"][:2] == [0, 3]
-    if family == "gemma3_text":  # uneven groups are a KV copy per query head: Gemma's own attention forward
+    # the family's own settings survive: Llama 3.x rope scaling, tied or untied heads
+    assert config["rope_parameters"] == model.config.rope_parameters
+    assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
+    if not arch_for(model).index_mapped_attention:  # uneven groups: a KV copy per query head, the family's forward
         assert config["layer_kv_heads"][1] == 3 and config["layer_kv_of_query"] is None
     else:
         assert config["layer_kv_of_query"][1] is not None
@@ -64,15 +70,35 @@ def test_compact_export_reloads_exactly_and_generates(family, tmp_path):
     assert torch.equal(generated, greedy_without_cache(reloaded, prompt, 10))  # the KV cache path agrees
 
 
-def test_padded_export_matches_compact(tmp_path):
-    model, _, assembly, levels = pruned_tiny("qwen2", tmp_path)  # q/k/v biases
+def test_llama3_checkpoint_config_keeps_its_rope_scaling_through_export(tmp_path):
+    """Llama 3.x checkpoints state their rope the pre-5 way ("rope_scaling" and a top-level "rope_theta"): the
+    pruned export of such a checkpoint keeps rope_type llama3 and computes what the pruned model computes."""
+    tiny_model("llama3").save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["rope_scaling"] = config.pop("rope_parameters")
+    config["rope_theta"] = config["rope_scaling"].pop("rope_theta")
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model, _, _, _ = pruned_tiny("llama3", tmp_path, model=base.eval())
+    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=40, seed=4)
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    rope = reloaded.config.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["rope_theta"] == config["rope_theta"] and rope["factor"] == 8.0
+    with torch.no_grad():
+        assert (reloaded(rows).logits - model(rows).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])  # q/k/v biases; fused qkv_proj and gate_up_proj
+def test_padded_export_matches_compact(family, tmp_path):
+    model, _, assembly, levels = pruned_tiny(family, tmp_path)
     rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=16, seed=2)
     export_model(model, tiny_tokenizer(), str(tmp_path / "compact"))
     assembly.apply(levels, masked=True)
     export_model(model, tiny_tokenizer(), str(tmp_path / "padded"), export_format="padded")
     compact = AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
     padded = AutoModelForCausalLM.from_pretrained(tmp_path / "padded")
-    assert type(padded).__name__ == "Qwen2ForCausalLM"
+    assert type(padded) is type(model)  # the plain family architecture
     with torch.no_grad():
         assert (padded(rows).logits - compact(rows).logits).abs().max().item() <= 1e-5
     size = lambda folder: (tmp_path / folder / "model.safetensors").stat().st_size  # noqa: E731
@@ -87,35 +113,46 @@ FRESH_PROCESS = textwrap.dedent("""
     else:
         import darwinlm_core
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **({kwargs}))
-    rows = torch.tensor(json.loads(sys.argv[2]))
-    with torch.no_grad():
-        logits = model(rows).logits
-    model.generation_config.eos_token_id = None
-    generated = model.generate(rows[:1, :4], max_new_tokens=5, do_sample=False)
-    print(json.dumps({{"logits": logits.tolist(), "generated": generated.tolist(),
+    rows = torch.tensor(json.loads(sys.argv[1]))
+    outputs = []
+    for folder in sys.argv[2:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, **({kwargs}))
+        with torch.no_grad():
+            logits = model(rows).logits
+        model.generation_config.eos_token_id = None
+        generated = model.generate(rows[:1, :4], max_new_tokens=5, do_sample=False)
+        outputs.append({{"logits": logits.tolist(), "generated": generated.tolist()}})
+    print(json.dumps({{"outputs": outputs,
                       "darwinlm_imported": any(name.startswith("darwinlm") and sys.modules[name] is not None
                                                for name in sys.modules)}}))
 """)
 
 
-@pytest.mark.parametrize("block_darwinlm, kwargs", [(True, "{'trust_remote_code': True}"), (False, "{}")],
-                         ids=["trust_remote_code-without-darwinlm", "plain-after-import-darwinlm_core"])
-def test_export_loads_in_a_fresh_process(block_darwinlm, kwargs, tmp_path):
-    model, _, _, _ = pruned_tiny("llama", tmp_path)
-    rows = random_token_rows(model.config.vocab_size, rows=2, seq_len=12, seed=3)
-    with torch.no_grad():
-        expected = model(rows).logits
-    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+@pytest.mark.parametrize("families, block_darwinlm, kwargs", [
+    (["llama"], True, "{'trust_remote_code': True}"),
+    (["llama"], False, "{}"),
+    # one process for the rest (each costs seconds); their plain load is test_compact_export_reloads_exactly...
+    (["qwen3", "phi3", "llama3"], True, "{'trust_remote_code': True}"),
+], ids=["trust_remote_code-without-darwinlm", "plain-after-import-darwinlm_core", "newer-families-trust_remote_code"])
+def test_export_loads_in_a_fresh_process(families, block_darwinlm, kwargs, tmp_path):
+    rows = random_token_rows(128, rows=2, seq_len=12, seed=3)  # every tiny family has 128 tokens
+    expected, folders = [], []
+    for family in families:
+        model, _, _, _ = pruned_tiny(family, tmp_path / family)
+        with torch.no_grad():
+            expected.append(model(rows).logits)
+        folders.append(str(tmp_path / family / "out"))
+        export_model(model, tiny_tokenizer(), folders[-1])
     script = FRESH_PROCESS.format(block=block_darwinlm, kwargs=kwargs)
-    # Run from the export folder's parent with a clean sys.path entry, so the repository is not importable.
-    result = subprocess.run([sys.executable, "-I", "-c", script, str(tmp_path / "out"), json.dumps(rows.tolist())],
+    # Run from the export folders' parent with a clean sys.path entry, so the repository is not importable.
+    result = subprocess.run([sys.executable, "-I", "-c", script, json.dumps(rows.tolist()), *folders],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     output = json.loads(result.stdout.strip().splitlines()[-1])
     assert output["darwinlm_imported"] is (not block_darwinlm)
-    assert (torch.tensor(output["logits"]) - expected).abs().max().item() <= 1e-5
-    assert len(output["generated"][0]) == 9
+    for family, logits, reloaded in zip(families, expected, output["outputs"], strict=True):
+        assert (torch.tensor(reloaded["logits"]) - logits).abs().max().item() <= 1e-5, family
+        assert len(reloaded["generated"][0]) == 9
 
 
 def test_exported_folder_carries_only_its_own_code(tmp_path):
@@ -125,6 +162,15 @@ def test_exported_folder_carries_only_its_own_code(tmp_path):
     assert python_files == ["modeling_pruned.py"]
     source = (tmp_path / "out" / "modeling_pruned.py").read_text()
     assert "darwinlm_core" not in source.replace("`import darwinlm_core`", "")
+
+
+def test_fused_layouts_agree_between_registry_and_exported_code():
+    """modeling_pruned.py, which must not import darwinlm, restates what rows each fused linear stacks; it must
+    say what the ArchSpec registry says (Phi-3: qkv_proj = q; k; v and gate_up_proj = gate; up)."""
+    fused = [f for model_type in supported_model_types() for f in arch_for(SimpleNamespace(model_type=model_type)).fused]
+    assert {f.path for f in fused} == {"qkv_proj", "gate_up_proj"}
+    for entry in fused:
+        assert INPUT_ROWS[entry.path] == tuple(kind for part in entry.parts for kind in INPUT_ROWS[part])
 
 
 def test_export_refuses_an_occupied_destination(tmp_path):
