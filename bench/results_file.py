@@ -1,9 +1,50 @@
-"""Writing a benchmark's figures: a metric/value/goal table on stdout and bench/results/NAME.json, atomically."""
+"""Writing a benchmark's figures: a metric/value/goal table on stdout and bench/results/NAME.json, atomically,
+with the provenance that lets anyone regenerate them (commit, command, config, date, machine, seeds)."""
 
+import datetime
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def provenance(config: dict | None = None, seeds: list[int] | None = None) -> dict:
+    """Where a results file came from: the commit (and whether the tree had uncommitted changes), the command
+    line, the resolved config, the date, the machine, and the seeds."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "commit": _git("rev-parse", "HEAD") or None,
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join(["python", "-m", _module_name(), *sys.argv[1:]]),
+        "config": config or {},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+                    "platform": platform.platform(), "torch": torch.__version__},
+        "seeds": list(seeds or []),
+    }
+
+
+def _module_name() -> str:
+    """`bench.search` for `python -m bench.search` (sys.argv[0] is then the file's path)."""
+    path = Path(sys.argv[0]).resolve()
+    try:
+        return ".".join(path.relative_to(REPOSITORY).with_suffix("").parts)
+    except ValueError:
+        return str(path)
 
 
 def write_results(name: str, results: dict, goals: dict[str, str] | None = None, echo: bool = True) -> Path:

@@ -1,38 +1,68 @@
-"""Search benchmark on SmolLM2: uniform vs peers vs one-shot vs training-aware search, before and after the
-same post-training budget.
+"""Search benchmark on SmolLM2: uniform, the informed start, one-shot and training-aware search over seeds, and
+torch-pruning peers, each before and after the same post-training, on the same held-out windows.
 
-    python -m bench.search [--targets 0.5,0.3] [--generations 30] [--offspring 6] [--task-limit 50] [--skip-peer]
+    python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware]
+                           [--generations 30] [--offspring 6] [--task-limit 0] [--skip-peer] [--skip-post-train]
 
-Prints a table per target and writes bench/results/search.json in the shape the issue asks for. The search
-schedule is the smollm2-demo preset's stages and finetune settings (sized for a 2-core CPU) with more
-generations and offspring by default; not the paper's.
+Writes bench/results/search.json by itself (rewritten as rows arrive, `"complete": false` until the end), with
+provenance. Every method gets the smollm2-demo preset's data: the same calibration rows (the database's, and
+the peers'), the same held-out windows, the same post-training rows and schedule. A searched method's row holds
+the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share of the uniform-to-dense gap in
+log-perplexity a method closes. `wall_s` is a method's own work; the database build and the fitness teacher,
+shared by every darwinlm method of a target, are under `shared_s` (the database only when built by this run).
+`decision_noise` measures how many fitness rows one accept/reject decision needs (paired KL differences).
 """
 
 import argparse
+import math
+import statistics
 import time
+from dataclasses import replace
 
 import torch
 
-from bench.results_file import write_results
+from bench.results_file import provenance, write_results
 from darwinlm_core.environment import apply_offline_defaults
 
+METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
+SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware"}
 
 
-def _row(model, data, teacher, tokenizer, config, params: int, wall_s: float) -> dict:
+def evaluate_row(model, data, teacher, tokenizer, config, params: int, wall_s: float) -> dict:
     from darwinlm_core.pipeline import evaluate
-    from tasks.stages import _zero_shot
+    from tasks.stages import zero_shot_scores
 
     scores = evaluate(model, data, teacher)
     row = {"params": params, "ppl_sotu": scores["ppl_in_domain"], "ppl_moby": scores.get("ppl_out_of_domain"),
            "kl": scores["kl"], "wall_s": wall_s}
-    row["zeroshot_acc"] = _zero_shot(model, tokenizer, data, config).get("zeroshot_acc")
+    row["zeroshot_acc"] = zero_shot_scores(model, tokenizer, data, config).get("zeroshot_acc")
     return row
 
 
-def _candidate_eval_speedup(assembly, teacher, levels) -> float:
-    """Fitness-evaluation tokens/s at `levels` ÷ dense, interleaved three times, medians."""
-    import statistics
+def seed_mean(rows: list[dict]) -> dict:
+    """The mean of each figure over seeds, with the spread (population sd) and the per-seed rows."""
+    mean = {}
+    for key in (*METRICS, "wall_s"):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if values:
+            mean[key] = statistics.fmean(values)
+            if len(values) > 1 and key != "params":
+                mean[f"{key}_sd"] = statistics.pstdev(values)
+    return {**mean, "seeds": rows}
 
+
+def gap_closed(row: dict, uniform: dict, dense: dict) -> dict:
+    """ln(ppl_uniform / ppl_method) / ln(ppl_uniform / ppl_dense) for each held-out text."""
+    closed = {}
+    for text in ("sotu", "moby"):
+        key = f"ppl_{text}"
+        if row.get(key) and uniform.get(key) and dense.get(key) and uniform[key] != dense[key]:
+            closed[f"gap_closed_{text}"] = math.log(uniform[key] / row[key]) / math.log(uniform[key] / dense[key])
+    return closed
+
+
+def candidate_eval_speedup(assembly, teacher, levels) -> float:
+    """Fitness-evaluation tokens/s at `levels` ÷ dense, interleaved three times, medians."""
     from darwinlm_core.fitness import kl_per_token
 
     times = {"dense": [], "pruned": []}
@@ -45,116 +75,188 @@ def _candidate_eval_speedup(assembly, teacher, levels) -> float:
     return statistics.median(times["dense"]) / statistics.median(times["pruned"])
 
 
-def run_target(fraction: float, args, report) -> dict:
+def decision_noise(search, parent, rows: int = 12, children: int = 6) -> dict:
+    """Per-row KL of `parent` and of some of its offspring on `rows` selection rows: a decision between two
+    candidates rests on their paired per-row differences, whose mean/sd says how many rows a 2σ call needs."""
+    import random
+
+    from darwinlm_core.genome import offspring
+
+    pool = search.teacher_pool
+    indices = torch.arange(search.config.fixed_rows, search.config.fixed_rows + rows)
+    genomes = [tuple(parent)] + offspring(tuple(parent), children, search.budget, random.Random(0))
+    per_row = [[search.evaluate(g, pool.rows(index[None]), None) for index in indices] for g in genomes]
+    needed, differences = [], []
+    for child in per_row[1:]:
+        diffs = [c - p for c, p in zip(child, per_row[0])]
+        mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+        differences.append(abs(mean))
+        needed.append((2 * sd / abs(mean)) ** 2 if mean else float("inf"))
+    row_sd = statistics.fmean(statistics.stdev(r) for r in per_row)
+    return {"rows": rows, "children": children, "mean_abs_child_minus_parent": statistics.fmean(differences),
+            "kl_sd_across_rows": row_sd, "rows_for_2sigma_median": statistics.median(needed),
+            "rows_for_2sigma": needed}
+
+
+def run_target(fraction: float, args, rows: dict, save) -> None:
+    """Fill `rows` (method → row) for one target, calling save() as rows arrive."""
     from darwinlm_core.assembly import LiveAssembly
     from darwinlm_core.config import load_preset
-    from darwinlm_core.database import build_database
+    from darwinlm_core.database import DatabaseBuilder, build_database
     from darwinlm_core.fitness import compute_teacher
-    from darwinlm_core.genome import Budget, Genome
+    from darwinlm_core.genome import Genome
+    from darwinlm_core.home import data_home
     from darwinlm_core.models import load_model
     from darwinlm_core.pipeline import dense_eval_teacher, post_train, prepare_data
     from darwinlm_core.search import Search, StageConfig
-    from darwinlm_core.home import data_home
 
-    overrides = {"model": args.model, "search": {"fraction_removed": fraction, "generations": args.generations,
-                            "offspring": args.offspring},
-                 "evaluate": {"task_limit": args.task_limit, "tasks": "local" if args.task_limit else ""}}
-    config = load_preset("smollm2-demo", overrides)
+    config = load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": {
+        "fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring},
+        "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
     model, tokenizer = load_model(args.model)
     data = prepare_data(config, tokenizer)
-    database = build_database(model, data.calibration_ids, str(data_home() / "databases"),
-                              calibration_digest=data.calibration_digest, config=config.database, progress=True)
-    eval_teacher = dense_eval_teacher(model, data, config.teacher_top_k)
+    shared = rows.setdefault("shared_s", {})
+    start = time.perf_counter()
+    base_uri = str(data_home() / "databases")
+    cached = DatabaseBuilder(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
+                             config=config.database).finished
+    database = build_database(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
+                              config=config.database, progress=True)
+    shared["database"] = None if cached else time.perf_counter() - start
+    start = time.perf_counter()
     fitness_teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
+    shared["fitness_teacher"] = time.perf_counter() - start
+    eval_teacher = dense_eval_teacher(model, data, config.teacher_top_k)
     post_teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
-    rows = {"dense": _row(model, data, eval_teacher, tokenizer, config, database.manifest["dense_params"], 0.0)}
-    report(rows)
+    rows["calibration_tokens"] = int(data.calibration_ids.numel())
+    dense_params = database.manifest["dense_params"]
+    rows["dense"] = evaluate_row(model, data, eval_teacher, tokenizer, config, dense_params, 0.0)
+    save()
 
     assembly = LiveAssembly(model, database)
-    budget = Budget.from_database(database, fraction_removed=fraction, seq_len=config.data.seq_len)
-    genomes = {"uniform": (Genome(budget.uniform(), database.digest), 0.0)}
-    for name, stages in (("darwinlm_oneshot", tuple(StageConfig(s.survivors, s.fitness_tokens, 0)
-                                                     for s in config.search.stages)),
-                         ("darwinlm_trainaware", config.search.stages)):
-        from dataclasses import replace
 
-        search_config = replace(config.search, stages=stages)
-        start = time.perf_counter()
-        search = Search(assembly, fitness_teacher, data.train_ids, search_config, progress=True)
-        state = search.run()
-        wall = time.perf_counter() - start
-        genomes[name] = (search.genome(state), wall)
-        if name == "darwinlm_trainaware":
-            compute = sum(h["compute_s"] for h in state.history)
-            rows["search_overhead_fraction"] = 1.0 - compute / max(wall, 1e-9)
-    for name, (genome, wall) in genomes.items():
+    def measure(genome: Genome, wall: float) -> tuple[dict, dict | None]:
+        params = budget.cost(genome.levels)
         assembly.apply(genome.assignment(), rebuild=True)
-        rows[name] = _row(model, data, eval_teacher, tokenizer, config, budget.cost(genome.levels), wall)
-        report(rows)
+        before = evaluate_row(model, data, eval_teacher, tokenizer, config, params, wall)
+        if args.skip_post_train:
+            return before, None
         start = time.perf_counter()
         post_train(assembly, genome, data.post_train_ids, config, teacher=post_teacher, progress=True)
-        rows[f"{name}_posttrained"] = _row(model, data, eval_teacher, tokenizer, config, budget.cost(genome.levels),
-                                           wall + time.perf_counter() - start)
-        report(rows)
-    rows["candidate_eval_speedup"] = _candidate_eval_speedup(assembly, fitness_teacher.rows(torch.arange(4)),
-                                                             genomes["uniform"][0].assignment())
-    if not args.skip_peer:
-        from bench.peer_torch_pruning import prune_taylor
+        return before, evaluate_row(model, data, eval_teacher, tokenizer, config, params,
+                                    wall + time.perf_counter() - start)
 
-        for scope, name in (("uniform", "tp_taylor_uniform"), ("global", "tp_global")):
-            peer_model, _ = load_model(args.model)
+    def record(name: str, before: dict, after: dict | None) -> None:
+        rows[name] = before
+        if after is not None:
+            rows[f"{name}_posttrained"] = after
+        save()
+
+    search = Search(assembly, fitness_teacher, data.train_ids, replace(config.search, start="informed"))
+    budget = search.budget
+    start = time.perf_counter()
+    informed, _ = search.choose_start()
+    informed_s = time.perf_counter() - start
+    uniform = Genome(budget.uniform(), database.digest)
+    record("uniform", *measure(uniform, 0.0))
+    record("informed_start", *measure(Genome(informed, database.digest), informed_s))
+    rows["decision_noise"] = decision_noise(search, informed)
+    rows["candidate_eval_speedup"] = candidate_eval_speedup(assembly, fitness_teacher.rows(torch.arange(4)),
+                                                            uniform.assignment())
+    save()
+
+    for method in args.methods:
+        stages = config.search.stages
+        if method == "oneshot":
+            stages = tuple(StageConfig(s.survivors, s.fitness_tokens, 0) for s in stages)
+        per_seed, per_seed_after = [], []
+        for seed in args.seeds:
+            search_config = replace(config.search, stages=stages, seed=seed)
             start = time.perf_counter()
-            peer = prune_taylor(peer_model, data.calibration_ids[:16], 1.0 - fraction, scope=scope)
-            rows[name] = _row(peer_model, data, eval_teacher, tokenizer, config, peer["kept_block_params"],
-                              time.perf_counter() - start)
-            report(rows)
-            del peer_model
-    return rows
+            search = Search(assembly, fitness_teacher, data.train_ids, search_config, progress=True)
+            state = search.run()
+            wall = time.perf_counter() - start
+            before, after = measure(search.genome(state), wall)
+            before.update(seed=seed, start=state.start, trajectory=[state.history[0]["previous_fixed_kl"]]
+                          + [h["fixed_kl"] for h in state.history])
+            per_seed.append(before)
+            if after is not None:
+                per_seed_after.append({**after, "seed": seed})
+            record(SEARCH_METHODS[method], seed_mean(per_seed), seed_mean(per_seed_after) if after else None)
+
+    if not args.skip_peer:
+        run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenizer, record)
+    for name, row in rows.items():
+        if isinstance(row, dict) and "ppl_sotu" in row and name != "dense":
+            row.update(gap_closed(row, rows["uniform"], rows["dense"]))
+    save()
+
+
+def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenizer, record) -> None:
+    """torch-pruning's Taylor pruning (uniform and global), on the same calibration rows as the database, then
+    the same post-training as darwinlm (finetune with distillation from the same teacher rows)."""
+    from bench.peer_torch_pruning import prune_taylor
+    from darwinlm_core.finetune import finetune
+    from darwinlm_core.models import load_model
+
+    for scope, name in (("uniform", "tp_taylor_uniform"), ("global", "tp_global")):
+        peer_model, _ = load_model(args.model)
+        start = time.perf_counter()
+        peer = prune_taylor(peer_model, data.calibration_ids, 1.0 - fraction, scope=scope)
+        wall = time.perf_counter() - start
+        before = evaluate_row(peer_model, data, eval_teacher, tokenizer, config, peer["kept_block_params"], wall)
+        after = None
+        if not args.skip_post_train:
+            start = time.perf_counter()
+            finetune(peer_model, data.post_train_ids, config.post_train.finetune, teacher=post_teacher, progress=True)
+            after = evaluate_row(peer_model, data, eval_teacher, tokenizer, config, peer["kept_block_params"],
+                                 wall + time.perf_counter() - start)
+        record(name, before, after)
+        del peer_model
 
 
 def main() -> None:
     apply_offline_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="0.5,0.3", help="fractions of block parameters removed")
+    parser.add_argument("--seeds", default="0,1,2", help="search seeds (the database is shared by all)")
+    parser.add_argument("--methods", default="oneshot,trainaware", help="searches to run: oneshot, trainaware")
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--offspring", type=int, default=6)
-    parser.add_argument("--task-limit", type=int, default=50, help="examples per offline zero-shot task; 0: skip")
+    parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
+                        "the rows it selects on (a pool of 64 × 512 tokens)")
+    parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-post-train", action="store_true")
     parser.add_argument("--model", default="smollm2", help="smollm2, or a folder (e.g. Gemma: see bench/gemma.py)")
     parser.add_argument("--results", default="search", help="results name: bench/results/NAME.json")
     args = parser.parse_args()
-    results = {"targets": {}}
+    args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    args.methods = [method for method in args.methods.split(",") if method]
+    unknown = sorted(set(args.methods) - set(SEARCH_METHODS))
+    if unknown:
+        parser.error(f"unknown method {unknown[0]}: use {', '.join(SEARCH_METHODS)}")
+    results = {"complete": False, "provenance": provenance(vars(args), args.seeds), "targets": {}}
 
-    def report(rows, key=None):
-        if key is not None:
-            results["targets"][key] = rows
-        _write(results, args.results)
+    def save() -> None:
+        write_results(args.results, results, echo=False)  # rewritten as rows arrive: a long run keeps its rows
 
     for fraction in [float(t) for t in args.targets.split(",")]:
-        key = str(fraction)
-        rows = run_target(fraction, args, lambda r, k=key: report(r, k))
-        speedups = results.setdefault("by_target", {})
-        speedups[key] = {"candidate_eval_speedup": rows.pop("candidate_eval_speedup"),
-                         "search_overhead_fraction": rows.pop("search_overhead_fraction", None)}
-        # the issue's headline figures are at 50% removed (else the first target run)
-        headline = speedups.get("0.5", speedups[next(iter(speedups))])
-        results.update(headline)
-        report(rows, key)
-        _print(key, rows)
+        rows = results["targets"].setdefault(str(fraction), {})
+        run_target(fraction, args, rows, save)
+        _print(str(fraction), rows)
+    results["complete"] = True
+    save()
 
 
 def _print(key: str, rows: dict) -> None:
     print(f"\ntarget: {float(key):.0%} of block parameters removed")
-    print(f"{'method':<34}{'params':>12}{'ppl SOTU':>10}{'ppl Moby':>10}{'KL':>8}{'0-shot':>8}{'wall s':>8}")
+    print(f"{'method':<36}{'params':>12}{'ppl SOTU':>10}{'ppl Moby':>10}{'KL':>8}{'gap SOTU':>10}{'wall s':>8}")
     for name, row in rows.items():
-        if isinstance(row, dict):
-            acc = "—" if row.get("zeroshot_acc") is None else f"{row['zeroshot_acc']:.3f}"
-            print(f"{name:<34}{row['params']:>12,}{row['ppl_sotu']:>10.2f}{row['ppl_moby'] or 0:>10.2f}"
-                  f"{row['kl']:>8.3f}{acc:>8}{row['wall_s']:>8.0f}")
-
-
-def _write(results: dict, name: str = "search") -> None:
-    write_results(name, results, echo=False)  # rewritten as rows arrive: a long run keeps what it measured
+        if isinstance(row, dict) and "ppl_sotu" in row:
+            spread = f"±{row['ppl_sotu_sd']:.1f}" if "ppl_sotu_sd" in row else ""
+            print(f"{name:<36}{row['params']:>12,.0f}{row['ppl_sotu']:>10.2f}{row['ppl_moby'] or 0:>10.2f}"
+                  f"{row['kl']:>8.3f}{row.get('gap_closed_sotu', 0):>10.3f}{row['wall_s']:>8.0f} {spread}")
 
 
 if __name__ == "__main__":
