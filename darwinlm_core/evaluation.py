@@ -49,3 +49,12 @@ def prefill_tokens_per_second(models: list, ids: torch.Tensor, repeats: int = 3)
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def greedy_continuation(model, tokenizer, prompt_ids: torch.Tensor, new_tokens: int = 32) -> str:
+    """The model's greedy continuation of `prompt_ids` (1-D int64) as text: what a user reads before any table."""
+    device = next(model.parameters()).device
+    output = model.generate(prompt_ids[None].to(device), max_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, prompt_ids.numel():], skip_special_tokens=True)
