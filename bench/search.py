@@ -127,7 +127,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     fitness_teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
     shared["fitness_teacher"] = time.perf_counter() - start
     eval_teacher = dense_eval_teacher(model, data, config.teacher_top_k)
-    post_teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
+    post_teacher = None if args.skip_post_train else compute_teacher(model, data.post_train_ids, config.teacher_top_k)
     rows["calibration_tokens"] = int(data.calibration_ids.numel())
     dense_params = database.manifest["dense_params"]
     rows["dense"] = evaluate_row(model, data, eval_teacher, tokenizer, config, dense_params, 0.0)

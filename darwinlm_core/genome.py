@@ -136,7 +136,7 @@ def mutate(parent: tuple[int, ...], budget: Budget, rng: random.Random, max_swit
     levels = list(parent)
     switches = min(rng.randint(1, max_switches), rng.randint(1, max_switches))
     for _ in range(switches):
-        if not _switch(levels, budget, rng):
+        if not budget_neutral_switch(levels, budget, rng):
             break
     return budget.repair(levels, rng)
 
@@ -147,28 +147,32 @@ def _step_cost(budget: Budget, levels: list[int], index: int, direction: int) ->
     return costs[level] - costs[level + 1] if direction > 0 else costs[level - 1] - costs[level]
 
 
-def _switch(levels: list[int], budget: Budget, rng: random.Random) -> bool:
+def budget_neutral_switch(levels: list[int], budget: Budget, rng: random.Random) -> bool:
     """One budget-neutral switch, in place: prune one module a level more, and pay for it with steps down of
     modules of one cost class (those whose step is within a quarter of a first, randomly chosen payer's), as
-    many as the freed cost buys. Same-kind pairs are one-for-one; an MLP step buys several attention steps.
-    Without this, a cheap step paired with a dear one leaves a gap that repair fills with random moves."""
+    many as the freed cost buys, and never past the target. Same-kind pairs are one-for-one; an MLP step buys
+    several attention steps. Without this, a cheap step paired with a dear one leaves a gap that repair
+    fills with random moves nothing selected. Returns False when no module can move."""
     up = [i for i, lvl in enumerate(levels) if lvl < len(budget.costs[i]) - 1]
     if not up:
         return False
     raised = rng.choice(up)
-    freed = _step_cost(budget, levels, raised, +1)
     down = [i for i, lvl in enumerate(levels) if lvl > 0 and i != raised]
     if not down:
         return False
+    freed = _step_cost(budget, levels, raised, +1)
     levels[raised] += 1
+    cost = budget.cost(levels)
     class_step = _step_cost(budget, levels, rng.choice(down), -1)
-    while freed * 2 >= class_step:
-        payers = [i for i in down if levels[i] > 0
+    while class_step > 0:
+        payers = [i for i in down if levels[i] > 0 and cost + _step_cost(budget, levels, i, -1) <= budget.target
                   and abs(_step_cost(budget, levels, i, -1) - class_step) <= class_step / 4]
-        if not payers:
+        below_band = cost < budget.target - budget.tolerance
+        if not payers or (freed * 2 < class_step and not below_band):
             break
         payer = rng.choice(payers)
-        freed -= _step_cost(budget, levels, payer, -1)
+        step = _step_cost(budget, levels, payer, -1)
+        freed, cost = freed - step, cost + step
         levels[payer] -= 1
     return True
 

@@ -10,7 +10,7 @@ from darwinlm_core.database import DatabaseConfig, build_database
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.finetune import FinetuneConfig, finetune
 from darwinlm_core.fitness import compute_teacher, exact_kl_per_token, kl_per_token
-from darwinlm_core.genome import Budget, mutate, offspring
+from darwinlm_core.genome import Budget, budget_neutral_switch, mutate, offspring
 from darwinlm_core.search import Search, SearchConfig, StageConfig
 from darwinlm_core.tiny_models import random_token_rows, tiny_model
 
@@ -163,3 +163,33 @@ def test_search_refuses_a_state_from_another_config(tiny_setup, tmp_path):
 def test_search_config_rejects_bad_stage_schedules(stages, offspring_count):
     with pytest.raises(DarwinLMError):
         SearchConfig(stages=stages, offspring=offspring_count)
+
+
+def test_a_switch_is_budget_neutral_so_repair_has_nothing_to_add(tiny_setup):
+    from darwinlm_core.genome import Genome
+
+    _, database = tiny_setup
+    budget = Budget.from_database(database, fraction_removed=0.5, seq_len=32)
+    parent = budget.uniform()
+    rng = random.Random(1)
+    repaired = 0
+    for _ in range(200):
+        levels = list(parent)
+        assert budget_neutral_switch(levels, budget, rng)
+        # the freed step is paid by steps of one cost class, to within such a step, never past the target
+        assert abs(budget.cost(levels) - budget.cost(parent)) <= budget.tolerance
+        assert budget.cost(levels) <= budget.target
+        repaired += budget.repair(levels, rng) != tuple(levels)
+    assert repaired <= 200 // 5  # only near the band's edges
+    genome = Genome(parent, database.digest)
+    assert Genome.from_json(genome.to_json()) == genome
+
+
+def test_move_size_follows_the_one_fifth_rule():
+    from darwinlm_core.genome import adapt_move_size
+
+    assert adapt_move_size(3, 0.4, largest=6) == 4
+    assert adapt_move_size(6, 0.4, largest=6) == 6
+    assert adapt_move_size(3, 0.0, largest=6) == 2
+    assert adapt_move_size(1, 0.0, largest=6) == 1
+    assert adapt_move_size(3, 0.2, largest=6) == 3
