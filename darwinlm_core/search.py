@@ -60,6 +60,7 @@ class SearchConfig:
     fixed_rows: int = 4  # teacher-pool rows never selected on: the start choice and the KL trajectory
     start: str = "best"  # uniform, informed (least summed per-level error), or best of the two on fixed rows
     start_calibration_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
+    start_radius: int = 2  # the informed start's levels stay within this many steps of uniform
     move_size: int = 3  # the most level switches per mutant, at the start
     adaptive_moves: bool = True  # the 1/5 success rule moves it within 1..2·move_size
 
@@ -76,8 +77,9 @@ class SearchConfig:
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
         if self.start not in START_KINDS:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
-        if self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0:
-            raise DarwinLMError("search needs fixed_rows ≥ 1, move_size ≥ 1 and start_calibration_tokens ≥ 0")
+        if self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0:
+            raise DarwinLMError("search needs fixed_rows ≥ 1, move_size ≥ 1, start_calibration_tokens ≥ 0 "
+                                "and start_radius ≥ 0")
 
     @property
     def digest(self) -> str:
@@ -163,9 +165,8 @@ class Search:
             rows = _rows(self.teacher_pool.input_ids.shape[0], self.config.start_calibration_tokens,
                          self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
             teacher = self.teacher_pool.rows(rows)
-            weights = kl_weights(allocate(self.budget, errors), self.budget, errors,
-                                 lambda levels: self.evaluate(tuple(levels), teacher, None))
-        informed = allocate(self.budget, errors, weights)
+            weights = kl_weights(uniform, self.budget, errors, lambda levels: self.evaluate(tuple(levels), teacher, None))
+        informed = allocate(self.budget, errors, weights, around=uniform, radius=self.config.start_radius)
         if self.config.start == "informed":
             return informed, {"chosen": "informed", "calibrated": weights is not None}
         record = {"uniform_kl": self.fixed_kl(uniform), "informed_kl": self.fixed_kl(informed),

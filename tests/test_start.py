@@ -73,7 +73,7 @@ def test_kl_weights_are_the_kl_slopes_and_never_zero():
 
     weights = kl_weights((1, 1, 1), budget, errors, kl_of)
     assert weights[0] == pytest.approx(3.0) and weights[1] == pytest.approx(1.0)
-    assert weights[2] == pytest.approx(1.0)  # non-positive slope → the smallest positive one
+    assert weights[2] == pytest.approx(0.25 * 3.0)  # non-positive slope → a quarter of the median (3.0 of 1, 3)
 
 
 def _planted_model(critical: int):
@@ -133,3 +133,14 @@ def test_planted_importance_is_kept_by_the_start_and_the_search(tmp_path):
         assert search.budget.feasible(levels)
         assert all(c < u for c, u in zip(critical_levels(levels), critical_levels(uniform))), (levels, uniform)
         assert held_out_kl(levels) < held_out_kl(uniform)
+
+
+def test_allocation_stays_within_the_trust_region():
+    budget, errors, weights = _random_problem(5, modules=6, levels=6)
+    around = budget.uniform()
+    levels = allocate(budget, errors, weights, around=around, radius=1)
+    assert budget.feasible(levels)
+    assert all(abs(a - b) <= 1 for a, b in zip(levels, around))
+    free = allocate(budget, errors, weights)
+    bounded = sum(w * e[l] for w, e, l in zip(weights, errors, levels))
+    assert bounded >= sum(w * e[l] for w, e, l in zip(weights, errors, free)) - 1e-12  # a constraint never helps
