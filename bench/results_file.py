@@ -28,7 +28,8 @@ def provenance(config: dict | None = None, seeds: list[int] | None = None) -> di
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         "commit": _git("rev-parse", "HEAD") or None,
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # results files are the benches' own output, not code: rewriting one does not make a run dirty
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")),
         "command": " ".join(["python", "-m", _module_name(), *sys.argv[1:]]),
         "config": config or {},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
