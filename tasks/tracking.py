@@ -91,6 +91,13 @@ class Tracker:
         return version.version
 
 
+    def add_gguf(self, name: str, version: str, run_id: str, gguf_path: str) -> None:
+        """Log the GGUF file under the run's `gguf/` artifacts and point the model version at it (tag `gguf`)."""
+        self.client.log_artifact(run_id, gguf_path, "gguf")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/gguf/{Path(gguf_path).name}"
+        self.client.set_model_version_tag(name, version, "gguf", source)
+
+
 def plots(genome_ref: dict, database_manifest: dict):
     """(kept heads and channels per layer, fitness curve) as matplotlib figures."""
     import matplotlib
