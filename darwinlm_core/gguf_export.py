@@ -21,6 +21,7 @@ failed export leaves no partial file.
 
 import ctypes
 import json
+import logging
 import math
 import os
 import tempfile
@@ -344,7 +345,8 @@ def _write_file(model, tokenizer, path: Path, quant: str, metadata: dict | None)
     spec, config = arch_for(model), model.config
     head_dim = spec.head_layout(config).head_dim
     blocks = spec.block_list(model)
-    plans = [plan_layer(spec, block, index, head_dim, last=index == len(blocks) - 1) for index, block in enumerate(blocks)]
+    plans = [plan_layer(spec, block, index, head_dim, last=index == len(blocks) - 1)
+             for index, block in enumerate(blocks)]
     rope, extra = _rope_metadata(config, head_dim)
     writer = gguf.GGUFWriter(str(path), arch="deci")
     writer.add_name(str((metadata or {}).get("name", "darwinlm-pruned")))
@@ -372,7 +374,14 @@ def quantize_with_llama_cpp(source: Path, target: Path, quant: str, threads: int
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _FILE_TYPES[quant]
     params.nthread = threads
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    # llama-cpp-python forwards llama.cpp's log through this logger's level: a line per tensor is noise here
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
     if status != 0:
         raise DarwinLMError(f"llama.cpp could not quantize {source.name} to {quant} (status {status})")
 

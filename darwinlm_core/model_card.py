@@ -58,7 +58,8 @@ def render_card(config: dict, info: dict, evaluation: dict | None = None) -> str
         "## Held-out evaluation", "", *_evaluation_table(evaluation), "",
         "## Use in transformers", "", "```python",
         "from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast",
-        "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)  # or plainly after `import darwinlm_core`",
+        "# trust_remote_code runs the folder's modeling_pruned.py; after `import darwinlm_core` it is not needed",
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
         "tokenizer = PreTrainedTokenizerFast.from_pretrained(FOLDER)",
         "```", "",
         "## Run in llama.cpp", "",
@@ -69,7 +70,8 @@ def render_card(config: dict, info: dict, evaluation: dict | None = None) -> str
         "```python",
         "from llama_cpp import Llama",
         "llm = Llama(model_path=\"model.gguf\", n_threads=2)",
-        "print(llm.create_chat_completion([{\"role\": \"user\", \"content\": \"Hello\"}])[\"choices\"][0][\"message\"][\"content\"])",
+        "reply = llm.create_chat_completion([{\"role\": \"user\", \"content\": \"Hello\"}])",
+        "print(reply[\"choices\"][0][\"message\"][\"content\"])",
         "```", "",
     ]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ def pruned_tiny(family: str, database_dir):
                               config=DatabaseConfig(storage_dtype="float32"))
     top = lambda layer, kind: database.num_levels(layer, kind) - 1  # noqa: E731
     levels = {(0, "attn"): top(0, "attn"), (0, "mlp"): 3, (1, "attn"): 1, (1, "mlp"): 5,
-              (2, "mlp"): top(2, "mlp"), **{(layer, kind): top(layer, kind) for layer in (3, 4) for kind in ("attn", "mlp")}}
+              (2, "mlp"): top(2, "mlp"),
+              **{(layer, kind): top(layer, kind) for layer in (3, 4) for kind in ("attn", "mlp")}}
     LiveAssembly(model, database).apply(levels)
     layers = model.model.layers
     assert isinstance(layers[0].self_attn, ZeroAttention) and isinstance(layers[2].mlp, ZeroMLP)
@@ -133,6 +134,8 @@ def test_gguf_carries_tokenizer_and_chat_template(pruned, tokenizer, tmp_path):
     assert llm.detokenize(tokenizer(text).input_ids).decode() == text
     assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
     assert llm.token_eos() == tokenizer.eos_token_id
+    reply = llm.create_chat_completion([{"role": "user", "content": "Four score"}], max_tokens=3)  # as the card shows
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
 
 
 def test_gguf_per_layer_shapes(pruned, tokenizer, tmp_path):
