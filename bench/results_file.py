@@ -23,3 +23,37 @@ def write_results(name: str, results: dict, goals: dict[str, str] | None = None,
     if echo:
         print(f"\nwrote {path}")
     return path
+
+
+def provenance(config: dict | None = None, seeds: dict | None = None) -> dict:
+    """Where a results file came from: commit (and whether the tree had uncommitted changes), the command line,
+    the benchmark's config, the date, the machine (cores, torch threads, load) and the seeds."""
+    import datetime
+    import os
+    import platform
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*arguments: str) -> str:
+        try:
+            return subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    main = sys.modules.get("__main__")
+    module = getattr(getattr(main, "__spec__", None), "name", None)
+    command = ["python", "-m", module, *sys.argv[1:]] if module else ["python", *sys.argv]
+    torch = sys.modules.get("torch")  # only when the benchmark uses it: importing it here would cost seconds
+    return {
+        "commit": git("rev-parse", "HEAD").strip() or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
+        "command": shlex.join(command),
+        "config": config or {},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads() if torch else None,
+                    "platform": platform.platform(), "load_average_1_5_15": list(os.getloadavg())},
+        "seeds": seeds or {},
+    }
