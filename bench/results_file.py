@@ -20,9 +20,10 @@ def _git(*args: str) -> str:
         return ""
 
 
-def provenance(config: dict | None = None, seeds: list[int] | None = None) -> dict:
+def provenance(config: dict | None = None, seeds: list | dict | None = None) -> dict:
     """Where a results file came from: the commit (and whether the tree had uncommitted changes), the command
-    line, the resolved config, the date, the machine, and the seeds."""
+    line, the resolved config, the date, the machine (with its load: timings on a busy machine drift), and the
+    seeds."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,13 +35,17 @@ def provenance(config: dict | None = None, seeds: list[int] | None = None) -> di
         "config": config or {},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-                    "platform": platform.platform(), "torch": torch.__version__},
-        "seeds": list(seeds or []),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "load_average_1_5_15": list(os.getloadavg())},
+        "seeds": seeds if seeds is not None else [],
     }
 
 
 def _module_name() -> str:
     """`bench.search` for `python -m bench.search` (sys.argv[0] is then the file's path)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return spec.name
     path = Path(sys.argv[0]).resolve()
     try:
         return ".".join(path.relative_to(REPOSITORY).with_suffix("").parts)
@@ -65,3 +70,4 @@ def write_results(name: str, results: dict, goals: dict[str, str] | None = None,
     if echo:
         print(f"\nwrote {path}")
     return path
+

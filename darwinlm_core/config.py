@@ -53,6 +53,19 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    # Also write the pruned model as one GGUF file for llama.cpp at this weight type (f32, f16, q8_0, q4_k_m),
+    # next to the HF folder, and log it with the registered model; None: no GGUF.
+    gguf: str | None = None
+
+    def __post_init__(self):
+        if self.gguf is not None:
+            from darwinlm_core.gguf_export import check_gguf_quant
+
+            check_gguf_quant(self.gguf)
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     model: str = "smollm2"
     data: DataConfig = field(default_factory=DataConfig)
@@ -61,6 +74,7 @@ class CompressConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     post_train: PostTrainConfig = field(default_factory=PostTrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     dtype: str = "float32"  # or bfloat16, float16, auto (bfloat16 on a GPU, else float32)
     device: str = "auto"  # cuda when a GPU is present, else cpu; or cpu, cuda, cuda:N
 
@@ -81,7 +95,11 @@ class CompressConfig:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Names the run root. Export options are left out: a GGUF is derived from the finished model, so
+        asking for one later resumes the same run and adds the file instead of redoing the compression."""
+        values = dataclasses.asdict(self)
+        values.pop("export")
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,6 +154,7 @@ _NESTED = {
     (CompressConfig, "search"): SearchConfig,
     (CompressConfig, "post_train"): PostTrainConfig,
     (CompressConfig, "evaluate"): EvaluateConfig,
+    (CompressConfig, "export"): ExportConfig,
     (SearchConfig, "stages"): StageConfig,
     (SearchConfig, "finetune"): FinetuneConfig,
     (PostTrainConfig, "finetune"): FinetuneConfig,

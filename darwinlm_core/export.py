@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from darwinlm_core import modeling_pruned, storage
 from darwinlm_core.arch import arch_for
 from darwinlm_core.errors import DarwinLMError
+from darwinlm_core.model_card import render_card
 from darwinlm_core.modeling_pruned import PRUNED_CLASSES, ZeroAttention, ZeroMLP
 
 EXPORT_FORMATS = ("compact", "padded")
@@ -143,7 +144,10 @@ def export_model(model, tokenizer, out_uri: str, *, export_format: str = "compac
         tokenizer.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(folder)
-        (folder / "darwinlm.json").write_text(json.dumps({"format": export_format, **(metadata or {})}, indent=1))
+        info = {"format": export_format, "total_params": sum(p.numel() for p in model.parameters()), **(metadata or {})}
+        (folder / "darwinlm.json").write_text(json.dumps(info, indent=1))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "README.md").write_text(render_card(config, info, (metadata or {}).get("evaluation")))
         _publish(folder, out_uri)
     return out_uri
 

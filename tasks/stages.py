@@ -9,6 +9,7 @@ a lost Prefect database and are shared by every run that can reach the store.)
 
 import json
 
+import torch
 from prefect import get_run_logger, task
 
 from darwinlm_core import storage
@@ -18,8 +19,10 @@ from darwinlm_core.database import Database, DatabaseBuilder, database_root, mod
 from darwinlm_core.errors import DarwinLMError
 from darwinlm_core.evaluation import greedy_continuation, prefill_tokens_per_second
 from darwinlm_core.export import export_model
+from darwinlm_core.gguf_export import export_gguf
 from darwinlm_core.fitness import CompactTeacher, compute_teacher
 from darwinlm_core.genome import Budget, Genome
+from darwinlm_core.model_card import write_model_card
 from darwinlm_core.models import load_config, load_model
 from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
 from darwinlm_core.search import Search, SearchState, rank
@@ -224,10 +227,30 @@ def post_train_task(config_values: dict, run_uri: str, database_ref: dict, genom
     genome = Genome.from_json({**genome_ref, "database": database.digest})
     losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
     metadata = {"database": database.digest, "genome": genome.digest, "levels": genome.to_json(),
-                "base_model_digest": database.manifest["base_model"]["digest"], "config_digest": config.digest,
-                "post_train_losses": losses}
+                "base_model": config.model, "base_model_digest": database.manifest["base_model"]["digest"],
+                "config_digest": config.digest, "kept_block_params": assembly.kept_params(),
+                "dense_block_params": database.manifest["dense_params"], "post_train_losses": losses}
     export_model(model, tokenizer, model_uri, metadata=metadata)
     return {"uri": model_uri}
+
+
+@task(name="export-gguf", **IO_RETRIES)
+def gguf_task(config_values: dict, run_uri: str, model_ref: dict) -> dict | None:
+    """The exported model as one GGUF file for llama.cpp (config `export.gguf`), made from the HF folder, so a
+    finished run asked for a GGUF later gets one without redoing anything; None when not configured."""
+    quant = _config(config_values).export.gguf
+    if quant is None:
+        return None
+    uri = storage.join(run_uri, f"model-{quant}.gguf")
+    if not storage.exists(uri):
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        folder = _local_model_dir(model_ref["uri"])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        info = _read_json(storage.join(model_ref["uri"], "darwinlm.json"))
+        export_gguf(model, PreTrainedTokenizerFast.from_pretrained(folder), uri, quant=quant,
+                    metadata={"name": f"{info.get('base_model', 'model')}-darwinlm", **info})
+    return {"uri": uri, "quant": quant}
 
 
 @task(name="evaluate", **IO_RETRIES)
@@ -256,6 +279,7 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
     results["sample"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                          **{name: greedy_continuation(model, tokenizer, prompt)
                             for name, model in (("dense", dense), ("pruned", pruned))}}
+    write_model_card(model_ref["uri"], evaluation=results)  # the card now shows before/after figures
     _write_json(uri, results)
     return results
 
@@ -292,3 +316,17 @@ def _local_model_dir(uri: str) -> str:
     folder = tempfile.mkdtemp(prefix="darwinlm-model-")
     fs.get(path.rstrip("/") + "/", folder, recursive=True)
     return folder
+
+
+def local_file(uri: str) -> str:
+    """A local path of the file at `uri`: the path itself, or a download of a remote one (e.g. a GGUF to log)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "file" in fs.protocol:
+        return path
+    import tempfile
+
+    target = f"{tempfile.mkdtemp(prefix='darwinlm-file-')}/{path.rsplit('/', 1)[-1]}"
+    fs.get_file(path, target)
+    return target

@@ -95,6 +95,12 @@ class Tracker:
         self.client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
         return version.version
 
+    def add_gguf(self, name: str, version: str, run_id: str, gguf_path: str) -> None:
+        """Log the GGUF file under the run's `gguf/` artifacts and point the model version at it (tag `gguf`)."""
+        self.client.log_artifact(run_id, gguf_path, "gguf")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/gguf/{Path(gguf_path).name}"
+        self.client.set_model_version_tag(name, version, "gguf", source)
+
 
 def flat_params(values: dict, prefix: str = "") -> dict:
     """A nested config as MLflow params: {"search.offspring": 4, ...}; lists (the stages) as their JSON."""

@@ -1,0 +1,188 @@
+"""GGUF benchmark: SmolLM2 dense vs 50% pruned, each at f16, q8_0 and q4_k_m, all run by llama.cpp.
+
+    python -m bench.gguf [--windows 8] [--reps 5] [--threads 2] [--prompt-tokens 512] [--decode-tokens 64]
+
+The pruned model is the demo's (`make demo`, found under data_home()/runs) when there is one, otherwise a
+uniform 50% of the database bench.export builds (content-addressed, so it is reused). Both are exported with
+`export_gguf`, perplexity is measured by llama.cpp on the same held-out 512-token windows torch is scored on
+(ppl_rel_diff_f16 compares the two), and speeds are medians of interleaved repetitions within this run:
+every repetition times every (model, quant) once, in rotated order, so load on a shared machine hits all alike.
+Prefill is one 512-token prompt with logits for its last token only (as serving does); decode feeds held-out
+tokens one at a time after it. Writes bench/results/gguf.json.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.results_file import provenance, write_results
+from darwinlm_core.environment import apply_offline_defaults
+
+QUANTS = ("f16", "q8_0", "q4_k_m")
+GOALS = {"prefill_speedup_f16": "≥ 1.5", "ppl_rel_diff_f16": "≤ 0.01"}
+
+
+def _pruned_model(model, tokenizer, split, digest: str, rows: int):
+    """(pruned live model, where it came from, kept block fraction): the demo's export, else uniform 50%."""
+    from transformers import AutoModelForCausalLM
+
+    from darwinlm_core.home import data_home
+
+    for folder in sorted((data_home() / "runs").glob("*-smollm2/model")):
+        if (folder / "config.json").is_file():
+            import json
+
+            info = json.loads((folder / "darwinlm.json").read_text()) if (folder / "darwinlm.json").is_file() else {}
+            fraction = info.get("kept_block_params", 0) / info["dense_block_params"] if info.get(
+                "dense_block_params") else None
+            return AutoModelForCausalLM.from_pretrained(folder).eval(), f"demo export {folder}", fraction
+    from bench.database import _uniform_levels
+    from bench.export import _build
+    from darwinlm_core.assembly import LiveAssembly
+
+    database, _ = _build(model, tokenizer, split, rows, digest)
+    assembly = LiveAssembly(model, database, base_model_digest=digest)
+    assembly.apply(_uniform_levels(database, 0.5))
+    return model, f"uniform 50% of database {database.digest}", assembly.kept_params() / database.manifest[
+        "dense_params"]
+
+
+def _llama(path: Path, threads: int, logits_all: bool, n_ctx: int):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+def _llama_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
+    """exp(mean next-token NLL) over windows (n, seq_len), each evaluated from an empty cache, as torch does."""
+    llm = _llama(path, threads, logits_all=True, n_ctx=windows.shape[1])
+    total, count = 0.0, 0
+    for window in windows.tolist():
+        llm.reset()
+        llm.eval(window)
+        logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32)).double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        total -= log_probs[torch.arange(len(window) - 1), torch.tensor(window[1:])].sum().item()
+        count += len(window) - 1
+    del llm
+    return float(np.exp(total / count))
+
+
+def _prefill_tok_s(llm, prompt: list[int]) -> float:
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    return len(prompt) / (time.perf_counter() - start)
+
+
+def _decode_tok_s(llm, prompt: list[int], tokens: list[int]) -> float:
+    """Tokens per second fed one at a time after `prompt` (which token comes next does not change the cost)."""
+    llm.reset()
+    llm.eval(prompt)
+    start = time.perf_counter()
+    for token in tokens:
+        llm.eval([token])
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def _speeds(files: dict, prompt: list[int], decode: list[int], reps: int, threads: int) -> dict:
+    """Median prefill and decode tokens/s per (model, quant), repetitions interleaved in rotated order."""
+    runners = {key: _llama(path, threads, logits_all=False, n_ctx=len(prompt) + len(decode) + 8)
+               for key, path in files.items()}
+    for llm in runners.values():  # first calls allocate buffers and page weights in: keep them out
+        _prefill_tok_s(llm, prompt[:64])
+    samples, keys = defaultdict(lambda: defaultdict(list)), list(runners)
+    for rep in range(reps):
+        for key in keys[rep % len(keys):] + keys[: rep % len(keys)]:
+            samples[key]["prefill"].append(_prefill_tok_s(runners[key], prompt))
+            samples[key]["decode"].append(_decode_tok_s(runners[key], prompt[:16], decode))
+        print(f"rep {rep + 1}/{reps}: " + " ".join(
+            f"{'/'.join(key)}={samples[key]['prefill'][-1]:.0f}|{samples[key]['decode'][-1]:.1f}" for key in keys),
+            flush=True)
+    return {key: {kind: statistics.median(values) for kind, values in kinds.items()} for key, kinds in samples.items()}
+
+
+def _arguments():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=8, help="held-out 512-token windows for perplexity")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per (model, quant); median")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens fed one at a time per decode timing")
+    parser.add_argument("--rows", type=int, default=64, help="calibration rows if the database must be built")
+    return parser.parse_args()
+
+
+def _export_all(dense, pruned, tokenizer, folder: Path) -> dict:
+    """{(model, quant): GGUF path} for dense and pruned at every quant."""
+    from darwinlm_core.gguf_export import export_gguf
+
+    files = {}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        for quant in QUANTS:
+            path = folder / f"{name}-{quant}.gguf"
+            start = time.perf_counter()
+            export_gguf(model, tokenizer, str(path), quant=quant, metadata={"name": f"smollm2-{name}"})
+            print(f"exported {path.name}: {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
+                  flush=True)
+            files[(name, quant)] = path
+    return files
+
+
+def main() -> None:
+    apply_offline_defaults()
+    from darwinlm_core.data import default_split, tokenize_blocks
+    from darwinlm_core.database import model_digest
+    from darwinlm_core.evaluation import perplexity
+    from darwinlm_core.models import load_model
+
+    args, started = _arguments(), time.perf_counter()
+    dense, tokenizer = load_model("smollm2")
+    split, digest = default_split(), model_digest(dense)
+    windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512, max_blocks=args.windows)
+    working, _ = load_model("smollm2")  # pruned in place when no demo export exists
+    pruned, pruned_source, kept_fraction = _pruned_model(working, tokenizer, split, digest, args.rows)
+    torch_ppl = {name: perplexity(model, windows) for name, model in (("dense", dense), ("pruned", pruned))}
+    print(f"torch perplexity: {torch_ppl}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as scratch:
+        files = _export_all(dense, pruned, tokenizer, Path(scratch))
+        del dense, pruned, working
+        ppl = {key: _llama_perplexity(path, windows, args.threads) for key, path in files.items()}
+        print(f"llama.cpp perplexity: {ppl}", flush=True)
+        load_before = os.getloadavg()
+        held_out = windows[1].tolist()
+        speed = _speeds(files, windows[0].tolist(), held_out[: args.decode_tokens], args.reps, args.threads)
+        sizes = {key: path.stat().st_size / 1e6 for key, path in files.items()}
+    per_quant = {quant: {name: {"size_mb": sizes[(name, quant)], "ppl": ppl[(name, quant)],
+                                "prefill_tok_s": speed[(name, quant)]["prefill"],
+                                "decode_tok_s": speed[(name, quant)]["decode"]} for name in ("dense", "pruned")}
+                 for quant in QUANTS}
+    ratio = lambda kind, quant: speed[("pruned", quant)][kind] / speed[("dense", quant)][kind]  # noqa: E731
+    results = {
+        "model": "SmolLM2-135M-Instruct", "pruned_model": pruned_source, "kept_block_fraction": kept_fraction,
+        "size_ratio_f16": sizes[("pruned", "f16")] / sizes[("dense", "f16")],
+        "prefill_speedup_f16": ratio("prefill", "f16"), "decode_speedup_f16": ratio("decode", "f16"),
+        "ppl_rel_diff_f16": max(abs(ppl[(name, "f16")] / torch_ppl[name] - 1) for name in ("dense", "pruned")),
+        "combined_speedup_q4_vs_dense_f16": speed[("pruned", "q4_k_m")]["prefill"] / speed[("dense", "f16")]["prefill"],
+        "combined_decode_speedup_q4_vs_dense_f16":
+            speed[("pruned", "q4_k_m")]["decode"] / speed[("dense", "f16")]["decode"],
+        **{f"prefill_speedup_{quant}": ratio("prefill", quant) for quant in QUANTS[1:]},
+        **{f"decode_speedup_{quant}": ratio("decode", quant) for quant in QUANTS[1:]},
+        "torch_ppl": torch_ppl, "per_quant": per_quant,
+        "eval": {"windows": int(windows.shape[0]), "seq_len": 512, "set": "in_domain (State of the Union 1990 on)"},
+        "load_average_during_timing": [load_before[0], os.getloadavg()[0]],
+        "run_s": time.perf_counter() - started,
+        "provenance": provenance(config=vars(args), seeds={"calibration_sample": 0}),
+    }
+    write_results("gguf", results, GOALS)
+
+
+if __name__ == "__main__":
+    main()
