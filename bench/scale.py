@@ -45,7 +45,7 @@ def dask_generations(generations: int) -> dict:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.compress import CompressParameters, _dask_runner, search_flow
+    from flows.compress import CompressParameters, dask_runner, search_flow
     from tasks.tracking import Tracker
 
     config, _, _, database = _demo_setup(generations)
@@ -59,7 +59,7 @@ def dask_generations(generations: int) -> dict:
             run_uri = str(Path(folder) / mode)
             search = search_flow
             if mode == "dask":
-                search = search_flow.with_options(task_runner=_dask_runner(CompressParameters(dask_workers=2)))
+                search = search_flow.with_options(task_runner=dask_runner(CompressParameters(dask_workers=2)))
             flow_state = search(values, run_uri, database_ref, tracker.start(mode), distributed=mode == "dask",
                                 return_state=True)
             state = json.loads((Path(run_uri) / "search_state.json").read_text())

@@ -6,8 +6,8 @@ layer-output error ‖WX − ŴX‖² least, and moves the remaining weights to 
     B = Hinv[J, J],  score_J = tr(W_J B⁻¹ W_Jᵀ),  W −= W_J B⁻¹ Hinv[J, :],  Hinv −= Hinv[:, J] B⁻¹ Hinv[J, :]
 One greedy pass yields every level, because removal sets are nested.
 
-Two implementations of the same math: `_greedy_groups` for a handful of multi-column units (heads), and
-`_greedy_columns` for thousands of single columns (channels), which batches the rank-1 downdates
+Two implementations of the same math: `greedy_groups` for a handful of multi-column units (heads), and
+`greedy_columns` for thousands of single columns (channels), which batches the rank-1 downdates
 (GPTQ's lazy-batch trick) because a full d_in² update per removed channel costs ~100 s on SmolLM2.
 """
 
@@ -52,7 +52,7 @@ def greedy_prune(
     n_units = weight.shape[1] // unit_size
     if weight.shape[1] % unit_size or list(snapshots) != sorted(snapshots) or snapshots[-1] > n_units:
         raise ValueError(f"bad unit_size {unit_size} or snapshots {snapshots} for {weight.shape[1]} columns")
-    run = _greedy_columns if unit_size == 1 else _greedy_groups
+    run = greedy_columns if unit_size == 1 else greedy_groups
     with _single_thread():
         return run(weight.float().clone(), hinv.float().clone(), unit_size, snapshots)
 
@@ -75,7 +75,7 @@ def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> Pr
     return PrunedWeights(int(removed.sum()), kept.cpu(), weight[:, columns].cpu())  # snapshots live on the CPU
 
 
-def _greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
+def greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
     n_units = weight.shape[1] // unit_size
     removed = torch.zeros(n_units, dtype=torch.bool, device=weight.device)
     results = []
@@ -98,7 +98,7 @@ def _greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
     return results
 
 
-def _greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> list[PrunedWeights]:
+def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> list[PrunedWeights]:
     """Single-column units with lazily applied downdates.
 
     Between flushes, the true matrices are  W = weight − A·B  and  Hinv = hinv − UᵀU  with k pending rank-1

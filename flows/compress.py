@@ -114,7 +114,7 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                                    params={"database_digest": database_ref["digest"]})
         search = search_flow
         if parameters.dask_workers or parameters.dask_address:
-            search = search_flow.with_options(task_runner=_dask_runner(parameters))
+            search = search_flow.with_options(task_runner=dask_runner(parameters))
         search(values, run_uri, database_ref, search_run, distributed=search is not search_flow)
         genome_ref = search_finish_task(values, run_uri, database_ref)
         structure, curve = plots(genome_ref, Database.open(database_ref["uri"]).manifest)
@@ -170,7 +170,7 @@ def search_flow(values: dict, run_uri: str, database_ref: dict, search_run: str,
                     "replaced" if record["accepted"] else "kept", record["move_size"], f"{record['kept']:,}")
 
 
-def _dask_runner(parameters: CompressParameters):
+def dask_runner(parameters: CompressParameters):
     """A Dask task runner: the given cluster, or a local one of single-threaded worker processes on
     127.0.0.1 (torch in each worker then uses one thread, so workers do not fight over cores)."""
     from prefect_dask import DaskTaskRunner
@@ -214,7 +214,7 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
               gguf_ref=None) -> str:
     """Register the export (and its GGUF, when made) once per run: registered.json on the store marks it done.
     A GGUF asked for after registration is logged to the run and tagged on the version then."""
-    from tasks.stages import _local_model_dir, local_file
+    from tasks.stages import local_model_dir, local_file
 
     marker = storage.join(run_uri, "registered.json")
     if storage.exists(marker):
@@ -229,7 +229,7 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     version = tracker.registered_version(_registered_name(config), {"run_uri": run_uri})
     if version is None:
         version = _stage(tracker, parent, "register", lambda: tracker.register(
-            parent, _local_model_dir(model_ref["uri"]), _registered_name(config), tags, description))
+            parent, local_model_dir(model_ref["uri"]), _registered_name(config), tags, description))
     record = {"name": _registered_name(config), "version": version}
     if gguf_ref is not None:
         tracker.add_gguf(record["name"], version, parent, local_file(gguf_ref["uri"]))

@@ -245,7 +245,7 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: dict) -> dict | None
     if not storage.exists(uri):
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-        folder = _local_model_dir(model_ref["uri"])
+        folder = local_model_dir(model_ref["uri"])
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         info = _read_json(storage.join(model_ref["uri"], "darwinlm.json"))
         export_gguf(model, PreTrainedTokenizerFast.from_pretrained(folder), uri, quant=quant,
@@ -264,7 +264,7 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
     config = _config(config_values)
     dense, tokenizer, data = _dense_model_and_data(config)
     teacher = dense_eval_teacher(dense, data, config.teacher_top_k)
-    pruned = AutoModelForCausalLM.from_pretrained(_local_model_dir(model_ref["uri"])).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref["uri"])).eval()
     pruned = pruned.to(next(dense.parameters()).device)
     results = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
@@ -304,7 +304,7 @@ def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:
     return accuracies
 
 
-def _local_model_dir(uri: str) -> str:
+def local_model_dir(uri: str) -> str:
     """A local folder holding the export: the URI itself, or a download of a remote one."""
     import fsspec
 

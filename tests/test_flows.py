@@ -184,7 +184,7 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
     import fsspec
 
     from flows.compress import compress
-    from tasks.stages import _local_model_dir
+    from tasks.stages import local_model_dir
 
     summary = compress(parameters(workspace).model_copy(update={"store": "s3://darwinlm/store"}))
     assert summary["model_uri"].startswith("s3://darwinlm/store/runs/")
@@ -194,7 +194,7 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
                  "registered.json"):
         assert fs.exists(f"{run}/{name}"), name
     assert fs.exists(summary["database"]["uri"].removeprefix("s3://") + "/manifest.json")
-    pruned = AutoModelForCausalLM.from_pretrained(_local_model_dir(summary["model_uri"]))
+    pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(summary["model_uri"]))
     assert sum(p.numel() for p in pruned.parameters()) == summary["evaluation"]["pruned"]["params"]
     assert not (workspace / "store").exists()  # nothing went to local disk instead
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from darwinlm_core.obs import (
-    _greedy_groups,
+    greedy_columns,
+    greedy_groups,
     dampen,
     greedy_prune,
     inverse_hessian,
@@ -81,16 +82,18 @@ def test_obs_beats_magnitude_at_every_level(unit_size, d_in):
     assert levels[-1].weight.shape == (24, 0) and levels[-1].kept_units.numel() == 0
 
 
-@pytest.mark.parametrize("d_in", [40, 150])  # 150 > the lazy batch of 64: several flushes happen
-def test_lazy_columns_match_direct_groups(d_in):
+@pytest.mark.parametrize("d_in,batch", [(40, 128), (150, 128), (150, 8)])  # batch 8: many full-batch flushes
+def test_lazy_columns_match_direct_groups(d_in, batch):
     # Very strongly correlated inputs: the lazy running norms and diagonal then decide close calls.
     weight, hessian = synthetic(16, d_in, seed=d_in, private=0.1, per_factor=2)
     hinv = inverse_hessian(hessian, DAMPING)
     # Sparse snapshots: each one flushes the pending downdates, so a snapshot at every step would never
     # exercise the lazy running norms and diagonal between flushes.
     snapshots = sorted({0, 1, 7, d_in // 3, d_in // 2 + 3, d_in - 5, d_in})
-    lazy = greedy_prune(weight, hinv, 1, snapshots)
-    direct = _greedy_groups(weight.clone(), hinv.clone(), 1, snapshots)
+    # between snapshots 78 and 145 more than 8 downdates pend: the flush on a full batch runs (at 128 it
+    # only runs on models wider than these tests)
+    lazy = greedy_columns(weight.clone(), hinv.clone(), 1, snapshots, batch=batch)
+    direct = greedy_groups(weight.clone(), hinv.clone(), 1, snapshots)
     assert len(lazy) == len(direct) == len(snapshots)
     for a, b in zip(lazy, direct):
         assert torch.equal(a.kept_units, b.kept_units), a.units_removed
