@@ -293,7 +293,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def _hyperparameters(writer, config, plans: list[LayerPlan], head_dim: int, rope: dict, quant: str) -> None:
-    writer.add_context_length(int(config.max_position_embeddings))
+    # deci has no sliding-window attention: a Mistral-style window becomes the trained context, so llama.cpp
+    # warns when asked for a longer one instead of silently attending further than the model was trained to
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    writer.add_context_length(int(min(config.max_position_embeddings, window or config.max_position_embeddings)))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(len(plans))
     writer.add_head_count([plan.n_head for plan in plans])

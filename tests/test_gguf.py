@@ -44,7 +44,7 @@ def pruned_tiny(family: str, database_dir):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def pruned(request, tmp_path_factory):
     return request.param, pruned_tiny(request.param, tmp_path_factory.mktemp("db"))
 
@@ -199,10 +199,11 @@ def test_gguf_refuses_an_existing_file(tmp_path):
 def test_gguf_metadata_records_the_pruning(tmp_path):
     import gguf
 
-    model = tiny_model("mistral", vocab_size=TINY_BPE_VOCAB)
+    model = tiny_model("mistral", vocab_size=TINY_BPE_VOCAB, sliding_window=32)
     path = export_gguf(model, tiny_bpe_tokenizer(), str(tmp_path / "m.gguf"), quant="f16",
                        metadata={"name": "tiny-pruned", "database": "abc"})
     reader = gguf.GGUFReader(path)
+    assert reader.fields["deci.context_length"].contents() == 32  # deci has no sliding window: cap the context
     assert reader.fields["general.name"].contents() == "tiny-pruned"
     assert json.loads(reader.fields["darwinlm.metadata"].contents())["database"] == "abc"
 
