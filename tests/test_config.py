@@ -48,3 +48,26 @@ def test_malformed_presets_fail_clearly(tmp_path, content, message):
 def test_unknown_preset_name_lists_the_known_ones():
     with pytest.raises(DarwinLMError, match="tiny"):
         load_preset("nope")
+
+
+def test_a_new_search_seed_reuses_the_database_rows_and_a_new_data_seed_does_not(tmp_path):
+    import random
+
+    from darwinlm_core.pipeline import prepare_data
+    from darwinlm_core.tiny_models import tiny_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for index in range(60):
+        (corpus / f"doc_{index:02d}.txt").write_text(" ".join(rng.choice(["the", "sea", "ship", "law"])
+                                                              for _ in range(300)) + ".")
+    tokenizer = tiny_tokenizer()
+
+    def digest(search_seed: int, data_seed: int) -> str:
+        config = load_preset("tiny", {"data": {"text": str(corpus), "seed": data_seed},
+                                      "search": {"seed": search_seed}})
+        return prepare_data(config, tokenizer).calibration_digest
+
+    assert digest(0, 0) == digest(7, 0)  # the database's content address does not move with the search seed
+    assert digest(0, 0) != digest(0, 1)
