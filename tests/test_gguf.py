@@ -170,10 +170,11 @@ def test_even_groups_keeps_every_query_on_its_kv_head(kv_of_query):
 
 
 def test_gguf_refuses_gemma_and_unknown_quant(tmp_path):
-    gemma = tiny_model("gemma3_text")
-    with pytest.raises(DarwinLMError, match="cannot express the 'gemma3_text' family") as error:
-        export_gguf(gemma, tiny_bpe_tokenizer(), str(tmp_path / "g.gguf"))
-    assert "\n" not in str(error.value)
+    # Gemma 3 and Qwen3 have q/k norms and Phi-3 fused projections, which deci's Llama layer cannot express
+    for family in ("gemma3_text", "qwen3", "phi3"):
+        with pytest.raises(DarwinLMError, match=f"cannot express the '{family}' family") as error:
+            export_gguf(tiny_model(family), tiny_bpe_tokenizer(), str(tmp_path / "g.gguf"))
+        assert "\n" not in str(error.value)
     with pytest.raises(DarwinLMError, match="unknown GGUF quant type 'q3'.*f32, f16, q8_0, q4_k_m"):
         export_gguf(tiny_model("llama"), tiny_bpe_tokenizer(), str(tmp_path / "l.gguf"), quant="q3")
     assert list(tmp_path.iterdir()) == []
