@@ -44,7 +44,7 @@ def pruned_tiny(family: str, database_dir):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "llama3"])  # llama3: rope_freqs, tied head
 def pruned(request, tmp_path_factory):
     return request.param, pruned_tiny(request.param, tmp_path_factory.mktemp("db"))
 
