@@ -25,7 +25,9 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _calibration(split, tokenizer, rows: int, seq_len: int):
+def calibration_rows(split, tokenizer, rows: int, seq_len: int):
+    """`rows` calibration blocks of `seq_len` tokens sampled from the split, with their digest (shared by the
+    database, export and GGUF benchmarks)."""
     from darwinlm_core.data import sample_blocks, tokenize_blocks
 
     blocks = tokenize_blocks(split.calibration, tokenizer, seq_len)
@@ -81,7 +83,7 @@ def error_ratios(model, ids, database, batch_size: int) -> list[float]:
     return ratios
 
 
-def _uniform_levels(database, fraction_removed: float) -> dict:
+def uniform_levels(database, fraction_removed: float) -> dict:
     """Every module at (nearly) the same fraction removed, repaired to the exact parameter budget, so all
     methods compared keep the same number of parameters."""
     from darwinlm_core.genome import Budget, Genome
@@ -124,7 +126,7 @@ def main() -> None:
 
     model, tokenizer = load_model("smollm2")
     split = default_split()
-    ids, calibration_digest = _calibration(split, tokenizer, args.rows, 512)
+    ids, calibration_digest = calibration_rows(split, tokenizer, args.rows, 512)
     eval_windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512, max_blocks=args.windows)
     digest = model_digest(model)
     dense_bytes = sum(p.numel() for p in model.parameters()) * 4
@@ -140,7 +142,7 @@ def main() -> None:
         db_bytes = sum(f.stat().st_size for f in Path(database.root).rglob("*") if f.is_file())
         ratios = error_ratios(model, ids, database, args.batch_size)
 
-        levels = _uniform_levels(database, 0.5)
+        levels = uniform_levels(database, 0.5)
         assembly = LiveAssembly(model, database, base_model_digest=digest)
         assembly.apply(levels)
         kept_fraction = assembly.kept_params() / database.manifest["dense_params"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.database import _calibration, _uniform_levels
+from bench.database import calibration_rows, uniform_levels
 from bench.results_file import write_results
 from darwinlm_core.environment import apply_offline_defaults
 
@@ -100,11 +100,12 @@ def _profile(model, ids: torch.Tensor) -> dict[str, float]:
     return {**spent, "other": total - sum(spent.values()), "total": total}
 
 
-def _build(model, tokenizer, split, rows: int, digest: str):
+def build_database_timed(model, tokenizer, split, rows: int, digest: str):
+    """The uniform-50% benchmarks' database of `model`, and the seconds build_database took (a cached one opens in ms)."""
     from darwinlm_core.database import DatabaseConfig, build_database, database_root
     from darwinlm_core.home import data_home
 
-    ids, calibration_digest = _calibration(split, tokenizer, rows, 512)
+    ids, calibration_digest = calibration_rows(split, tokenizer, rows, 512)
     base_uri, config = str(data_home() / "databases"), DatabaseConfig(storage_dtype="float16")
     _await_other_builder(Path(database_root(base_uri, digest, calibration_digest, config)))
     start = time.perf_counter()
@@ -124,7 +125,7 @@ def _export_pruned(model, tokenizer, database, digest: str):
         dense_dir, pruned_dir = f"{scratch}/dense", f"{scratch}/pruned"
         export_model(model, tokenizer, dense_dir, export_format="compact", dtype="float32")
         assembly = LiveAssembly(model, database, base_model_digest=digest)
-        assembly.apply(_uniform_levels(database, 0.5))
+        assembly.apply(uniform_levels(database, 0.5))
         export_model(model, tokenizer, pruned_dir, export_format="compact", dtype="float32")
         size_ratio = _folder_bytes(pruned_dir) / _folder_bytes(dense_dir)
         reloaded = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
@@ -174,7 +175,7 @@ def main() -> None:
     windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512,
                               max_blocks=max(args.reload_windows, args.prefill_batch))
     prompt = windows[:1, :16]
-    database, build_s = _build(model, tokenizer, split, args.rows, digest)
+    database, build_s = build_database_timed(model, tokenizer, split, args.rows, digest)
     dense_total = sum(p.numel() for p in model.parameters())  # tied embedding counted once, as lm_head
     assembly, size_ratio, reloaded = _export_pruned(model, tokenizer, database, digest)
     reload_diff, generate_match = _reload_checks(model, reloaded, windows[: args.reload_windows], prompt)

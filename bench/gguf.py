@@ -43,13 +43,13 @@ def _pruned_model(model, tokenizer, split, digest: str, rows: int):
             fraction = info.get("kept_block_params", 0) / info["dense_block_params"] if info.get(
                 "dense_block_params") else None
             return AutoModelForCausalLM.from_pretrained(folder).eval(), f"demo export {folder}", fraction
-    from bench.database import _uniform_levels
-    from bench.export import _build
+    from bench.database import uniform_levels
+    from bench.export import build_database_timed
     from darwinlm_core.assembly import LiveAssembly
 
-    database, _ = _build(model, tokenizer, split, rows, digest)
+    database, _ = build_database_timed(model, tokenizer, split, rows, digest)
     assembly = LiveAssembly(model, database, base_model_digest=digest)
-    assembly.apply(_uniform_levels(database, 0.5))
+    assembly.apply(uniform_levels(database, 0.5))
     return model, f"uniform 50% of database {database.digest}", assembly.kept_params() / database.manifest[
         "dense_params"]
 
