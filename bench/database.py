@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from bench.results_file import write_results
-from darwinlm_core.environment import apply_offline_defaults
+from darwinlm.core.database.structure import scatter_units, unit_columns
+from darwinlm.flows.offline import apply_offline_defaults
 
 
 
@@ -28,7 +29,7 @@ def _peak_rss_gb() -> float:
 def calibration_rows(split, tokenizer, rows: int, seq_len: int):
     """`rows` calibration blocks of `seq_len` tokens sampled from the split, with their digest (shared by the
     database, export and GGUF benchmarks)."""
-    from darwinlm_core.data import sample_blocks, tokenize_blocks
+    from darwinlm.core.data.tokens import sample_blocks, tokenize_blocks
 
     blocks = tokenize_blocks(split.calibration, tokenizer, seq_len)
     ids = sample_blocks(blocks, rows, torch.Generator().manual_seed(0))
@@ -50,18 +51,11 @@ def _magnitude_kept(weight: torch.Tensor, n_units: int, unit_size: int, removed:
     return norms.argsort(descending=True)[: n_units - removed].sort().values
 
 
-def _full_width(kept: torch.Tensor, weight: torch.Tensor, n_units: int, unit_size: int) -> torch.Tensor:
-    columns = (kept[:, None] * unit_size + torch.arange(unit_size)).flatten()
-    full = torch.zeros(weight.shape[0], n_units * unit_size)
-    full[:, columns] = weight.float()
-    return full
-
-
 def error_ratios(model, ids, database, batch_size: int) -> list[float]:
     """OBS ÷ magnitude reconstruction error ‖WX − ŴX‖² for every layer, module and level strictly between ends."""
-    from darwinlm_core.driver import BlockDriver
-    from darwinlm_core.hessians import collect_block_hessians
-    from darwinlm_core.obs import reconstruction_error
+    from darwinlm.core.model.driver import BlockDriver
+    from darwinlm.core.database.hessians import collect_block_hessians
+    from darwinlm.core.database.obs import reconstruction_error
 
     driver, ratios = BlockDriver(model, ids, batch_size=batch_size), []
     for layer in range(driver.num_blocks):
@@ -74,11 +68,11 @@ def error_ratios(model, ids, database, batch_size: int) -> list[float]:
             n_units, unit_size = entry["n_units"], entry["unit_size"]
             for level in range(1, len(entry["levels"]) - 1):
                 pruned = database.load(layer, kind, level)
-                obs = _full_width(pruned.kept_units, pruned.weight, n_units, unit_size)
+                obs = scatter_units(pruned.weight.float(), pruned.kept_units, n_units, unit_size)
                 kept = _magnitude_kept(dense, n_units, unit_size, pruned.units_removed)
-                columns = (kept[:, None] * unit_size + torch.arange(unit_size)).flatten()
+                columns = unit_columns(kept, unit_size)
                 # Same storage precision for both, so the ratio compares selection and update, not rounding.
-                magnitude = _full_width(kept, dense[:, columns].half(), n_units, unit_size)
+                magnitude = scatter_units(dense[:, columns].half().float(), kept, n_units, unit_size)
                 ratios.append(reconstruction_error(dense, obs, hessian) / reconstruction_error(dense, magnitude, hessian))
     return ratios
 
@@ -86,7 +80,7 @@ def error_ratios(model, ids, database, batch_size: int) -> list[float]:
 def uniform_levels(database, fraction_removed: float) -> dict:
     """Every module at (nearly) the same fraction removed, repaired to the exact parameter budget, so all
     methods compared keep the same number of parameters."""
-    from darwinlm_core.genome import Budget, Genome
+    from darwinlm.core.search.genome import Budget, Genome
 
     levels = Budget.from_database(database, fraction_removed=fraction_removed).uniform()
     return Genome(levels, database.digest).assignment()
@@ -95,7 +89,7 @@ def uniform_levels(database, fraction_removed: float) -> dict:
 @torch.no_grad()
 def _magnitude_model(model, database, levels) -> None:
     """Zero, in place, the output-projection columns of the units magnitude pruning removes at `levels`."""
-    from darwinlm_core.arch import arch_for
+    from darwinlm.core.model.arch import arch_for
 
     spec = arch_for(model)
     for (layer, kind), level in levels.items():
@@ -111,11 +105,12 @@ def _magnitude_model(model, database, levels) -> None:
 
 def main() -> None:
     apply_offline_defaults()
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.data import default_split, tokenize_blocks
-    from darwinlm_core.database import DatabaseConfig, build_database, model_digest
-    from darwinlm_core.evaluation import perplexity
-    from darwinlm_core.models import load_model
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.data.default_corpus import default_split
+    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.database.store import DatabaseConfig, build_database, model_digest
+    from darwinlm.core.evaluation.metrics import perplexity
+    from darwinlm.core.model.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="calibration rows of 512 tokens")

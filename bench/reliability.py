@@ -16,11 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import crash_campaign as campaign
+from tests.support import crash_campaign as campaign
+from tests.support.credentials import SENTINELS, credential_leaks
 from bench.results_file import write_results
-from darwinlm_core.environment import apply_offline_defaults
-
-SENTINELS = {"key": "AKIASENTINEL7c41d2", "secret": "sentinel-secret-5f0e9a3b7d"}
+from darwinlm.flows.offline import apply_offline_defaults
 
 
 def crash_campaign(trials: int, seed: int, api_url: str, scratch: Path) -> dict:
@@ -67,10 +66,10 @@ def storage_campaign(scratch: Path) -> dict:
     """Database builds and exports on a moto bucket under transient faults and stalls, then a dead store."""
     import fsspec
 
-    from bench.storage_faults import StorageFaults, moto_s3
-    from darwinlm_core.database import DatabaseConfig, build_database
-    from darwinlm_core.errors import DarwinLMError
-    from darwinlm_core.tiny_models import random_token_rows, tiny_model
+    from tests.support.storage_faults import StorageFaults, moto_s3
+    from darwinlm.core.database.store import DatabaseConfig, build_database
+    from darwinlm.core.errors import DarwinLMError
+    from tests.support.tiny_models import random_token_rows, tiny_model
 
     rows, config = random_token_rows(128, 8, 16), DatabaseConfig(level_steps=3)
     result = {"storage_faults_injected": 0, "storage_faults_recovered": 0, "storage_permanent_clear_error": 0,
@@ -101,7 +100,7 @@ def storage_campaign(scratch: Path) -> dict:
 def bad_input_campaign(scratch: Path) -> dict:
     import pytest
 
-    from bench.bad_inputs import CASES, run_case
+    from tests.support.bad_inputs import CASES, run_case
 
     clean, failures = 0, []
     for case in CASES:
@@ -114,33 +113,6 @@ def bad_input_campaign(scratch: Path) -> dict:
     return {"bad_inputs_tried": len(CASES), "bad_inputs_clean_error": clean, "bad_input_failures": failures}
 
 
-def credential_leaks(sentinels, store_prefix: str, outputs: list[str]) -> list[str]:
-    """Where any sentinel appears: MLflow params/tags/versions, Prefect parameters/logs, stored text, output."""
-    import fsspec
-    from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
-
-    from tasks.tracking import tracking_uri
-
-    texts = {"output": outputs}
-    with get_client(sync_client=True) as client:
-        texts["prefect"] = [str(run.parameters) for run in client.read_flow_runs()]
-        texts["prefect"] += [log.message for log in client.read_logs()]
-    mlflow = MlflowClient(tracking_uri=tracking_uri())
-    texts["mlflow"] = []
-    for run in mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()]):
-        texts["mlflow"] += [str(run.data.params), str(run.data.tags)]
-    for version in mlflow.search_model_versions():
-        texts["mlflow"] += [str(version.tags), str(version.source)]
-    fs, root = fsspec.core.url_to_fs(store_prefix)
-    texts["store"] = [fs.cat_file(p).decode(errors="replace") for p in fs.find(root)
-                      if p.endswith((".json", ".py", ".txt", ".yaml"))]
-    if not all(texts.values()):
-        raise RuntimeError(f"nothing to scan in {[k for k, v in texts.items() if not v]}")
-    return [f"{where}: {name}" for where, found in texts.items() for name, value in sentinels.items()
-            if any(value in text for text in found)]
-
-
 def credential_campaign(scratch: Path) -> dict:
     import contextlib
     import io
@@ -149,8 +121,8 @@ def credential_campaign(scratch: Path) -> dict:
     import pytest
     import s3fs
 
-    from bench.storage_faults import moto_s3
-    from flows.compress import CompressParameters, compress
+    from tests.support.storage_faults import moto_s3
+    from darwinlm.flows.compress import CompressParameters, compress
 
     workspace = campaign.make_workspace(scratch / "credentials")
     with moto_s3() as endpoint, pytest.MonkeyPatch.context() as patch:

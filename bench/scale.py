@@ -14,22 +14,22 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.results_file import RESULTS_DIR, write_results
-from darwinlm_core.environment import apply_offline_defaults
+from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
+from darwinlm.flows.offline import apply_offline_defaults
 
 
 def _demo_setup(generations: int):
-    from darwinlm_core.config import load_preset
-    from darwinlm_core.database import build_database
-    from darwinlm_core.home import data_home
-    from darwinlm_core.models import load_model
-    from darwinlm_core.pipeline import prepare_data
+    from darwinlm.core.config import load_preset
+    from darwinlm.core.database.store import build_database
+    from darwinlm.core.home import data_home
+    from darwinlm.core.model.loading import load_model
+    from darwinlm.core.pipeline import prepare_data
 
     config = load_preset("smollm2-demo", {"search": {"generations": generations}})
     model, tokenizer = load_model("smollm2")
@@ -45,8 +45,8 @@ def dask_generations(generations: int) -> dict:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.compress import CompressParameters, dask_runner, search_flow
-    from tasks.tracking import Tracker
+    from darwinlm.flows.compress import CompressParameters, dask_runner, search_flow
+    from darwinlm.tasks.tracking import Tracker
 
     config, _, _, database = _demo_setup(generations)
     values = json.loads(json.dumps(config.to_dict()))
@@ -97,10 +97,10 @@ def _stage_seconds(flow_run_id) -> dict:
 
 def latency_budget(generations: int, fraction: float) -> dict:
     """One-shot search under a latency budget; the table's predicted prefill speedup vs the measured one."""
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.fitness import compute_teacher
-    from darwinlm_core.latency import load_or_measure, predicted_speedup
-    from darwinlm_core.search import Search, StageConfig
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.search.fitness import compute_teacher
+    from darwinlm.core.search.latency import load_or_measure, predicted_speedup
+    from darwinlm.core.search.evolution import Search, StageConfig
 
     config, model, data, database = _demo_setup(generations)
     assembly = LiveAssembly(model, database)
@@ -113,16 +113,13 @@ def latency_budget(generations: int, fraction: float) -> dict:
     levels = search.genome(search.run()).assignment()
     predicted = predicted_speedup(table, levels)
     ids = data.eval_windows["in_domain"][:1]
-    timings = {"dense": [], "pruned": []}
-    with torch.no_grad():
-        for _ in range(7):
-            for name, assignment in (("dense", {key: 0 for key in levels}), ("pruned", levels)):
-                assembly.apply(assignment, rebuild=True)
-                model(ids, use_cache=False)  # warm-up after the swap
-                start = time.perf_counter()
-                model(ids, use_cache=False)
-                timings[name].append(time.perf_counter() - start)
-    measured = statistics.median(timings["dense"]) / statistics.median(timings["pruned"])
+    assignments = {"dense": {key: 0 for key in levels}, "pruned": levels}
+    with torch.no_grad():  # each swap is followed by an untimed warm-up forward
+        seconds = interleaved_medians(
+            {name: (lambda: timed_seconds(lambda: model(ids, use_cache=False))) for name in assignments}, 7,
+            prepare={name: (lambda a=a: (assembly.apply(a, rebuild=True), model(ids, use_cache=False)))
+                     for name, a in assignments.items()}, warmup=False)
+    measured = seconds["dense"] / seconds["pruned"]
     return {"latency_budget_speedup_predicted": predicted, "latency_budget_speedup_measured": measured,
             "latency_budget_fraction_removed": fraction, "latency_table_device": table["device"],
             "latency_kept_params_fraction": assembly.kept_params() / database.manifest["dense_params"]}

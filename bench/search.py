@@ -22,15 +22,16 @@ from dataclasses import replace
 import torch
 
 from bench.results_file import provenance, write_results
-from darwinlm_core.environment import apply_offline_defaults
+from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
+from darwinlm.flows.offline import apply_offline_defaults
 
 METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
 SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware"}
 
 
 def evaluate_row(model, data, teacher, tokenizer, config, params: int, wall_s: float) -> dict:
-    from darwinlm_core.pipeline import evaluate
-    from tasks.stages import zero_shot_scores
+    from darwinlm.core.pipeline import evaluate
+    from darwinlm.tasks.stages import zero_shot_scores
 
     scores = evaluate(model, data, teacher)
     row = {"params": params, "ppl_sotu": scores["ppl_in_domain"], "ppl_moby": scores.get("ppl_out_of_domain"),
@@ -63,16 +64,13 @@ def gap_closed(row: dict, uniform: dict, dense: dict) -> dict:
 
 def candidate_eval_speedup(assembly, teacher, levels) -> float:
     """Fitness-evaluation tokens/s at `levels` ÷ dense, interleaved three times, medians."""
-    from darwinlm_core.fitness import kl_per_token
+    from darwinlm.core.search.fitness import kl_per_token
 
-    times = {"dense": [], "pruned": []}
-    for _ in range(3):
-        for name, assignment in (("dense", {k: 0 for k in levels}), ("pruned", levels)):
-            assembly.apply(assignment, rebuild=True)
-            start = time.perf_counter()
-            kl_per_token(assembly.model, teacher)
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["dense"]) / statistics.median(times["pruned"])
+    assignments = {"dense": {key: 0 for key in levels}, "pruned": levels}
+    seconds = interleaved_medians(
+        {name: (lambda: timed_seconds(lambda: kl_per_token(assembly.model, teacher))) for name in assignments}, 3,
+        prepare={name: (lambda a=a: assembly.apply(a, rebuild=True)) for name, a in assignments.items()}, warmup=False)
+    return seconds["dense"] / seconds["pruned"]
 
 
 def decision_noise(search, parent, rows: int = 12, children: int = 6) -> dict:
@@ -80,7 +78,7 @@ def decision_noise(search, parent, rows: int = 12, children: int = 6) -> dict:
     candidates rests on their paired per-row differences, whose mean/sd says how many rows a 2σ call needs."""
     import random
 
-    from darwinlm_core.genome import offspring
+    from darwinlm.core.search.genome import offspring
 
     pool = search.teacher_pool
     indices = torch.arange(search.config.fixed_rows, search.config.fixed_rows + rows)
@@ -100,15 +98,15 @@ def decision_noise(search, parent, rows: int = 12, children: int = 6) -> dict:
 
 def run_target(fraction: float, args, rows: dict, save) -> None:
     """Fill `rows` (method → row) for one target, calling save() as rows arrive."""
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.config import load_preset
-    from darwinlm_core.database import DatabaseBuilder, build_database
-    from darwinlm_core.fitness import compute_teacher
-    from darwinlm_core.genome import Genome
-    from darwinlm_core.home import data_home
-    from darwinlm_core.models import load_model
-    from darwinlm_core.pipeline import dense_eval_teacher, post_train, prepare_data
-    from darwinlm_core.search import Search, StageConfig
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.config import load_preset
+    from darwinlm.core.database.store import DatabaseBuilder, build_database
+    from darwinlm.core.search.fitness import compute_teacher
+    from darwinlm.core.search.genome import Genome
+    from darwinlm.core.home import data_home
+    from darwinlm.core.model.loading import load_model
+    from darwinlm.core.pipeline import dense_eval_teacher, post_train, prepare_data
+    from darwinlm.core.search.evolution import Search, StageConfig
 
     config = load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": {
         "fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring},
@@ -196,8 +194,8 @@ def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenize
     """torch-pruning's Taylor pruning (uniform and global), on the same calibration rows as the database, then
     the same post-training as darwinlm (finetune with distillation from the same teacher rows)."""
     from bench.peer_torch_pruning import prune_taylor
-    from darwinlm_core.finetune import finetune
-    from darwinlm_core.models import load_model
+    from darwinlm.core.search.finetune import finetune
+    from darwinlm.core.model.loading import load_model
 
     for scope, name in (("uniform", "tp_taylor_uniform"), ("global", "tp_global")):
         peer_model, _ = load_model(args.model)

@@ -1,4 +1,4 @@
-"""The whole compression's configuration, and presets: YAML files under darwinlm_core/presets/.
+"""The whole compression's configuration, and presets: YAML files under darwinlm_core/presets/ (darwinlm.core's presets).
 
 A preset names every knob of every stage. Unknown keys are errors (a typo must not silently fall back to a
 default), and values are checked by each stage's own dataclass. Every preset file starts with the command
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from darwinlm_core.database import DatabaseConfig
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.finetune import FinetuneConfig
-from darwinlm_core.search import SearchConfig, StageConfig
+from darwinlm.core.database.store import DatabaseConfig
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.search.finetune import FinetuneConfig
+from darwinlm.core.search.evolution import SearchConfig, StageConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -60,7 +60,7 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.gguf is not None:
-            from darwinlm_core.gguf_export import check_gguf_quant
+            from darwinlm.core.export.gguf import check_gguf_quant
 
             check_gguf_quant(self.gguf)
 

@@ -10,14 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.config import CompressConfig
-from darwinlm_core.data import CorpusSplit, default_split, read_documents, split_documents, tokenize_blocks
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.evaluation import perplexity
-from darwinlm_core.finetune import finetune
-from darwinlm_core.fitness import CompactTeacher, compute_teacher, kl_per_token
-from darwinlm_core.genome import Genome
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.config import CompressConfig
+from darwinlm.core.data.default_corpus import load_split
+from darwinlm.core.data.splits import CorpusSplit
+from darwinlm.core.data.tokens import tokenize_blocks
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.evaluation.metrics import perplexity
+from darwinlm.core.search.finetune import finetune
+from darwinlm.core.search.fitness import CompactTeacher, compute_teacher, kl_per_token
+from darwinlm.core.search.genome import Genome
 
 
 @dataclass(frozen=True)
@@ -34,19 +36,13 @@ class PreparedData:
         return hashlib.sha256(self.split.digest.encode() + self.calibration_ids.numpy().tobytes()).hexdigest()
 
 
-def load_split(config: CompressConfig) -> CorpusSplit:
-    if config.data.text is None:
-        return default_split()
-    return split_documents(read_documents(config.data.text, config.data.text_field))
-
-
 def _shuffled(blocks: torch.Tensor, seed: int) -> torch.Tensor:
     return blocks[torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
 def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
     """Tokenize the split into the row sets every stage needs; too little text is a clear error."""
-    data, split = config.data, load_split(config)
+    data, split = config.data, load_split(config.data.text, config.data.text_field)
     calibration = _shuffled(tokenize_blocks(split.calibration, tokenizer, data.seq_len), data.seed)
     needed = data.calibration_rows + data.fitness_rows
     if calibration.shape[0] < needed:
@@ -72,7 +68,7 @@ def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
 def preflight(config: CompressConfig) -> None:
     """What a compression can check in seconds, before weights load or a workflow starts: the model's
     architecture is supported, its tokenizer fits it, and the text gives enough rows for every stage."""
-    from darwinlm_core.models import load_tokenizer
+    from darwinlm.core.model.loading import load_tokenizer
 
     prepare_data(config, load_tokenizer(config.model))
 

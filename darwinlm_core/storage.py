@@ -19,7 +19,7 @@ import uuid
 
 import fsspec
 
-from darwinlm_core.errors import DarwinLMError
+from darwinlm.core.errors import DarwinLMError
 
 # Seconds between attempts: four attempts over ~5 s ride out a blip without hiding an outage for long.
 RETRY_DELAYS = (0.25, 1.0, 4.0)

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 import tempfile
 
-from darwinlm_core.environment import apply_offline_defaults
-from darwinlm_core.errors import DarwinLMError
+from darwinlm.flows.offline import apply_offline_defaults
+from darwinlm.core.errors import DarwinLMError
 
 
 LOCAL_TASK_EXAMPLES = 200  # examples written per local lm-eval task; --task-limit takes the first N
@@ -127,7 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default="compact",
         choices=["compact", "padded", "gguf"],
         help="compact: only kept weights, per-layer widths in config.json, modeling code via auto_map "
-        "(load with trust_remote_code=True, or plainly after `import darwinlm_core`); padded: the plain "
+        "(load with trust_remote_code=True, or plainly after `darwinlm.core.register_pruned_classes()`); padded: the plain "
         "architecture with zeros for removed heads/channels, loads anywhere without custom code but is as "
         "big and as slow as the dense model; gguf: one file for llama.cpp (its `deci` architecture, per-layer "
         "head and FFN sizes; llama, mistral and qwen2 families)",
@@ -165,12 +165,12 @@ def _compress(args) -> None:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a fresh sqlite needs it
-    from flows.compress import CompressParameters, compress
-    from flows.report import print_summary, write_results
+    from darwinlm.flows.compress import CompressParameters, compress
+    from darwinlm.flows.report import print_summary, write_results
 
     from pydantic import ValidationError
 
-    from darwinlm_core.pipeline import preflight
+    from darwinlm.core.pipeline import preflight
 
     try:
         parameters = CompressParameters.of(args.preset, model=args.model, text=args.text,
@@ -193,11 +193,12 @@ def _compress(args) -> None:
 
 
 def _export(args) -> None:
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.database import Database
-    from darwinlm_core.export import export_model, read_level_assignment
-    from darwinlm_core.gguf_export import check_gguf_exportable, check_gguf_quant, export_gguf
-    from darwinlm_core.models import load_config, load_model
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.store import Database
+    from darwinlm.core.database.structure import MODULE_KINDS
+    from darwinlm.core.export.huggingface import export_model, read_level_assignment
+    from darwinlm.core.export.gguf import check_gguf_exportable, check_gguf_quant, export_gguf
+    from darwinlm.core.model.loading import load_config, load_model
 
     gguf = args.format == "gguf"
     if gguf:  # quant, family and settings are checked before any weights are read
@@ -215,7 +216,7 @@ def _export(args) -> None:
         assembly.apply(levels, masked=args.format == "padded")
         layers = range(database.manifest["base_model"]["num_layers"])
         metadata.update({"database": database.digest, "base_model_digest": database.manifest["base_model"]["digest"],
-                         "levels": {kind: [levels[(i, kind)] for i in layers] for kind in ("attn", "mlp")},
+                         "levels": {kind: [levels[(i, kind)] for i in layers] for kind in MODULE_KINDS},
                          "kept_block_params": assembly.kept_params(),
                          "dense_block_params": database.manifest["dense_params"]})
     if gguf:
@@ -228,15 +229,16 @@ def _export(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from darwinlm_core.data import default_split, read_documents, split_documents, tokenize_blocks
-    from darwinlm_core.evaluation import perplexity
-    from darwinlm_core.lm_tasks import run_lm_eval
-    from darwinlm_core.models import load_model
+    from darwinlm.core.data.default_corpus import load_split
+    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.evaluation.metrics import perplexity
+    from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
+    from darwinlm.core.model.loading import load_model
 
     if args.seq_len < 2 or args.windows < 1 or args.batch_size < 1:
         raise DarwinLMError("--seq-len must be ≥ 2 and --windows, --batch-size ≥ 1")
     requested = _parse_tasks(args.tasks, args.task_limit)
-    split = default_split() if args.text is None else split_documents(read_documents(args.text, args.text_field))
+    split = load_split(args.text, args.text_field)
     with tempfile.TemporaryDirectory(prefix="darwinlm-tasks-") as task_dir:
         if requested:  # tasks first: a typo in --tasks fails before any model is loaded
             names, manager = _prepare_tasks(requested, split, task_dir)
@@ -271,7 +273,9 @@ def _parse_tasks(tasks: str | None, limit: int | None) -> list[str]:
         if limit is not None:
             raise DarwinLMError("--task-limit needs --tasks", "add e.g. --tasks local")
         return []
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    from darwinlm.core.evaluation.task_files import task_names
+
+    names = task_names(tasks)
     if not names:
         raise DarwinLMError(f"--tasks {tasks!r} names no task", "pass e.g. --tasks local or --tasks local,arc_easy")
     return names
@@ -279,10 +283,10 @@ def _parse_tasks(tasks: str | None, limit: int | None) -> list[str]:
 
 def _prepare_tasks(requested: list[str], split, task_dir: str):
     """Write the local tasks of `split` into task_dir; (task names with `local` expanded, checked TaskManager)."""
-    from darwinlm_core.lm_tasks import task_manager_for, write_local_tasks
+    from darwinlm.core.evaluation.lm_eval_run import task_manager_for
+    from darwinlm.core.evaluation.task_files import expand_local, write_local_tasks
 
-    local = write_local_tasks(split, task_dir, examples_per_task=LOCAL_TASK_EXAMPLES)
-    names = list(dict.fromkeys(name for task in requested for name in (local if task == "local" else [task])))
+    names = expand_local(requested, write_local_tasks(split, task_dir, examples_per_task=LOCAL_TASK_EXAMPLES))
     return names, task_manager_for(names, task_dir)
 
 

@@ -17,16 +17,17 @@ import yaml
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from darwinlm_core import storage
-from darwinlm_core.config import CompressConfig, config_from_dict, load_preset, preset_names
-from darwinlm_core.database import Database
-from darwinlm_core.environment import apply_offline_defaults
-from darwinlm_core.home import data_home
-from tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
+from darwinlm.core import storage
+from darwinlm.core.config import CompressConfig, config_from_dict, load_preset, preset_names
+from darwinlm.core.database.store import Database
+from darwinlm.flows.offline import apply_offline_defaults
+from darwinlm.core.home import data_home
+from darwinlm.tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
                           gguf_task, post_train_task, prepare_data_task, search_finish_task,
                           search_generation_task)
-from flows.artifacts import SearchProgress, publish_summary
-from tasks.tracking import Tracker, flat_params, generation_metrics, plots
+from darwinlm.flows.artifacts import SearchProgress, publish_summary
+from darwinlm.tasks.refs import DatabaseRef, DataRef
+from darwinlm.tasks.tracking import Tracker, flat_params, generation_metrics, plots
 
 
 PresetName = Literal[tuple(preset_names())]  # the Prefect form renders a choice list
@@ -100,8 +101,8 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
 def _run_stages(parameters, config, values, store, run_uri, started, logger) -> dict:
     data = prepare_data_task(values, run_uri)
     tracker = Tracker()
-    lineage = {"base_model": config.model, "base_model_digest": data["base_model_digest"],
-               "split_digest": data["split_digest"], "config_digest": config.digest}
+    lineage = {"base_model": config.model, "base_model_digest": data.base_model_digest,
+               "split_digest": data.split_digest, "config_digest": config.digest}
     parent = tracker.start(f"compress {config.model} -{config.search.fraction_removed:.0%}",
                            params={"preset": parameters.preset_file or parameters.preset, "run_uri": run_uri,
                                    "config_digest": config.digest, **flat_params(config.to_dict())},
@@ -109,19 +110,19 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
     tracker.text(parent, yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False), "config.yaml")
     try:
         database_ref = _stage(tracker, parent, "database", lambda: _build_database(values, store, data))
-        tracker.client.set_tag(parent, "database_digest", database_ref["digest"])
+        tracker.client.set_tag(parent, "database_digest", database_ref.digest)
         search_run = tracker.start("search", tags=lineage, parent=parent,
-                                   params={"database_digest": database_ref["digest"]})
+                                   params={"database_digest": database_ref.digest})
         search = search_flow
         if parameters.dask_workers or parameters.dask_address:
             search = search_flow.with_options(task_runner=dask_runner(parameters))
         search(values, run_uri, database_ref, search_run, distributed=search is not search_flow)
         genome_ref = search_finish_task(values, run_uri, database_ref)
-        structure, curve = plots(genome_ref, Database.open(database_ref["uri"]).manifest)
+        structure, curve = plots(genome_ref, Database.open(database_ref.uri).manifest)
         tracker.figure(search_run, structure, "kept_per_layer.png")
         tracker.figure(search_run, curve, "fitness_curve.png")
-        tracker.metrics(search_run, {"kept_params": genome_ref["kept_params"], "fitness": genome_ref["fitness"]})
-        start = genome_ref.get("start", {})
+        tracker.metrics(search_run, {"kept_params": genome_ref.kept_params, "fitness": genome_ref.fitness})
+        start = genome_ref.start
         tracker.client.set_tag(search_run, "start", start.get("chosen", "uniform"))
         tracker.metrics(search_run, {f"start_{key}": value for key, value in start.items()})
         tracker.finish(search_run)
@@ -131,9 +132,9 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
             tracker.metrics(parent, {f"{name}_{key}": value for key, value in evaluation[name].items()})
         if "sample" in evaluation:
             tracker.text(parent, json.dumps(evaluation["sample"], indent=1), "greedy_sample.json")
-        description = (f"{config.model} with {genome_ref['kept_params'] / genome_ref['dense_params']:.1%} of its block "
+        description = (f"{config.model} with {genome_ref.kept_params / genome_ref.dense_params:.1%} of its block "
                        f"parameters kept (DarwinLM structured pruning, {config.search.generations} generations "
-                       f"from the {genome_ref.get('start', {}).get('chosen', 'uniform')} start); held-out "
+                       f"from the {genome_ref.start.get('chosen', 'uniform')} start); held-out "
                        + ", ".join(f"{key} {evaluation['dense'][key]:.2f} → {evaluation['pruned'][key]:.2f}"
                                    for key in evaluation["pruned"] if key.startswith("ppl_")))
         gguf_ref = gguf_task(values, run_uri, model_ref) if config.export.gguf else None
@@ -143,18 +144,19 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
         tracker.finish(parent, "FAILED")
         raise
     tracker.finish(parent)
-    summary = {"run_uri": run_uri, "model_uri": model_ref["uri"], "database": database_ref, "mlflow_run_id": parent,
+    summary = {"run_uri": run_uri, "model_uri": model_ref.uri, "database": database_ref.model_dump(), "mlflow_run_id": parent,
                "registered_model": _registered_name(config), "registered_version": version,
-               "gguf_uri": gguf_ref["uri"] if gguf_ref else None,
-               "evaluation": evaluation, "kept_params": genome_ref["kept_params"],
-               "dense_params": genome_ref["dense_params"], "wall_s": time.perf_counter() - started}
+               "gguf_uri": gguf_ref.uri if gguf_ref else None,
+               "evaluation": evaluation, "evaluation_labels": data.split.get("labels", {}),
+               "kept_params": genome_ref.kept_params,
+               "dense_params": genome_ref.dense_params, "wall_s": time.perf_counter() - started}
     logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
     publish_summary(_safe(config.model), summary, tracker.experiment_id)
     return summary
 
 
 @flow(name="search", log_prints=True)
-def search_flow(values: dict, run_uri: str, database_ref: dict, search_run: str, distributed: bool = False) -> None:
+def search_flow(values: dict, run_uri: str, database_ref: DatabaseRef, search_run: str, distributed: bool = False) -> None:
     """The search's generations, each a task with a task per selection stage; with a Dask task runner
     (`distributed`), every candidate's finetune-and-fitness is its own task on a Dask worker."""
     config, logger, tracker = config_from_dict(values), get_run_logger(), Tracker()
@@ -181,11 +183,11 @@ def dask_runner(parameters: CompressParameters):
                                           "processes": True, "host": "127.0.0.1", "dashboard_address": None})
 
 
-def _build_database(values: dict, store: str, data: dict) -> dict:
+def _build_database(values: dict, store: str, data: DataRef) -> DatabaseRef:
     """One task per layer, so a crash resumes at the layer it was building; nothing runs when it was built."""
     plan = database_plan_task(values, store, data)
-    if not plan["finished"]:
-        for layer in range(plan["num_layers"]):
+    if not plan.finished:
+        for layer in range(plan.num_layers):
             database_layer_task(values, store, data, plan, layer)
     return database_finish_task(values, store, data, plan)
 
@@ -214,25 +216,25 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
               gguf_ref=None) -> str:
     """Register the export (and its GGUF, when made) once per run: registered.json on the store marks it done.
     A GGUF asked for after registration is logged to the run and tagged on the version then."""
-    from tasks.stages import local_model_dir, local_file
+    from darwinlm.tasks.stages import local_model_dir, local_file
 
     marker = storage.join(run_uri, "registered.json")
     if storage.exists(marker):
         record = json.loads(storage.read_bytes(marker))
-        if gguf_ref is not None and record.get("gguf") != gguf_ref["uri"]:
-            tracker.add_gguf(record["name"], record["version"], parent, local_file(gguf_ref["uri"]))
-            storage.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref["uri"]}).encode())
+        if gguf_ref is not None and record.get("gguf") != gguf_ref.uri:
+            tracker.add_gguf(record["name"], record["version"], parent, local_file(gguf_ref.uri))
+            storage.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref.uri}).encode())
         return record["version"]
-    tags = {**lineage, "database_digest": database_ref["digest"], "database_uri": database_ref["uri"],
+    tags = {**lineage, "database_digest": database_ref.digest, "database_uri": database_ref.uri,
             "search_run": search_run, "compress_run": parent, "run_uri": run_uri}
     # A crash between registering and writing the marker must not register the same model twice.
     version = tracker.registered_version(_registered_name(config), {"run_uri": run_uri})
     if version is None:
         version = _stage(tracker, parent, "register", lambda: tracker.register(
-            parent, local_model_dir(model_ref["uri"]), _registered_name(config), tags, description))
+            parent, local_model_dir(model_ref.uri), _registered_name(config), tags, description))
     record = {"name": _registered_name(config), "version": version}
     if gguf_ref is not None:
-        tracker.add_gguf(record["name"], version, parent, local_file(gguf_ref["uri"]))
-        record["gguf"] = gguf_ref["uri"]
+        tracker.add_gguf(record["name"], version, parent, local_file(gguf_ref.uri))
+        record["gguf"] = gguf_ref.uri
     storage.write_bytes(marker, json.dumps(record).encode())
     return version

@@ -14,11 +14,11 @@ from pathlib import Path
 import fsspec
 from prefect import flow, get_run_logger
 
-from darwinlm_core import storage
-from darwinlm_core.environment import apply_offline_defaults
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.home import data_home
-from flows.compress import CompressParameters, compress, run_root
+from darwinlm.core import storage
+from darwinlm.flows.offline import apply_offline_defaults
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.home import data_home
+from darwinlm.flows.compress import CompressParameters, compress, run_root
 
 REGISTRY_PREFIX = "models:/"
 
@@ -42,7 +42,7 @@ def _registered_versions(name: str) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import tracking_uri
+    from darwinlm.tasks.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri())
     try:
@@ -76,7 +76,7 @@ def _download_registered(uri: str, folder: Path) -> None:
     """Download a registered version's files; its checkpoint is the shallowest folder holding config.json."""
     import mlflow.artifacts
 
-    from tasks.tracking import tracking_uri
+    from darwinlm.tasks.tracking import tracking_uri
 
     download = folder.with_suffix(".download")
     shutil.rmtree(download, ignore_errors=True)

@@ -3,16 +3,17 @@
 import json
 from pathlib import Path
 
-from tasks.tracking import tracking_uri
+from darwinlm.tasks.tracking import tracking_uri
 
-ROWS = [  # (label, key, format)
-    ("parameters", "params", "{:,.0f}"),
-    ("ppl in-domain (SOTU 1990+)", "ppl_in_domain", "{:.2f}"),
-    ("ppl out-of-domain (Moby-Dick)", "ppl_out_of_domain", "{:.2f}"),
-    ("KL to dense / token", "kl", "{:.4f}"),
-    ("zero-shot accuracy (mean)", "zeroshot_acc", "{:.3f}"),
-    ("prefill tokens/s", "prefill_tokens_per_s", "{:.0f}"),
-]
+def rows(evaluation: dict, labels: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(label, key, format) per row: one perplexity row per evaluation set, named by the data source."""
+    sets = sorted({key.removeprefix("ppl_") for row in evaluation.values() if isinstance(row, dict)
+                   for key in row if key.startswith("ppl_")})
+    return [("parameters", "params", "{:,.0f}"),
+            *[(f"ppl {labels.get(name, name.replace('_', '-'))}", f"ppl_{name}", "{:.2f}") for name in sets],
+            ("KL to dense / token", "kl", "{:.4f}"),
+            ("zero-shot accuracy (mean)", "zeroshot_acc", "{:.3f}"),
+            ("prefill tokens/s", "prefill_tokens_per_s", "{:.0f}")]
 
 
 def print_summary(summary: dict) -> None:
@@ -20,7 +21,7 @@ def print_summary(summary: dict) -> None:
     kept = summary["kept_params"] / summary["dense_params"]
     print(f"\ncompressed in {summary['wall_s']:.0f} s · block parameters kept: {kept:.1%}")
     print(f"{'':<32}{'dense':>14}{'pruned':>14}")
-    for label, key, fmt in ROWS:
+    for label, key, fmt in rows(summary["evaluation"], summary.get("evaluation_labels", {})):
         if key in dense or key in pruned:
             cells = [fmt.format(row[key]) if key in row else "—" for row in (dense, pruned)]
             print(f"{label:<32}{cells[0]:>14}{cells[1]:>14}")
@@ -39,7 +40,8 @@ def write_results(summary: dict, path: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"wall_s": summary["wall_s"], "dense": summary["evaluation"]["dense"],
-               "pruned": summary["evaluation"]["pruned"], "kept_block_fraction":
+               "pruned": summary["evaluation"]["pruned"], "evaluation_labels": summary.get("evaluation_labels", {}),
+               "kept_block_fraction":
                summary["kept_params"] / summary["dense_params"], "model_uri": summary["model_uri"],
                "mlflow_run_id": summary["mlflow_run_id"]}
     temporary = target.with_suffix(".tmp")

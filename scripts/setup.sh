@@ -41,5 +41,5 @@ else
 fi
 
 say "preparing the default model and text"
-"$PY" -m darwinlm_core.default_assets
+"$PY" -m darwinlm.flows.default_assets
 say "done in ${SECONDS} s"

@@ -1,31 +1,28 @@
-"""Prefect tasks: one per stage of a compression, each a thin wrapper around darwinlm_core.
+"""Prefect tasks: one per stage of a compression, each a thin wrapper around darwinlm.core.
 
-A task reads references (URIs, digests), calls the core, writes its artifact with a manifest (or a file that
-plays that role) last, and returns references — never tensors. A task whose artifact already exists returns
-it without work: that is how a re-run of a finished compression does nothing and a re-run of a crashed one
-continues where it stopped. (Prefect's own result cache is not used for this: artifacts on storage survive
-a lost Prefect database and are shared by every run that can reach the store.)
+A task reads typed references (darwinlm.tasks.refs), calls the core, writes its artifact with a manifest (or a
+file that plays that role) last, and returns references — never tensors. A task whose artifact already exists
+returns it without work (darwinlm.tasks.stored).
 """
-
-import json
 
 import torch
 from prefect import get_run_logger, task
 
-from darwinlm_core import storage
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.config import CompressConfig, config_from_dict
-from darwinlm_core.database import Database, DatabaseBuilder, database_root, model_digest
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.evaluation import greedy_continuation, prefill_tokens_per_second
-from darwinlm_core.export import export_model
-from darwinlm_core.gguf_export import export_gguf
-from darwinlm_core.fitness import CompactTeacher, compute_teacher
-from darwinlm_core.genome import Budget, Genome
-from darwinlm_core.model_card import write_model_card
-from darwinlm_core.models import load_config, load_model
-from darwinlm_core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
-from darwinlm_core.search import Search, SearchState, rank
+from darwinlm.core import storage
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.config import CompressConfig, config_from_dict
+from darwinlm.core.database.store import (Database, DatabaseBuilder, database_root, layer_record_uri, manifest_uri,
+                                          model_digest)
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.evaluation.metrics import greedy_continuation, prefill_tokens_per_second
+from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
+from darwinlm.core.search.genome import Budget, Genome
+from darwinlm.core.export.model_card import write_model_card
+from darwinlm.core.model.loading import load_config, load_model
+from darwinlm.core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
+from darwinlm.core.search.evolution import Search, SearchState, rank
+from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, GgufRef, ModelRef
+from darwinlm.tasks.stored import LiveObjects, built_unless_marked, read_json, stored_or_computed, write_json
 
 SAMPLE_PROMPT_TOKENS = 24
 
@@ -43,79 +40,69 @@ def _dense_model_and_data(config: CompressConfig):
     return model, tokenizer, prepare_data(config, tokenizer)
 
 
-def _write_json(uri: str, value) -> None:
-    storage.write_bytes(uri, json.dumps(value, indent=1).encode())
-
-
-def _read_json(uri: str):
-    return json.loads(storage.read_bytes(uri))
+# One per process: a flow process, or a Dask worker that keeps its search between candidates.
+live_objects = LiveObjects()
 
 
 @task(name="prepare-data", **IO_RETRIES)
-def prepare_data_task(config_values: dict, run_uri: str) -> dict:
+def prepare_data_task(config_values: dict, run_uri: str) -> DataRef:
     """Record the data split and its digests for the run (tokenization itself is redone where needed)."""
-    uri = storage.join(run_uri, "data.json")
-    if storage.exists(uri):
-        return _read_json(uri)
-    config = _config(config_values)
-    model, tokenizer, data = _dense_model_and_data(config)
-    record = {"split": data.split.describe(), "split_digest": data.split.digest,
-              "calibration_digest": data.calibration_digest, "base_model_digest": model_digest(model)}
-    _write_json(uri, record)
-    return record
+    def record() -> DataRef:
+        model, tokenizer, data = _dense_model_and_data(_config(config_values))
+        return DataRef(split=data.split.describe(), split_digest=data.split.digest,
+                       calibration_digest=data.calibration_digest, base_model_digest=model_digest(model))
+
+    return stored_or_computed(storage.join(run_uri, "data.json"), record, DataRef)
 
 
-# Live objects that consecutive tasks of one flow process share — the dense model with the driver's activations,
-# the search's assembled model and teacher — because rebuilding them costs seconds to minutes. Keyed by the
-# artifact root they work on. A crashed process loses them and the next task rebuilds them from storage.
-_LIVE: dict[str, object] = {}
+def _database_root(config: CompressConfig, store_uri: str, data_ref: DataRef) -> str:
+    return database_root(storage.join(store_uri, "databases"), data_ref.base_model_digest,
+                         data_ref.calibration_digest, config.database)
 
 
-def _database_builder(config: CompressConfig, store_uri: str, data_ref: dict) -> DatabaseBuilder:
-    base_uri = storage.join(store_uri, "databases")
-    root = database_root(base_uri, data_ref["base_model_digest"], data_ref["calibration_digest"], config.database)
-    if root not in _LIVE:
+def _database_builder(config: CompressConfig, store_uri: str, data_ref: DataRef) -> DatabaseBuilder:
+    def builder() -> DatabaseBuilder:
         model, tokenizer, data = _dense_model_and_data(config)
-        _LIVE[root] = DatabaseBuilder(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
-                                      config=config.database, base_model_digest=data_ref["base_model_digest"])
-    return _LIVE[root]
+        return DatabaseBuilder(model, data.calibration_ids, storage.join(store_uri, "databases"),
+                               calibration_digest=data.calibration_digest, config=config.database,
+                               base_model_digest=data_ref.base_model_digest)
+
+    return live_objects.get(_database_root(config, store_uri, data_ref), builder)
 
 
 @task(name="plan-database", **IO_RETRIES)
-def database_plan_task(config_values: dict, store_uri: str, data_ref: dict) -> dict:
+def database_plan_task(config_values: dict, store_uri: str, data_ref: DataRef) -> DatabasePlan:
     """Where the content-addressed database of this model + calibration + config lives, and how many layers
     it has; `finished` when it was built before (then no layer task needs to run)."""
     config = _config(config_values)
-    root = database_root(storage.join(store_uri, "databases"), data_ref["base_model_digest"],
-                         data_ref["calibration_digest"], config.database)
-    finished = storage.exists(storage.join(root, "manifest.json"))
-    return {"uri": root, "num_layers": load_config(config.model).num_hidden_layers, "finished": finished}
+    root = _database_root(config, store_uri, data_ref)
+    return DatabasePlan(uri=root, num_layers=load_config(config.model).num_hidden_layers,
+                        finished=storage.exists(manifest_uri(root)))
 
 
 @task(name="database-layer", task_run_name="database-layer-{layer}", **IO_RETRIES)
-def database_layer_task(config_values: dict, store_uri: str, data_ref: dict, plan: dict, layer: int) -> dict:
+def database_layer_task(config_values: dict, store_uri: str, data_ref: DataRef, plan: DatabasePlan,
+                        layer: int) -> dict:
     """Prune one layer at every level (or find it written by an earlier, crashed run)."""
-    if storage.exists(storage.join(plan["uri"], f"layers/{layer:03d}/layer.json")):
-        return {"layer": layer, "built": False}
-    _database_builder(_config(config_values), store_uri, data_ref).build_layer(layer)
-    return {"layer": layer, "built": True}
+    built = built_unless_marked(layer_record_uri(plan.uri, layer), lambda: _database_builder(
+        _config(config_values), store_uri, data_ref).build_layer(layer))
+    return {"layer": layer, "built": built}
 
 
 @task(name="finish-database", **IO_RETRIES)
-def database_finish_task(config_values: dict, store_uri: str, data_ref: dict, plan: dict) -> dict:
+def database_finish_task(config_values: dict, store_uri: str, data_ref: DataRef, plan: DatabasePlan) -> DatabaseRef:
     """Write the manifest once every layer is there (without loading the model when they all were built)."""
-    if not storage.exists(storage.join(plan["uri"], "manifest.json")):
-        builder = _database_builder(_config(config_values), store_uri, data_ref)
-        builder.finish()
-        get_run_logger().info("database %s ready", builder.root)
-    _LIVE.pop(plan["uri"], None)
-    return {"uri": plan["uri"], "digest": Database.open(plan["uri"]).digest}
+    if built_unless_marked(manifest_uri(plan.uri), lambda: _database_builder(
+            _config(config_values), store_uri, data_ref).finish()):
+        get_run_logger().info("database %s ready", plan.uri)
+    live_objects.release(plan.uri)
+    return DatabaseRef(uri=plan.uri, digest=Database.open(plan.uri).digest)
 
 
-def _search(config: CompressConfig, run_uri: str, database_ref: dict) -> Search:
+def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> Search:
     """The live search of a run in this process (a flow process, or a Dask worker that keeps it between
     candidates). The teacher is computed once per run and stored, so workers read it instead."""
-    if run_uri not in _LIVE:
+    def search() -> Search:
         model, tokenizer, data = _dense_model_and_data(config)
         teacher_uri = storage.join(run_uri, "teacher.safetensors")
         if storage.exists(teacher_uri):
@@ -123,10 +110,11 @@ def _search(config: CompressConfig, run_uri: str, database_ref: dict) -> Search:
         else:
             teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before pruning
             storage.write_bytes(teacher_uri, teacher.to_bytes())
-        assembly = LiveAssembly(model, Database.open(database_ref["uri"]))
-        _LIVE[run_uri] = Search(assembly, teacher, data.train_ids, config.search,
-                                state_uri=storage.join(run_uri, "search_state.json"))
-    return _LIVE[run_uri]
+        assembly = LiveAssembly(model, Database.open(database_ref.uri))
+        return Search(assembly, teacher, data.train_ids, config.search,
+                      state_uri=storage.join(run_uri, "search_state.json"))
+
+    return live_objects.get(run_uri, search)
 
 
 def _saved_search_state(run_uri: str) -> SearchState | None:
@@ -135,7 +123,7 @@ def _saved_search_state(run_uri: str) -> SearchState | None:
 
 
 @task(name="evaluate-candidate", task_run_name="candidate-g{generation}-s{stage_index}-{index}")
-def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: dict, generation: int,
+def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int,
                             stage_index: int, index: int, levels: list) -> float:
     """One candidate's short finetune and fitness, wherever the task runner puts it (a Dask worker loads the
     model, database and teacher on its first candidate and keeps them)."""
@@ -143,7 +131,7 @@ def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: dic
 
 
 @task(name="select", task_run_name="select-g{generation}-s{stage_index}")
-def select_task(config_values: dict, run_uri: str, database_ref: dict, generation: int, stage_index: int,
+def select_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int, stage_index: int,
                 candidates: list, distributed: bool = False) -> list:
     """One finetune-and-select stage of one generation: [(fitness, levels)] best first. `distributed`: each
     candidate is its own task on the flow's task runner (Dask), else all run here, one after another. Not
@@ -158,7 +146,7 @@ def select_task(config_values: dict, run_uri: str, database_ref: dict, generatio
 
 
 @task(name="search-generation", task_run_name="generation-{generation}", **IO_RETRIES)
-def search_generation_task(config_values: dict, run_uri: str, database_ref: dict, generation: int,
+def search_generation_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int,
                            distributed: bool = False) -> dict:
     """Generation `generation` of the search, each stage its own task; writes search_state.json. A generation
     the saved state already holds (from an earlier, crashed run) returns its record without work."""
@@ -178,13 +166,16 @@ def search_generation_task(config_values: dict, run_uri: str, database_ref: dict
 
 
 @task(name="finish-search", **IO_RETRIES)
-def search_finish_task(config_values: dict, run_uri: str, database_ref: dict) -> dict:
+def search_finish_task(config_values: dict, run_uri: str, database_ref: DatabaseRef) -> GenomeRef:
     """The winner (genome.json, written last) from the final search state."""
-    genome_uri = storage.join(run_uri, "genome.json")
-    if storage.exists(genome_uri):
-        return _read_json(genome_uri)
-    config = _config(config_values)
-    database = Database.open(database_ref["uri"])
+    genome = stored_or_computed(storage.join(run_uri, "genome.json"),
+                                lambda: _winner(_config(config_values), run_uri, database_ref), GenomeRef)
+    live_objects.release(run_uri)
+    return genome
+
+
+def _winner(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> GenomeRef:
+    database = Database.open(database_ref.uri)
     state = _saved_search_state(run_uri) if config.search.generations else None
     if state is not None and state.config_digest != config.search.digest:
         raise DarwinLMError(f"search state at {run_uri} belongs to another search config",
@@ -202,69 +193,84 @@ def search_finish_task(config_values: dict, run_uri: str, database_ref: dict) ->
         levels = Budget.from_database(database, fraction_removed=config.search.fraction_removed,
                                       kind=config.search.budget_kind, seq_len=config.data.seq_len).uniform()
     genome = Genome(levels, database.digest)
-    record = {**genome.to_json(), "kept_params": params.cost(genome.levels), "dense_params": params.dense,
-              "budget_kind": config.search.budget_kind, "fitness": state.parent_fitness if state else None,
-              "fixed_kl": state.parent_fixed_kl if state else None, "start": state.start if state else {},
-              "history": state.history if state else []}
-    _write_json(genome_uri, record)
-    _LIVE.pop(run_uri, None)
-    return record
+    return GenomeRef(**genome.to_json(), kept_params=params.cost(genome.levels), dense_params=params.dense,
+                     budget_kind=config.search.budget_kind, fitness=state.parent_fitness if state else None,
+                     fixed_kl=state.parent_fixed_kl if state else None, start=state.start if state else {},
+                     history=state.history if state else [])
 
 
 @task(name="post-train-and-export", **IO_RETRIES)
-def post_train_task(config_values: dict, run_uri: str, database_ref: dict, genome_ref: dict) -> dict:
-    """Post-train the winner (warmup + cosine, distillation) and export it; the export is the artifact."""
+def post_train_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, genome_ref: GenomeRef) -> ModelRef:
+    """Post-train the winner (warmup + cosine, distillation) and export it; the export is the artifact (its
+    config.json is written last)."""
     model_uri = storage.join(run_uri, "model")
-    if storage.exists(storage.join(model_uri, "config.json")):
-        return {"uri": model_uri}
-    config = _config(config_values)
+    built_unless_marked(storage.join(model_uri, "config.json"),
+                        lambda: _post_train_and_export(_config(config_values), database_ref, genome_ref, model_uri))
+    return ModelRef(uri=model_uri)
+
+
+def _post_train_and_export(config: CompressConfig, database_ref: DatabaseRef, genome_ref: GenomeRef,
+                           model_uri: str) -> None:
     model, tokenizer, data = _dense_model_and_data(config)
     teacher = None
     if config.post_train.finetune.distill_weight > 0:
         teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
-    database = Database.open(database_ref["uri"])
+    database = Database.open(database_ref.uri)
     assembly = LiveAssembly(model, database)
-    genome = Genome.from_json({**genome_ref, "database": database.digest})
+    genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
     losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
     metadata = {"database": database.digest, "genome": genome.digest, "levels": genome.to_json(),
                 "base_model": config.model, "base_model_digest": database.manifest["base_model"]["digest"],
                 "config_digest": config.digest, "kept_block_params": assembly.kept_params(),
                 "dense_block_params": database.manifest["dense_params"], "post_train_losses": losses}
+    # the exporters import transformers: not at module import, which must not read the hub settings early
+    from darwinlm.core.export.huggingface import export_model
+
     export_model(model, tokenizer, model_uri, metadata=metadata)
-    return {"uri": model_uri}
 
 
 @task(name="export-gguf", **IO_RETRIES)
-def gguf_task(config_values: dict, run_uri: str, model_ref: dict) -> dict | None:
+def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef | None:
     """The exported model as one GGUF file for llama.cpp (config `export.gguf`), made from the HF folder, so a
     finished run asked for a GGUF later gets one without redoing anything; None when not configured."""
     quant = _config(config_values).export.gguf
     if quant is None:
         return None
     uri = storage.join(run_uri, f"model-{quant}.gguf")
-    if not storage.exists(uri):
+
+    def export() -> None:
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-        folder = local_model_dir(model_ref["uri"])
+        from darwinlm.core.export.gguf import export_gguf
+
+        folder = local_model_dir(model_ref.uri)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        info = _read_json(storage.join(model_ref["uri"], "darwinlm.json"))
+        info = read_json(storage.join(model_ref.uri, "darwinlm.json"))
         export_gguf(model, PreTrainedTokenizerFast.from_pretrained(folder), uri, quant=quant,
                     metadata={"name": f"{info.get('base_model', 'model')}-darwinlm", **info})
-    return {"uri": uri, "quant": quant}
+
+    built_unless_marked(uri, export)  # the GGUF is one file, written whole
+    return GgufRef(uri=uri, quant=quant)
 
 
 @task(name="evaluate", **IO_RETRIES)
-def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
+def evaluate_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> dict:
     """Dense vs pruned: parameters, held-out perplexity, KL, zero-shot accuracy, prefill speed."""
     uri = storage.join(run_uri, "evaluation.json")
     if storage.exists(uri):
-        return _read_json(uri)
+        return read_json(uri)
+    results = _evaluate(_config(config_values), model_ref)
+    write_model_card(model_ref.uri, evaluation=results)  # the card now shows before/after figures
+    write_json(uri, results)
+    return results
+
+
+def _evaluate(config: CompressConfig, model_ref: ModelRef) -> dict:
     from transformers import AutoModelForCausalLM
 
-    config = _config(config_values)
     dense, tokenizer, data = _dense_model_and_data(config)
     teacher = dense_eval_teacher(dense, data, config.teacher_top_k)
-    pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref["uri"])).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref.uri)).eval()
     pruned = pruned.to(next(dense.parameters()).device)
     results = {}
     for name, model in (("dense", dense), ("pruned", pruned)):
@@ -279,8 +285,6 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: dict) -> dict:
     results["sample"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                          **{name: greedy_continuation(model, tokenizer, prompt)
                             for name, model in (("dense", dense), ("pruned", pruned))}}
-    write_model_card(model_ref["uri"], evaluation=results)  # the card now shows before/after figures
-    _write_json(uri, results)
     return results
 
 
@@ -290,12 +294,11 @@ def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:
         return {}
     import tempfile
 
-    from darwinlm_core.lm_tasks import run_lm_eval, write_local_tasks
+    from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
+    from darwinlm.core.evaluation.task_files import expand_local, task_names, write_local_tasks
 
     with tempfile.TemporaryDirectory() as folder:
-        local = write_local_tasks(data.split, folder)
-        names = [name.strip() for name in config.evaluate.tasks.split(",") if name.strip()]
-        tasks = [task for name in names for task in (local if name == "local" else [name])]
+        tasks = expand_local(task_names(config.evaluate.tasks), write_local_tasks(data.split, folder))
         scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit,
                              device=str(next(model.parameters()).device))
     accuracies = {f"acc_{task}": metrics["acc"] for task, metrics in scores.items() if "acc" in metrics}

@@ -10,7 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from darwinlm_core.home import data_home
+from darwinlm.core.home import data_home
+from darwinlm.tasks.refs import GenomeRef
 
 EXPERIMENT = "darwinlm"
 CURRENT_ALIAS = "current"
@@ -123,7 +124,7 @@ def generation_metrics(record: dict) -> dict:
     return metrics
 
 
-def plots(genome_ref: dict, database_manifest: dict):
+def plots(genome_ref: GenomeRef, database_manifest: dict):
     """(kept heads and channels per layer, fitness curve) as matplotlib figures."""
     import matplotlib
 
@@ -131,16 +132,16 @@ def plots(genome_ref: dict, database_manifest: dict):
     from matplotlib import pyplot
 
     modules = {(m["layer"], m["kind"]): m for m in database_manifest["modules"]}
-    layers = range(len(genome_ref["attn"]))
-    kept = {kind: [1 - modules[(i, kind)]["levels"][genome_ref[kind][i]]["units_removed"] / modules[(i, kind)]["n_units"]
-                   for i in layers] for kind in ("attn", "mlp")}
+    layers = range(len(genome_ref.attn))
+    kept = {kind: [1 - modules[(i, kind)]["levels"][levels[i]]["units_removed"] / modules[(i, kind)]["n_units"]
+                   for i in layers] for kind, levels in (("attn", genome_ref.attn), ("mlp", genome_ref.mlp))}
     structure, axis = pyplot.subplots(figsize=(8, 3))
     axis.bar([i - 0.2 for i in layers], kept["attn"], width=0.4, label="attention heads kept")
     axis.bar([i + 0.2 for i in layers], kept["mlp"], width=0.4, label="MLP channels kept")
     axis.set(xlabel="layer", ylabel="fraction kept", ylim=(0, 1))
     axis.legend()
     curve, axis = pyplot.subplots(figsize=(6, 3))
-    history = genome_ref.get("history", [])
+    history = genome_ref.history
     # the parent's KL on the fixed rows (never selected on): comparable from one generation to the next
     axis.plot([h["generation"] + 1 for h in history], [h["fixed_kl"] for h in history], marker="o")
     axis.set(xlabel="generation", ylabel="parent's KL to dense, fixed rows")

@@ -4,7 +4,7 @@ moto S3 server for storage tests."""
 import pytest
 import torch
 
-from darwinlm_core.environment import apply_offline_defaults
+from darwinlm.flows.offline import apply_offline_defaults
 
 apply_offline_defaults()  # tests never reach a hub, whatever the shell exported
 
@@ -21,7 +21,7 @@ def single_torch_thread():
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server with bucket 'darwinlm', and fsspec configured to reach it; all undone afterwards."""
-    from bench.storage_faults import moto_s3
+    from tests.support.storage_faults import moto_s3
 
     with moto_s3() as endpoint:
         yield endpoint

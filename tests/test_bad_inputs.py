@@ -1,9 +1,9 @@
-"""Every case of the bad-input catalogue (bench/bad_inputs.py): one clear error line, non-zero exit, and
+"""Every case of the bad-input catalogue (tests/support/bad_inputs.py): one clear error line, non-zero exit, and
 nothing written at the output location."""
 
 import pytest
 
-from bench.bad_inputs import CASES, run_case
+from tests.support.bad_inputs import CASES, run_case
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

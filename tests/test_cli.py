@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
-from flows.cli import main
+from tests.support.tiny_models import tiny_model, tiny_tokenizer
+from darwinlm.flows.cli import main
 
 SOTU_LIKE = "The state of the union is strong, said the president to the congress. " * 8
 
@@ -96,15 +96,15 @@ def test_tokenizer_larger_than_model_vocabulary(capsys, corpus, tmp_path):
 
 def test_process_exit_codes(tmp_path):
     """The console entry point really exits non-zero: 1 for a DarwinLMError, 2 for a usage error."""
-    bad_input = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--model", str(tmp_path / "nope"),
+    bad_input = subprocess.run([sys.executable, "-m", "darwinlm.flows.cli", "evaluate", "--model", str(tmp_path / "nope"),
                                 "--text", str(tmp_path)], capture_output=True, text=True)
     assert bad_input.returncode == 1 and len(bad_input.stderr.strip().splitlines()) == 1
-    usage = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--bogus"], capture_output=True, text=True)
+    usage = subprocess.run([sys.executable, "-m", "darwinlm.flows.cli", "evaluate", "--bogus"], capture_output=True, text=True)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
 
 def test_evaluate_runs_local_lm_eval_tasks(capsys, model_dir, tmp_path):
-    from tests.test_lm_tasks import synthetic_document  # varied prose: next-sentence choice needs distinct sentences
+    from tests.support.prose import synthetic_document  # varied prose: next-sentence choice needs distinct sentences
 
     rng = random.Random(0)
     (tmp_path / "prose").mkdir()

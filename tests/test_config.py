@@ -2,8 +2,8 @@
 
 import pytest
 
-from darwinlm_core.config import PRESET_DIR, config_from_dict, load_preset, preset_names
-from darwinlm_core.errors import DarwinLMError
+from darwinlm.core.config import PRESET_DIR, config_from_dict, load_preset, preset_names
+from darwinlm.core.errors import DarwinLMError
 
 
 def test_the_three_presets_ship():
@@ -53,8 +53,8 @@ def test_unknown_preset_name_lists_the_known_ones():
 def test_a_new_search_seed_reuses_the_database_rows_and_a_new_data_seed_does_not(tmp_path):
     import random
 
-    from darwinlm_core.pipeline import prepare_data
-    from darwinlm_core.tiny_models import tiny_tokenizer
+    from darwinlm.core.pipeline import prepare_data
+    from tests.support.tiny_models import tiny_tokenizer
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

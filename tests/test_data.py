@@ -1,4 +1,4 @@
-"""Corpus reading, disjoint splits and token blocks (darwinlm_core.data), on small corpora built in tmp_path."""
+"""Corpus reading, disjoint splits and token blocks (darwinlm.core.data), on small corpora built in tmp_path."""
 
 import json
 import sys
@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from darwinlm_core import data
-from darwinlm_core.data import (
-    CorpusSplit,
-    Document,
-    default_split,
-    read_documents,
-    sample_blocks,
-    split_documents,
-    tokenize_blocks,
-)
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.home import default_text_dir
-from darwinlm_core.tiny_models import TINY_TOKENIZER_CHARS, tiny_tokenizer
+from darwinlm.core.data import tokens as data_tokens
+from darwinlm.core.data.default_corpus import default_split
+from darwinlm.core.data.sources import Document, read_documents
+from darwinlm.core.data.splits import CorpusSplit, split_documents
+from darwinlm.core.data.tokens import sample_blocks, tokenize_blocks
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.home import default_text_dir
+from tests.support.tiny_models import TINY_TOKENIZER_CHARS, tiny_tokenizer
 
 CHARS = TINY_TOKENIZER_CHARS
 EOS = 1
@@ -152,6 +147,7 @@ def test_default_split_by_year_and_disjoint(text_dir):
         "moby-dick/chapter_1.txt", "moby-dick/chapter_10.txt", "moby-dick/chapter_2.txt"
     ]
     assert_disjoint(split)
+    assert split.describe()["labels"] == {"in_domain": "State of the Union 1990+", "out_of_domain": "Moby-Dick"}
 
 
 def test_default_split_ignores_whole_book_beside_chapters(text_dir):
@@ -242,7 +238,7 @@ def test_blocks_of_long_document_cut_into_pieces_match_whole(char_tokenizer, mon
     text = "Call me Ishmael.\n\n  Some years ago, never mind how long.\nprecisely " * 40
     documents = [Document("a", text), Document("b", "tail")]
     whole = tokenize_blocks(documents, char_tokenizer, seq_len=16)
-    monkeypatch.setattr(data, "TOKENIZE_CHUNK_CHARS", 50)
+    monkeypatch.setattr(data_tokens, "TOKENIZE_CHUNK_CHARS", 50)
     assert torch.equal(tokenize_blocks(documents, char_tokenizer, seq_len=16), whole)
 
 

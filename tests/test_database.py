@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import darwinlm_core
-from darwinlm_core import database as database_module
-from darwinlm_core import storage
-from darwinlm_core.arch import arch_for
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.database import Database, DatabaseBuilder, DatabaseConfig, build_database, model_digest
-from darwinlm_core.driver import BlockDriver
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP
-from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
+import darwinlm.core
+from darwinlm.core.database import store as database_module
+from darwinlm.core import storage
+from darwinlm.core.model.arch import arch_for
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.store import Database, DatabaseBuilder, DatabaseConfig, build_database, model_digest
+from darwinlm.core.model.driver import BlockDriver
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.model.pruned import ZeroAttention, ZeroMLP
+from tests.support.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)
 GQA_MODES = ["query_heads", "kv_groups"]
@@ -420,7 +420,7 @@ def test_database_of_another_code_version_is_refused(db_copy, monkeypatch):
     manifest["code_version"] = database_module.code_version()
     manifest_path.write_text(json.dumps(manifest))
     Database.open(db.root)
-    monkeypatch.setattr(darwinlm_core, "__version__", "99.0.0")
+    monkeypatch.setattr(darwinlm.core, "__version__", "99.0.0")
     with pytest.raises(DarwinLMError, match="built by"):
         Database.open(db.root)
 
@@ -429,7 +429,7 @@ def test_new_code_version_builds_a_new_database(tmp_path, monkeypatch):
     model = tiny_model("llama", seed=5)
     config = DatabaseConfig(level_steps=2)
     first = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c", config=config)
-    monkeypatch.setattr(darwinlm_core, "__version__", "99.0.0")
+    monkeypatch.setattr(darwinlm.core, "__version__", "99.0.0")
     second = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c", config=config)
     assert second.root != first.root
     assert build_database(model, CALIBRATION, str(tmp_path), calibration_digest="other", config=config).root \

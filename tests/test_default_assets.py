@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from darwinlm_core import default_assets
-from darwinlm_core.default_assets import (MANIFEST, extract_text_files, prepare_default_model,
+from darwinlm.flows import default_assets
+from darwinlm.flows.default_assets import (MANIFEST, extract_text_files, prepare_default_model,
                                           prepare_default_text)
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.home import default_model_dir, default_text_dir
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.home import default_model_dir, default_text_dir
 
 
 def _tarball(path: Path, members: dict[str, bytes]) -> Path:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from darwinlm_core.arch import arch_for, supported_model_types
-from darwinlm_core.driver import BlockDriver
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
+from darwinlm.core.model.arch import arch_for, supported_model_types
+from darwinlm.core.model.driver import BlockDriver
+from darwinlm.core.errors import DarwinLMError
+from tests.support.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)  # llama3: a Llama with Llama 3.x rope scaling and tied embeddings
 

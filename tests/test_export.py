@@ -4,37 +4,21 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from darwinlm_core.arch import arch_for, supported_model_types
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.database import DatabaseConfig, build_database
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.export import export_model
-from darwinlm_core.modeling_pruned import INPUT_ROWS
-from darwinlm_core.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model, tiny_tokenizer
-from flows.cli import main
+from darwinlm.core.model.arch import arch_for, supported_model_types
+from darwinlm.core.database.store import build_database
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.export.huggingface import export_model
+from darwinlm.core.model.pruned import INPUT_ROWS
+from tests.support.tiny_models import TINY_FAMILIES, pruned_tiny, random_token_rows, tiny_model, tiny_tokenizer
+from darwinlm.flows.cli import main
 
 FAMILIES = list(TINY_FAMILIES)
-
-
-def pruned_tiny(family: str, tmp_path: Path, model=None):
-    """A tiny model (of `family`, or `model`) with layer 0's attention removed, layer 1's query heads uneven over
-    KV heads (3 of 4 heads kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
-    model = model or tiny_model(family)
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
-    database = build_database(model, rows, str(tmp_path / "db"), calibration_digest="tiny",
-                              config=DatabaseConfig(storage_dtype="float32"))
-    assembly = LiveAssembly(model, database)
-    levels = {(0, "attn"): database.num_levels(0, "attn") - 1, (1, "attn"): 1, (1, "mlp"): 5, (2, "mlp"): 3}
-    assembly.apply(levels)
-    return model, database, assembly, levels
 
 
 def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -109,9 +93,10 @@ FRESH_PROCESS = textwrap.dedent("""
     import sys, json, torch
     BLOCK = {block}
     if BLOCK:
-        sys.modules["darwinlm_core"] = None  # any import of darwinlm from here on raises ImportError
+        sys.modules["darwinlm"] = None  # any import of darwinlm from here on raises ImportError
     else:
-        import darwinlm_core
+        from darwinlm.core import register_pruned_classes
+        register_pruned_classes()
     from transformers import AutoModelForCausalLM
     rows = torch.tensor(json.loads(sys.argv[1]))
     outputs = []
@@ -133,7 +118,7 @@ FRESH_PROCESS = textwrap.dedent("""
     (["llama"], False, "{}"),
     # one process for the rest (each costs seconds); their plain load is test_compact_export_reloads_exactly...
     (["qwen3", "phi3", "llama3"], True, "{'trust_remote_code': True}"),
-], ids=["trust_remote_code-without-darwinlm", "plain-after-import-darwinlm_core", "newer-families-trust_remote_code"])
+], ids=["trust_remote_code-without-darwinlm", "plain-after-register_pruned_classes", "newer-families-trust_remote_code"])
 def test_export_loads_in_a_fresh_process(families, block_darwinlm, kwargs, tmp_path):
     rows = random_token_rows(128, rows=2, seq_len=12, seed=3)  # every tiny family has 128 tokens
     expected, folders = [], []
@@ -161,7 +146,8 @@ def test_exported_folder_carries_only_its_own_code(tmp_path):
     python_files = sorted(path.name for path in (tmp_path / "out").glob("*.py"))
     assert python_files == ["modeling_pruned.py"]
     source = (tmp_path / "out" / "modeling_pruned.py").read_text()
-    assert "darwinlm_core" not in source.replace("`import darwinlm_core`", "")
+    imports = [line for line in source.splitlines() if line.lstrip().startswith(("import ", "from "))]
+    assert imports and not [line for line in imports if "darwinlm" in line]
 
 
 def test_fused_layouts_agree_between_registry_and_exported_code():

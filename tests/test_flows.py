@@ -9,7 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from bench import crash_campaign as campaign
+from darwinlm.core.export import huggingface as huggingface_export
+from tests.support import crash_campaign as campaign
+
+pytestmark = pytest.mark.integration  # every test here runs whole compressions
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def workspace(tmp_path, monkeypatch, prefect_server):
 
 
 def parameters(workspace):
-    from flows.compress import CompressParameters
+    from darwinlm.flows.compress import CompressParameters
 
     return CompressParameters(**campaign.parameters(workspace))
 
@@ -36,7 +39,7 @@ def parameters(workspace):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, prefect_server):
     """The fingerprint (genome, exported weights) of a compression nobody killed."""
-    from flows.compress import compress
+    from darwinlm.flows.compress import compress
 
     root = campaign.make_workspace(tmp_path_factory.mktemp("uninterrupted"))
     with pytest.MonkeyPatch.context() as patch:
@@ -46,7 +49,7 @@ def uninterrupted(tmp_path_factory, prefect_server):
 
 
 def test_compress_runs_end_to_end_and_registers_lineage(workspace):
-    from flows.compress import compress
+    from darwinlm.flows.compress import compress
 
     summary = compress(parameters(workspace))
     assert summary["kept_params"] <= 0.5 * summary["dense_params"]
@@ -91,36 +94,49 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert metadata["database"] == summary["database"]["digest"]
 
 
+def assert_loads_as_evaluated(summary: dict) -> None:
+    """The exported model loads, has the parameter count its evaluation reports, and runs."""
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(summary["model_uri"])
+    assert sum(p.numel() for p in model.parameters()) == summary["evaluation"]["pruned"]["params"]
+    assert summary["evaluation"]["pruned"]["params"] < summary["evaluation"]["dense"]["params"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
 def test_rerun_of_a_finished_compression_does_no_work(workspace, monkeypatch):
-    from flows.compress import compress
-    import tasks.stages as stages
+    from darwinlm.flows.compress import compress
+    import darwinlm.tasks.stages as stages
 
     first = compress(parameters(workspace))
 
     def forbidden(*_args, **_kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for name in ("DatabaseBuilder", "Search", "post_train", "evaluate", "export_model"):
+    for name in ("DatabaseBuilder", "Search", "post_train", "evaluate"):
         monkeypatch.setattr(stages, name, forbidden)
+    monkeypatch.setattr(huggingface_export, "export_model", forbidden)  # the export task imports it when it runs
     second = compress(parameters(workspace))
     assert second["model_uri"] == first["model_uri"] and second["registered_version"] == first["registered_version"]
 
 
 def test_crashed_compression_resumes_without_redoing_finished_stages(workspace, monkeypatch):
-    from flows.compress import compress
-    import tasks.stages as stages
+    from darwinlm.flows.compress import compress
+    import darwinlm.tasks.stages as stages
 
-    real_export = stages.export_model
-    monkeypatch.setattr(stages, "export_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk gone")))
+    real_export = huggingface_export.export_model
+    monkeypatch.setattr(huggingface_export, "export_model",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk gone")))
     with pytest.raises(RuntimeError, match="disk gone"):
         compress(parameters(workspace))
     assert not list((workspace / "store" / "runs").glob("*/model/config.json"))  # nothing half-published
 
-    monkeypatch.setattr(stages, "export_model", real_export)
+    monkeypatch.setattr(huggingface_export, "export_model", real_export)
     monkeypatch.setattr(stages, "Search", lambda *a, **k: pytest.fail("the finished search ran again"))
     monkeypatch.setattr(stages, "DatabaseBuilder", lambda *a, **k: pytest.fail("the database was rebuilt"))
     summary = compress(parameters(workspace))
-    assert AutoModelForCausalLM.from_pretrained(summary["model_uri"]) is not None
+    assert_loads_as_evaluated(summary)
 
 
 @pytest.mark.parametrize("kill_point", sorted(campaign.KILL_POINTS))
@@ -130,8 +146,8 @@ def test_killed_compression_resumes_to_the_uninterrupted_result(workspace, kill_
     uninterrupted run does."""
     from prefect.settings import PREFECT_API_URL
 
-    from darwinlm_core.search import Search
-    from flows.compress import compress
+    from darwinlm.core.search.evolution import Search
+    from darwinlm.flows.compress import compress
 
     env = campaign.child_env(workspace, PREFECT_API_URL.value())
     code, _, _ = campaign.run_child(campaign.parameters(workspace), env, kill_point=kill_point)
@@ -154,9 +170,9 @@ def test_killed_compression_resumes_to_the_uninterrupted_result(workspace, kill_
 
 def test_nightly_compresses_each_registered_checkpoint_once(workspace, monkeypatch):
     """An MLflow registered model as the checkpoint source: a new version is compressed once, then skipped."""
-    from flows.nightly import nightly
-    import tasks.stages as stages
-    from tasks.tracking import Tracker
+    from darwinlm.flows.nightly import nightly
+    import darwinlm.tasks.stages as stages
+    from darwinlm.tasks.tracking import Tracker
 
     tracker = Tracker()
     run = tracker.start("base checkpoint")
@@ -167,7 +183,7 @@ def test_nightly_compresses_each_registered_checkpoint_once(workspace, monkeypat
     arguments = dict(location="models:/tiny-base", preset="tiny", text=str(workspace / "corpus"),
                      store=str(workspace / "store"))
     [summary] = nightly(**arguments)
-    assert AutoModelForCausalLM.from_pretrained(summary["model_uri"]) is not None
+    assert_loads_as_evaluated(summary)
     assert summary["registered_model"].endswith("-pruned")
 
     with monkeypatch.context() as patch:
@@ -183,8 +199,8 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
     """Every artifact of a compression on s3:// (a moto server): database, search state, export, markers."""
     import fsspec
 
-    from flows.compress import compress
-    from tasks.stages import local_model_dir
+    from darwinlm.flows.compress import compress
+    from darwinlm.tasks.stages import local_model_dir
 
     summary = compress(parameters(workspace).model_copy(update={"store": "s3://darwinlm/store"}))
     assert summary["model_uri"].startswith("s3://darwinlm/store/runs/")
@@ -258,7 +274,7 @@ def test_deployments_run_through_a_worker(workspace):
 def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, uninterrupted):
     """Offspring evaluations fan out as Prefect tasks on a 2-worker LocalCluster bound to 127.0.0.1; each
     worker loads the model, database and stored teacher once; the result equals the serial run's."""
-    from flows.compress import compress
+    from darwinlm.flows.compress import compress
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
@@ -273,10 +289,10 @@ def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, 
 
 
 def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace, monkeypatch):
-    from darwinlm_core.database import Database
-    from darwinlm_core.genome import Budget
-    from flows.compress import compress
-    import tasks.stages as stages
+    from darwinlm.core.database.store import Database
+    from darwinlm.core.search.genome import Budget
+    from darwinlm.flows.compress import compress
+    import darwinlm.tasks.stages as stages
 
     monkeypatch.setattr(stages, "Search", lambda *a, **k: pytest.fail("no generation needs a live search"))
     summary = compress(parameters(workspace).model_copy(update={"generations": 0, "start": "uniform"}))
@@ -291,7 +307,7 @@ def _assert_prefect_artifacts(summary: dict) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.artifacts import artifact_key
+    from darwinlm.flows.artifacts import artifact_key
 
     base = summary["registered_model"].removesuffix("-pruned")  # artifacts are keyed by the base model's name
     keys = [artifact_key(base, name) for name in ("search-progress", "compression-summary", "mlflow-run",

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.database import DatabaseConfig, build_database
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.gguf_export import GGUF_QUANTS, even_groups, export_gguf
-from darwinlm_core.modeling_pruned import ZeroAttention, ZeroMLP
-from darwinlm_core.tiny_models import TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.store import DatabaseConfig, build_database
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.export.gguf import GGUF_QUANTS, even_groups, export_gguf
+from darwinlm.core.model.pruned import ZeroAttention, ZeroMLP
+from tests.support.tiny_models import TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 
 F32_TOLERANCE, F16_TOLERANCE, Q8_PPL_TOLERANCE, Q4_PPL_TOLERANCE = 1e-4, 2e-2, 0.01, 0.10
 
@@ -212,7 +212,7 @@ def test_gguf_metadata_records_the_pruning(tmp_path):
 @pytest.fixture()
 def exported_folder(tmp_path):
     """A compact export of a pruned tiny llama with a byte-level BPE tokenizer, as the compress flow writes it."""
-    from darwinlm_core.export import export_model
+    from darwinlm.core.export.huggingface import export_model
 
     model = pruned_tiny("llama", tmp_path / "db")
     export_model(model, tiny_bpe_tokenizer(), str(tmp_path / "run" / "model"), metadata={"base_model": "tiny"})
@@ -220,7 +220,7 @@ def exported_folder(tmp_path):
 
 
 def test_cli_exports_gguf_from_a_folder(exported_folder, capsys):
-    from flows.cli import main
+    from darwinlm.flows.cli import main
 
     model, run = exported_folder
     out = run / "cli.gguf"
@@ -237,7 +237,7 @@ def test_cli_exports_gguf_from_a_folder(exported_folder, capsys):
     (["--model", "{gemma}"], "cannot express the 'gemma3_text' family"),
 ])
 def test_cli_gguf_bad_input_is_one_line_and_writes_nothing(arguments, message, exported_folder, tmp_path, capsys):
-    from flows.cli import main
+    from darwinlm.flows.cli import main
 
     gemma = tmp_path / "gemma"
     tiny_model("gemma3_text", vocab_size=TINY_BPE_VOCAB).save_pretrained(gemma)
@@ -254,9 +254,9 @@ def test_cli_gguf_bad_input_is_one_line_and_writes_nothing(arguments, message, e
 def test_compress_flow_gguf_task_and_registry(exported_folder, tmp_path):
     """The flow's export-gguf task writes model-QUANT.gguf once (a re-run reuses it) and the tracker logs it on
     the registered version."""
-    from darwinlm_core.config import load_preset
-    from tasks.stages import gguf_task
-    from tasks.tracking import Tracker
+    from darwinlm.core.config import load_preset
+    from darwinlm.tasks.stages import gguf_task
+    from darwinlm.tasks.tracking import Tracker
 
     model, run = exported_folder
     values = json.loads(json.dumps(load_preset("tiny", {"export": {"gguf": "q8_0"}}).to_dict()))
@@ -280,7 +280,7 @@ def test_compress_flow_gguf_task_and_registry(exported_folder, tmp_path):
 
 
 def test_export_config_checks_the_quant_and_keeps_the_run_digest():
-    from darwinlm_core.config import load_preset
+    from darwinlm.core.config import load_preset
 
     assert load_preset("tiny", {"export": {"gguf": "q4_k_m"}}).digest == load_preset("tiny").digest
     assert load_preset("smollm2-demo").export.gguf == "q8_0"

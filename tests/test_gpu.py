@@ -4,8 +4,8 @@ CUDA device. The CUDA tests skip on machines without a GPU; the device/dtype res
 import pytest
 import torch
 
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.models import resolve_device, resolve_dtype
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.model.loading import resolve_device, resolve_dtype
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,13 +26,13 @@ def test_auto_device_and_dtype_follow_the_machine():
 
 @cuda
 def test_database_search_and_export_on_the_gpu(tmp_path):
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.database import DatabaseConfig, build_database
-    from darwinlm_core.export import export_model
-    from darwinlm_core.finetune import FinetuneConfig
-    from darwinlm_core.fitness import compute_teacher
-    from darwinlm_core.search import Search, SearchConfig, StageConfig
-    from darwinlm_core.tiny_models import random_token_rows, tiny_model, tiny_tokenizer
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.store import DatabaseConfig, build_database
+    from darwinlm.core.export.huggingface import export_model
+    from darwinlm.core.search.finetune import FinetuneConfig
+    from darwinlm.core.search.fitness import compute_teacher
+    from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
+    from tests.support.tiny_models import random_token_rows, tiny_model, tiny_tokenizer
 
     model = tiny_model("llama").cuda()
     rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=32)
@@ -54,4 +54,10 @@ def test_database_search_and_export_on_the_gpu(tmp_path):
     assembly.apply(genome.assignment(), rebuild=True)
     assert next(model.parameters()).is_cuda
     export_model(model, tiny_tokenizer(), str(tmp_path / "export"))
-    assert (tmp_path / "export" / "config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():  # the export, run on the CPU, computes what the searched model computed on the GPU
+        on_gpu = model(rows[:2].cuda(), use_cache=False).logits.float().cpu()
+        assert torch.allclose(reloaded(rows[:2], use_cache=False).logits, on_gpu, atol=1e-3)

@@ -3,14 +3,14 @@ holds a latency budget."""
 
 import pytest
 
-from darwinlm_core import latency
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.database import DatabaseConfig, build_database
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.fitness import compute_teacher
-from darwinlm_core.genome import Budget
-from darwinlm_core.search import Search, SearchConfig, StageConfig
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from darwinlm.core.search import latency
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.store import DatabaseConfig, build_database
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.search.fitness import compute_teacher
+from darwinlm.core.search.genome import Budget
+from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
+from tests.support.tiny_models import random_token_rows, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -2,6 +2,7 @@
 the `lm_eval` command on a pruned export."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -9,28 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from darwinlm_core import lm_tasks
-from darwinlm_core.data import CorpusSplit, Document
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.export import export_model
-from darwinlm_core.lm_tasks import local_task_names, run_lm_eval, write_local_tasks
-from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
-from tests.test_export import pruned_tiny
-
-WORDS = ("river mountain council harbor farmer letter winter budget soldier garden school nation worker engine "
-         "promise market village captain whale ocean law doctor family future bridge").split()
-VERBS = "builds guards answers follows carries remembers watches opens crosses visits".split()
-
-
-def synthetic_document(rng: random.Random, index: int, paragraphs: int = 6) -> Document:
-    """Prose-shaped text: paragraphs of 6-9 short, varied sentences, blank lines between paragraphs."""
-    def sentence() -> str:
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 7))]
-        return f"The {words[0]} {rng.choice(VERBS)} {' '.join(words[1:])} near the {rng.choice(WORDS)}."
-    text = "\n\n".join(" ".join(sentence() for _ in range(rng.randint(6, 9))) for _ in range(paragraphs))
-    return Document(f"doc_{index:02d}.txt", text)
-
+from darwinlm.core.evaluation import task_files as lm_tasks
+from darwinlm.core.data.sources import Document
+from darwinlm.core.data.splits import CorpusSplit
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.export.huggingface import export_model
+from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
+from darwinlm.core.evaluation.task_files import local_task_names, write_local_tasks
+from tests.support.prose import synthetic_document
+from tests.support.tiny_models import pruned_tiny, tiny_model, tiny_tokenizer
 
 def synthetic_split(seed: int = 0) -> CorpusSplit:
     rng = random.Random(seed)
@@ -146,15 +136,41 @@ def test_a_crash_while_writing_leaves_no_config_without_its_data(split, tmp_path
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "darwinlm_tasks.json").exists()
 
 
+@torch.no_grad()
+def continuation_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """(sum of log p(continuation tokens | context), whether greedy decoding gives them), computed here
+    independently of lm-eval; the tiny tokenizer has one token per character, so the split is exact."""
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    # as lm-eval does: the last max_length + 1 tokens, the final one only as a target (context cut on the left)
+    window = (context_ids + continuation_ids)[-(model.config.max_position_embeddings + 1):][:-1]
+    logits = model(torch.tensor([window])).logits[0, -len(continuation_ids):]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(continuation_ids)
+    return float(logprobs[torch.arange(len(target)), target].sum()), bool((logprobs.argmax(-1) == target).all())
+
+
 def test_run_lm_eval_in_memory_on_a_tiny_model(task_dir):
-    results = run_lm_eval(tiny_model("llama"), tiny_tokenizer(), ALL_TASKS, include_path=str(task_dir),
-                          batch_size=8, limit=6)
+    model, tokenizer = tiny_model("llama").eval(), tiny_tokenizer()
+    results = run_lm_eval(model, tokenizer, ALL_TASKS, include_path=str(task_dir), batch_size=8, limit=6)
     assert sorted(results) == ALL_TASKS
     for name, metrics in results.items():
-        accuracies = ["acc"] + (["acc_norm"] if "nextsent" in name else [])
-        assert all(0.0 <= metrics[metric] <= 1.0 for metric in accuracies), metrics
         assert metrics["examples"] == 6 and not any("," in key or "stderr" in key for key in metrics)
-    assert all(results[name]["perplexity"] > 1.0 for name in ALL_TASKS[:2])
+        examples = read_examples(task_dir, name)[:6]
+        if "lastword" in name:  # acc: the target word is the greedy continuation; perplexity over its tokens
+            scored = [continuation_logprob(model, tokenizer, e["context"], e["target"]) for e in examples]
+            assert metrics["acc"] == pytest.approx(sum(greedy for _, greedy in scored) / 6)
+            assert metrics["perplexity"] == pytest.approx(math.exp(-sum(lp for lp, _ in scored) / 6), rel=1e-3)
+        else:  # acc: the true next sentence has the highest summed log-likelihood; acc_norm, per character
+            picks, picks_norm = [], []
+            for example in examples:
+                scores = [continuation_logprob(model, tokenizer, example["context"], " " + c)[0]
+                          for c in example["choices"]]
+                picks.append(max(range(4), key=scores.__getitem__) == example["label"])
+                normalised = [score / len(c) for score, c in zip(scores, example["choices"])]
+                picks_norm.append(max(range(4), key=normalised.__getitem__) == example["label"])
+            assert metrics["acc"] == pytest.approx(sum(picks) / 6)
+            assert metrics["acc_norm"] == pytest.approx(sum(picks_norm) / 6)
 
 
 def test_unknown_task_is_one_clear_line(task_dir):

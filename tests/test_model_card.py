@@ -4,10 +4,10 @@ import json
 import subprocess
 import sys
 
-from darwinlm_core.export import export_model
-from darwinlm_core.model_card import write_model_card
-from darwinlm_core.tiny_models import tiny_bpe_tokenizer, tiny_model, TINY_BPE_VOCAB
-from tests.test_export import pruned_tiny
+from darwinlm.core.export.huggingface import export_model
+from darwinlm.core.export.model_card import write_model_card
+from tests.support.tiny_models import tiny_bpe_tokenizer, tiny_model, TINY_BPE_VOCAB
+from tests.support.tiny_models import pruned_tiny
 
 
 def test_export_writes_a_model_card(tmp_path):
@@ -35,10 +35,11 @@ def test_model_card_shows_figures_before_and_after(tmp_path):
 LOAD_TOKENIZER = """
 import sys
 if sys.argv[2] == "fast":  # no darwinlm, no custom code
-    sys.modules["darwinlm_core"] = None
+    sys.modules["darwinlm"] = None
     from transformers import PreTrainedTokenizerFast as Loader
 else:  # the registered classes make config.json's model type known: AutoTokenizer asks nothing
-    import darwinlm_core
+    from darwinlm.core import register_pruned_classes
+    register_pruned_classes()
     from transformers import AutoTokenizer as Loader
 tokenizer = Loader.from_pretrained(sys.argv[1])
 print(tokenizer("Four score").input_ids, tokenizer.chat_template is not None)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.nightly import find_checkpoints, local_copy
+from darwinlm.flows.nightly import find_checkpoints, local_copy
 
 REPO = Path(__file__).resolve().parent.parent
 

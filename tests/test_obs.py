@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from darwinlm_core.obs import (
+from darwinlm.core.database.obs import (
     greedy_columns,
     greedy_groups,
     dampen,
@@ -12,7 +12,7 @@ from darwinlm_core.obs import (
     level_errors,
     reconstruction_error,
 )
-from darwinlm_core.structure import level_ladder
+from darwinlm.core.database.structure import level_ladder
 
 DAMPING = 0.01
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from tests.support.tiny_models import random_token_rows, tiny_model
 
 peer = pytest.importorskip("bench.peer_torch_pruning")
 

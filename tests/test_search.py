@@ -5,14 +5,14 @@ import random
 import pytest
 import torch
 
-from darwinlm_core.assembly import LiveAssembly
-from darwinlm_core.database import DatabaseConfig, build_database
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.finetune import FinetuneConfig, finetune
-from darwinlm_core.fitness import compute_teacher, exact_kl_per_token, kl_per_token
-from darwinlm_core.genome import Budget, budget_neutral_switch, mutate, offspring
-from darwinlm_core.search import Search, SearchConfig, StageConfig
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.store import DatabaseConfig, build_database
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.search.finetune import FinetuneConfig, finetune
+from darwinlm.core.search.fitness import compute_teacher, exact_kl_per_token, kl_per_token
+from darwinlm.core.search.genome import Budget, budget_neutral_switch, mutate, offspring
+from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
+from tests.support.tiny_models import random_token_rows, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -166,7 +166,7 @@ def test_search_config_rejects_bad_stage_schedules(stages, offspring_count):
 
 
 def test_a_switch_is_budget_neutral_so_repair_has_nothing_to_add(tiny_setup):
-    from darwinlm_core.genome import Genome
+    from darwinlm.core.search.genome import Genome
 
     _, database = tiny_setup
     budget = Budget.from_database(database, fraction_removed=0.5, seq_len=32)
@@ -186,7 +186,7 @@ def test_a_switch_is_budget_neutral_so_repair_has_nothing_to_add(tiny_setup):
 
 
 def test_move_size_follows_the_one_fifth_rule():
-    from darwinlm_core.genome import adapt_move_size
+    from darwinlm.core.search.genome import adapt_move_size
 
     assert adapt_move_size(3, 0.4, largest=6) == 4
     assert adapt_move_size(6, 0.4, largest=6) == 6

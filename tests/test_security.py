@@ -8,11 +8,11 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from bench import crash_campaign as campaign
-from bench.reliability import SENTINELS
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.models import load_model
-from darwinlm_core.tiny_models import tiny_model, tiny_tokenizer
+from tests.support import crash_campaign as campaign
+from tests.support.credentials import SENTINELS
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.model.loading import load_model
+from tests.support.tiny_models import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def _calls(tree):
 
 def test_code_never_unpickles_or_trusts_remote_code():
     """No torch.load without weights_only=True, no pickle loads, no trust_remote_code=True, in any package."""
-    for package in ("darwinlm_core", "tasks", "flows"):
+    for package in ("darwinlm_core", "tasks", "flows"):  # the folders of darwinlm.core, .tasks, .flows
         for path in (REPO / package).rglob("*.py"):
             for function, keywords in _calls(ast.parse(path.read_text())):
                 where = f"{path.relative_to(REPO)}: {function}"
@@ -75,11 +75,12 @@ def sentinel_s3(s3_endpoint, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.integration
 def test_credentials_never_reach_mlflow_prefect_logs_or_the_store(tmp_path, monkeypatch, sentinel_s3, capfd):
     from prefect.testing.utilities import prefect_test_harness
 
-    from bench.reliability import credential_leaks
-    from flows.compress import CompressParameters, compress
+    from tests.support.credentials import credential_leaks
+    from darwinlm.flows.compress import CompressParameters, compress
 
     monkeypatch.setenv("DARWINLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -92,4 +93,4 @@ def test_credentials_never_reach_mlflow_prefect_logs_or_the_store(tmp_path, monk
     s3 = fsspec.filesystem("s3")
     code = [path for path in s3.find(summary["model_uri"].removeprefix("s3://")) if path.endswith(".py")]
     assert [Path(path).name for path in code] == ["modeling_pruned.py"]
-    assert s3.cat_file(code[0]) == (REPO / "darwinlm_core" / "modeling_pruned.py").read_bytes()
+    assert s3.cat_file(code[0]) == (REPO / "darwinlm_core" / "model" / "pruned.py").read_bytes()

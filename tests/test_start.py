@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from darwinlm_core.genome import Budget
-from darwinlm_core.start import allocate, kl_weights
+from darwinlm.core.search.genome import Budget
+from darwinlm.core.search.start import allocate, kl_weights
 
 
 def _brute_force(budget: Budget, errors, weights) -> float:
@@ -44,7 +44,7 @@ def test_allocation_is_the_brute_force_optimum_within_the_budget(seed):
 
 
 def test_allocation_with_coarsened_costs_still_keeps_the_budget(monkeypatch):
-    from darwinlm_core import start
+    from darwinlm.core.search import start
 
     budget, errors, _ = _random_problem(3, modules=8, levels=5)
     monkeypatch.setattr(start, "MAX_STATES", 7)  # forces a unit far above the costs' gcd
@@ -81,7 +81,7 @@ def _planted_model(critical: int):
     carries equal weight, while in the other layers a few units carry nearly all of the output."""
     import torch
 
-    from darwinlm_core.tiny_models import tiny_model
+    from tests.support.tiny_models import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=4, seed=1)
     with torch.no_grad():
@@ -98,13 +98,13 @@ def _planted_model(critical: int):
 def test_planted_importance_is_kept_by_the_start_and_the_search(tmp_path):
     import torch
 
-    from darwinlm_core.assembly import LiveAssembly
-    from darwinlm_core.database import DatabaseConfig, build_database
-    from darwinlm_core.fitness import compute_teacher, kl_per_token
-    from darwinlm_core.genome import Genome
-    from darwinlm_core.search import Search, SearchConfig, StageConfig
-    from darwinlm_core.start import database_errors
-    from darwinlm_core.tiny_models import random_token_rows
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.store import DatabaseConfig, build_database
+    from darwinlm.core.search.fitness import compute_teacher, kl_per_token
+    from darwinlm.core.search.genome import Genome
+    from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
+    from darwinlm.core.search.start import database_errors
+    from tests.support.tiny_models import random_token_rows
 
     torch.set_num_threads(1)
     critical = 2

@@ -6,11 +6,11 @@ import errno
 import fsspec
 import pytest
 
-from bench.storage_faults import StorageFaults
-from darwinlm_core import storage
-from darwinlm_core.database import Database, DatabaseConfig, build_database
-from darwinlm_core.errors import DarwinLMError
-from darwinlm_core.tiny_models import random_token_rows, tiny_model
+from tests.support.storage_faults import StorageFaults
+from darwinlm.core import storage
+from darwinlm.core.database.store import Database, DatabaseConfig, build_database
+from darwinlm.core.errors import DarwinLMError
+from tests.support.tiny_models import random_token_rows, tiny_model
 
 CALIBRATION = random_token_rows(128, rows=8, seq_len=16)
 

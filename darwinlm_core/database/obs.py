@@ -1,0 +1,176 @@
+"""Greedy structured OBS (ZipLM-style): remove whole input-column groups of a linear layer one at a time.
+
+A unit is a group of input columns of W (d_out × d_in): one MLP channel of down_proj, or one attention head
+(head_dim columns) or one KV group of o_proj. Each step removes the unit J whose removal raises the
+layer-output error ‖WX − ŴX‖² least, and moves the remaining weights to compensate, in closed form:
+    B = Hinv[J, J],  score_J = tr(W_J B⁻¹ W_Jᵀ),  W −= W_J B⁻¹ Hinv[J, :],  Hinv −= Hinv[:, J] B⁻¹ Hinv[J, :]
+One greedy pass yields every level, because removal sets are nested.
+
+Two implementations of the same math: `greedy_groups` for a handful of multi-column units (heads), and
+`greedy_columns` for thousands of single columns (channels), which batches the rank-1 downdates
+(GPTQ's lazy-batch trick) because a full d_in² update per removed channel costs ~100 s on SmolLM2.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from darwinlm.core.database.structure import unit_columns
+
+
+@dataclass(frozen=True)
+class PrunedWeights:
+    """One level: the units still present (ascending) and W's columns for them after OBS updates."""
+
+    units_removed: int
+    kept_units: torch.Tensor  # (n_kept,) int64, ascending
+    weight: torch.Tensor  # (d_out, n_kept * unit_size) float32
+
+
+def dampen(hessian: torch.Tensor, relative_damping: float) -> torch.Tensor:
+    """H + λ·mean(diag H)·I, with dead inputs (zero diagonal) made harmless. (d, d) float32 → new tensor."""
+    damped = hessian.clone()
+    diagonal = damped.diagonal()
+    diagonal[diagonal == 0] = 1.0  # an input that was always zero: any weight update there is free
+    diagonal += relative_damping * diagonal.mean()
+    return damped
+
+
+def inverse_hessian(hessian: torch.Tensor, relative_damping: float) -> torch.Tensor:
+    """(H + λ mean(diag) I)⁻¹ through Cholesky, in float64 for accuracy, returned as float32."""
+    damped = dampen(hessian.double(), relative_damping)
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped)).float()
+
+
+def greedy_prune(
+    weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, snapshots: list[int]
+) -> list[PrunedWeights]:
+    """Greedily remove units of `unit_size` columns; return W at each count in `snapshots` (ascending).
+
+    weight: (d_out, d_in) float32; hinv: (d_in, d_in) float32 inverse damped Hessian; both left unchanged.
+    A snapshot equal to the total number of units is returned with no kept units and an empty weight.
+    """
+    n_units = weight.shape[1] // unit_size
+    if weight.shape[1] % unit_size or list(snapshots) != sorted(snapshots) or snapshots[-1] > n_units:
+        raise ValueError(f"bad unit_size {unit_size} or snapshots {snapshots} for {weight.shape[1]} columns")
+    run = greedy_columns if unit_size == 1 else greedy_groups
+    with _single_thread():
+        return run(weight.float().clone(), hinv.float().clone(), unit_size, snapshots)
+
+
+@contextmanager
+def _single_thread():
+    """The greedy loop is thousands of small sequential ops: thread hand-offs cost more than they give
+    (3× slower with 2 threads on a loaded 2-core machine), so it runs on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> PrunedWeights:
+    kept = (~removed).nonzero().flatten()
+    columns = unit_columns(kept, unit_size)
+    return PrunedWeights(int(removed.sum()), kept.cpu(), weight[:, columns].cpu())  # snapshots live on the CPU
+
+
+def greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
+    n_units = weight.shape[1] // unit_size
+    removed = torch.zeros(n_units, dtype=torch.bool, device=weight.device)
+    results = []
+    for count in range(n_units + 1):
+        while snapshots[len(results) :] and snapshots[len(results)] == count:
+            results.append(_snapshot(weight, removed, unit_size))
+        if len(results) == len(snapshots):
+            break
+        best, best_score, best_inverse = -1, float("inf"), None
+        for unit in (~removed).nonzero().flatten().tolist():
+            cols = slice(unit * unit_size, (unit + 1) * unit_size)
+            block_inverse = torch.linalg.inv(hinv[cols, cols])
+            score = ((weight[:, cols] @ block_inverse) * weight[:, cols]).sum().item()
+            if score < best_score:
+                best, best_score, best_inverse = unit, score, block_inverse
+        cols = slice(best * unit_size, (best + 1) * unit_size)
+        weight -= weight[:, cols] @ best_inverse @ hinv[cols, :]
+        hinv -= hinv[:, cols] @ best_inverse @ hinv[cols, :]
+        removed[best] = True
+    return results
+
+
+def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> list[PrunedWeights]:
+    """Single-column units with lazily applied downdates.
+
+    Between flushes, the true matrices are  W = weight − A·B  and  Hinv = hinv − UᵀU  with k pending rank-1
+    terms; per step we only need one row of Hinv and one column of W, plus running column norms of W and
+    the diagonal of Hinv, all of which are cheap to update. Every `batch` steps the terms are applied with two
+    matrix products and the running quantities are recomputed exactly, which also bounds rounding drift.
+    """
+    d_out, d_in = weight.shape
+    on = dict(device=weight.device)
+    removed = torch.zeros(d_in, dtype=torch.bool, **on)
+    a_terms, b_terms, u_terms = torch.zeros(d_out, batch, **on), torch.zeros(batch, d_in, **on), torch.zeros(batch, d_in, **on)
+    pending = 0
+
+    def flush():
+        nonlocal pending
+        weight.sub_(a_terms[:, :pending] @ b_terms[:pending])
+        hinv.sub_(u_terms[:pending].T @ u_terms[:pending])
+        pending = 0
+        return (weight * weight).sum(0), hinv.diagonal().clone()
+
+    column_norms, diagonal = flush()
+    results = []
+    for count in range(d_in + 1):
+        if snapshots[len(results)] == count:
+            column_norms, diagonal = flush()
+            while snapshots[len(results) :] and snapshots[len(results)] == count:
+                results.append(_snapshot(weight, removed, 1))
+            if len(results) == len(snapshots):
+                break
+        scores = torch.where(removed, torch.inf, column_norms / diagonal)
+        j = int(scores.argmin())
+        row = hinv[j] - u_terms[:pending, j] @ u_terms[:pending]  # Hinv[j, :]
+        column = weight[:, j] - a_terms[:, :pending] @ b_terms[:pending, j]  # W[:, j]
+        step = row / row[j]
+        # W' = W − column·stepᵀ, so  ‖W'[:, i]‖² = ‖W[:, i]‖² − 2·step_i·(columnᵀW[:, i]) + step_i²·‖column‖²
+        column_dot_w = column @ weight - (column @ a_terms[:, :pending]) @ b_terms[:pending]
+        column_norms += step * (step * (column @ column) - 2 * column_dot_w)
+        diagonal -= row * step
+        a_terms[:, pending], b_terms[pending], u_terms[pending] = column, step, row / row[j].sqrt()
+        pending += 1
+        removed[j] = True
+        if pending == batch:
+            column_norms, diagonal = flush()
+    return results
+
+
+def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[PrunedWeights], unit_size: int
+                 ) -> tuple[list[float], float]:
+    """Each level's output error relative to the dense output energy, and that energy: (errors, tr(W H Wᵀ)).
+
+    weight: (d_out, d_in) dense; hessian: (d_in, d_in) undamped. The relative error ‖WX − ŴX‖² / ‖WX‖² is
+    what makes errors of different modules comparable (an informed start sums them across the model); a
+    level with everything removed has relative error 1. Computed once per level, as a dense matmul.
+    """
+    hessian = hessian.double()
+    dense = weight.double()
+    energy = float(((dense @ hessian) * dense).sum())
+    errors = []
+    for pruned in levels:
+        columns = unit_columns(pruned.kept_units, unit_size).to(weight.device)
+        delta = dense.clone()
+        delta[:, columns] -= pruned.weight.to(delta)
+        errors.append(float(((delta @ hessian) * delta).sum()) / energy if energy > 0 else 0.0)
+    return errors, energy
+
+
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖WX − ŴX‖² up to the factor n/2 shared by every candidate: tr(ΔW H ΔWᵀ), H undamped.
+
+    weight, pruned: (d_out, d_in) with removed columns of `pruned` zero; hessian: (d_in, d_in) = 2/n Σ xxᵀ.
+    """
+    delta = (weight - pruned).double()
+    return float(((delta @ hessian.double()) * delta).sum())

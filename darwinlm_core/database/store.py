@@ -1,0 +1,294 @@
+"""The database: every level of every prunable module, pruned once by greedy structured OBS, stored compactly.
+
+Layout under a content-addressed root (any fsspec URI):
+    ROOT/layers/007/attn/level_03.safetensors   kept_units (int64) + weight (o_proj columns after OBS)
+    ROOT/layers/007/layer.json                  that layer's levels, written after its shards (resume marker)
+    ROOT/manifest.json                          written last: the database exists once this exists
+Only the output projection changes under OBS, so only it is stored; q/k/v and gate/up rows of kept units are
+the base model's own and are sliced from it when a level is applied. Level 0 is the dense module: no shard.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+import darwinlm.core
+from darwinlm.core import storage
+from darwinlm.core.model.arch import arch_for
+from darwinlm.core.model.driver import BlockDriver
+from darwinlm.core.model.dtypes import DTYPES
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.database.hessians import collect_block_hessians
+from darwinlm.core.database.obs import PrunedWeights, greedy_prune, inverse_hessian, level_errors
+from darwinlm.core.database.structure import GQA_MODES, MODULE_KINDS, ModuleShape, level_ladder, module_shapes
+
+# 2: each level records its relative output error and each module its output energy (the informed start)
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """How the database is built. Part of its content address: change any field, get a new database."""
+
+    level_steps: int = 10
+    relative_damping: float = 0.01
+    gqa_mode: str = "query_heads"
+    storage_dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.gqa_mode not in GQA_MODES:
+            raise DarwinLMError(f"unknown gqa_mode '{self.gqa_mode}'", f"use one of {', '.join(GQA_MODES)}")
+        if self.storage_dtype not in DTYPES:
+            raise DarwinLMError(f"unknown storage dtype '{self.storage_dtype}'", f"use {', '.join(DTYPES)}")
+        if self.level_steps < 1 or self.relative_damping <= 0:
+            raise DarwinLMError("level_steps must be ≥ 1 and relative_damping > 0")
+
+
+def code_version() -> str:
+    return f"darwinlm-{darwinlm.core.__version__}/db-schema-{SCHEMA_VERSION}"
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer's name, dtype, shape and bytes (the model's content identity)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def database_root(base_uri: str, base_model_digest: str, calibration_digest: str, config: DatabaseConfig) -> str:
+    """Content address: same model, calibration, config and code → same root, so a finished build is reused."""
+    key = json.dumps([base_model_digest, calibration_digest, asdict(config), code_version()], sort_keys=True)
+    return storage.join(base_uri, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def manifest_uri(root: str) -> str:
+    """The database's manifest: written last, so the database exists once this file does."""
+    return storage.join(root, "manifest.json")
+
+
+def layer_record_uri(root: str, layer: int) -> str:
+    """A layer's record, written after its shards: the marker a resumed build skips the layer by."""
+    return storage.join(root, f"layers/{layer:03d}/layer.json")
+
+
+def _shard_name(layer: int, kind: str, level: int) -> str:
+    return f"layers/{layer:03d}/{kind}/level_{level:02d}.safetensors"
+
+
+def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig) -> list[PrunedWeights]:
+    ladder = level_ladder(shape.n_units, config.level_steps)
+    return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder)
+
+
+def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], dtype,
+                  errors: list[float], energy: float) -> dict:
+    """Write one shard per level above 0; return the module's manifest entry."""
+    records = []
+    for level, pruned in enumerate(levels):
+        record = {"level": level, "units_removed": pruned.units_removed, "params": shape.params_kept(pruned.kept_units),
+                  "error": errors[level]}
+        if level > 0:
+            data = save_safetensors({"kept_units": pruned.kept_units, "weight": pruned.weight.to(dtype).contiguous()})
+            record.update(shard=_shard_name(layer, shape.kind, level), sha256=storage.sha256(data))
+            storage.write_bytes(storage.join(root, record["shard"]), data)
+        records.append(record)
+    return {"layer": layer, "kind": shape.kind, "n_units": shape.n_units, "unit_size": shape.unit_size,
+            "output_energy": energy, "levels": records}
+
+
+class DatabaseBuilder:
+    """A database build, one layer at a time, so that an orchestrator can make each layer its own resumable step.
+
+    Layers are built in order. A layer whose layer.json exists is not pruned again; the driver only walks the
+    dense block to reach the next one (that walk is the whole cost of resuming at layer i in a new process).
+    `finish()` writes the manifest, after checking that every layer is there.
+    """
+
+    def __init__(self, model, calibration_ids: torch.Tensor, base_uri: str, *, calibration_digest: str,
+                 config: DatabaseConfig = DatabaseConfig(), batch_size: int = 8,
+                 base_model_digest: str | None = None):
+        self.model, self.calibration_ids, self.config, self.batch_size = model, calibration_ids, config, batch_size
+        self.calibration_digest = calibration_digest
+        self.base_model_digest = base_model_digest or model_digest(model)
+        self.root = database_root(base_uri, self.base_model_digest, calibration_digest, config)
+        self.spec = arch_for(model)
+        self.shapes = module_shapes(model, self.spec, config.gqa_mode)
+        self.num_layers = len(self.spec.block_list(model))
+        self._driver: BlockDriver | None = None  # made on first need: it holds every row's activations
+
+    @property
+    def finished(self) -> bool:
+        return storage.exists(manifest_uri(self.root))
+
+    def _record_uri(self, layer: int) -> str:
+        return layer_record_uri(self.root, layer)
+
+    def layer_done(self, layer: int) -> bool:
+        return storage.exists(self._record_uri(layer))
+
+    def build_layer(self, layer: int) -> list[dict]:
+        """Prune both modules of `layer` at every level and write them (layer.json last); returns its records.
+        A layer already written is read back instead."""
+        if not 0 <= layer < self.num_layers:
+            raise DarwinLMError(f"layer {layer} out of range: the model has {self.num_layers}")
+        with storage.lock(storage.join(self.root, "locks", f"layer-{layer:03d}.lock")):
+            # under the lock: a concurrent build of the same database may have just written this layer
+            if self.layer_done(layer):
+                return json.loads(storage.read_bytes(self._record_uri(layer)))
+            return self._build_layer(layer)
+
+    def _build_layer(self, layer: int) -> list[dict]:
+        if self._driver is None:
+            self._driver = BlockDriver(self.model, self.calibration_ids, batch_size=self.batch_size)
+        if self._driver.position > layer:
+            raise DarwinLMError(f"layer {layer} was walked past without being written",
+                                "build layers in order, or start a new DatabaseBuilder")
+        while self._driver.position < layer:
+            self._driver.advance()  # a layer built earlier (or by another process): walk it without Hessians
+        block = self._driver.blocks[layer]
+        with collect_block_hessians(block, self.spec) as accumulators:
+            self._driver.advance()
+        modules = []
+        for kind in MODULE_KINDS:
+            linear = _output_projection(block, self.spec, kind)
+            shape = self.shapes[layer][kind]
+            weight, hessian = linear.weight.detach(), accumulators[kind].hessian()
+            levels = _prune_module(weight, hessian, shape, self.config)
+            errors, energy = level_errors(weight, hessian, levels, shape.unit_size)
+            modules.append(_write_module(self.root, layer, shape, levels, DTYPES[self.config.storage_dtype],
+                                         errors, energy))
+        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
+        return modules
+
+    def finish(self) -> "Database":
+        """Write the manifest (last: the database exists once it does) and open the database."""
+        if self.finished:
+            return Database.open(self.root)
+        missing = [layer for layer in range(self.num_layers) if not self.layer_done(layer)]
+        if missing:
+            raise DarwinLMError(f"database at {self.root} lacks layers {missing}", "build them before finishing")
+        self._driver = None  # frees the activations
+        layer_records = [json.loads(storage.read_bytes(self._record_uri(layer))) for layer in range(self.num_layers)]
+        config = self.model.config
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "code_version": code_version(),
+            "base_model": {"digest": self.base_model_digest, "model_type": config.model_type,
+                           "num_layers": self.num_layers, "hidden_size": config.hidden_size,
+                           "head_layout": asdict(self.spec.head_layout(config))},
+            "calibration": {"digest": self.calibration_digest, "rows": int(self.calibration_ids.shape[0]),
+                            "seq_len": int(self.calibration_ids.shape[1])},
+            "config": asdict(self.config),
+            "dense_params": sum(s.dense_params() for layer in self.shapes for s in layer.values()),
+            "modules": [module for modules in layer_records for module in modules],
+        }
+        storage.write_bytes(manifest_uri(self.root), json.dumps(manifest, indent=1).encode())
+        return Database.open(self.root)
+
+
+def build_database(
+    model,
+    calibration_ids: torch.Tensor,
+    base_uri: str,
+    *,
+    calibration_digest: str,
+    config: DatabaseConfig = DatabaseConfig(),
+    batch_size: int = 8,
+    base_model_digest: str | None = None,
+    progress: bool = False,
+) -> "Database":
+    """Build (or reuse, or resume per layer) the database of `model` on calibration rows (n_rows, seq_len) int64."""
+    builder = DatabaseBuilder(model, calibration_ids, base_uri, calibration_digest=calibration_digest,
+                              config=config, batch_size=batch_size, base_model_digest=base_model_digest)
+    if builder.finished:
+        return Database.open(builder.root)
+    for layer in tqdm(range(builder.num_layers), desc="database", unit="layer", disable=not progress):
+        builder.build_layer(layer)
+    return builder.finish()
+
+
+def _output_projection(block, spec, kind: str):
+    if kind == "attn":
+        return spec.attention_of(block).get_submodule(spec.o_proj)
+    return spec.mlp_of(block).get_submodule(spec.down_proj)
+
+
+class Database:
+    """A built database, opened from its root URI. Shards are read (and hash-checked) one at a time, on demand."""
+
+    def __init__(self, root: str, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self._modules = {(m["layer"], m["kind"]): m for m in manifest["modules"]}
+        self._cache: dict[tuple[int, str, int], PrunedWeights] = {}
+
+    @classmethod
+    def open(cls, root: str) -> "Database":
+        manifest_at = manifest_uri(root)
+        if not storage.exists(manifest_at):
+            raise DarwinLMError(f"no database at {root} (manifest.json missing)", "build it first, or fix the path")
+        try:
+            manifest = json.loads(storage.read_bytes(manifest_at))
+        except ValueError as error:
+            raise DarwinLMError(f"corrupted database manifest at {manifest_at}", "delete the folder and rebuild") from error
+        if manifest.get("code_version") != code_version():
+            raise DarwinLMError(
+                f"database at {root} was built by {manifest.get('code_version')}, this is {code_version()}",
+                "rebuild the database with this version",
+            )
+        return cls(root, manifest)
+
+    @property
+    def digest(self) -> str:
+        """Identity of the database content: its root's content address."""
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
+    def check_model(self, model, digest: str | None = None) -> None:
+        """Refuse to apply this database to a model other than the one it was built from."""
+        digest = digest or model_digest(model)
+        if digest != self.manifest["base_model"]["digest"]:
+            raise DarwinLMError(
+                f"database at {self.root} was built from another model (digest "
+                f"{self.manifest['base_model']['digest'][:12]}, this model {digest[:12]})",
+                "build a database for this model",
+            )
+
+    def module(self, layer: int, kind: str) -> dict:
+        if (layer, kind) not in self._modules:
+            raise DarwinLMError(f"database has no module ({layer}, {kind})", "check the layer index and kind")
+        return self._modules[(layer, kind)]
+
+    def num_levels(self, layer: int, kind: str) -> int:
+        return len(self.module(layer, kind)["levels"])
+
+    def params(self, layer: int, kind: str, level: int) -> int:
+        return self.module(layer, kind)["levels"][level]["params"]
+
+    def error(self, layer: int, kind: str, level: int) -> float:
+        """Relative output error of one level on the calibration data (0 at level 0, 1 with all removed)."""
+        return self.module(layer, kind)["levels"][level]["error"]
+
+    def load(self, layer: int, kind: str, level: int) -> PrunedWeights:
+        """Kept units and OBS-updated output-projection columns of one level (level ≥ 1), hash-checked."""
+        key = (layer, kind, level)
+        if key not in self._cache:
+            levels = self.module(layer, kind)["levels"]
+            if not 1 <= level < len(levels):
+                raise DarwinLMError(f"level {level} out of range for ({layer}, {kind}): 1..{len(levels) - 1} are stored")
+            record = levels[level]
+            uri = storage.join(self.root, record["shard"])
+            if not storage.exists(uri):
+                raise DarwinLMError(f"database shard missing: {uri}", "rebuild the database")
+            data = storage.read_bytes(uri)
+            if storage.sha256(data) != record["sha256"]:
+                raise DarwinLMError(f"database shard corrupted (hash mismatch): {uri}", "rebuild the database")
+            tensors = load_safetensors(data)
+            self._cache[key] = PrunedWeights(record["units_removed"], tensors["kept_units"], tensors["weight"])
+        return self._cache[key]

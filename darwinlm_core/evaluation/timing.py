@@ -1,0 +1,54 @@
+"""Speed measured as a comparison: repetitions interleaved across the things compared, medians taken.
+
+On a shared machine load comes and goes; interleaving (in rotated order) lets it hit every contender alike,
+and the median ignores the odd stall. Speed is then best reported as a ratio of these medians.
+"""
+
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+
+
+def timed_seconds(call: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Wall seconds of one `call()`; on a GPU, after its queued kernels have finished."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(measures: Mapping[str, Callable[[], float | dict]], repeats: int, *,
+                        prepare: Mapping[str, Callable[[], object]] | None = None,
+                        warmup: bool = True, on_repeat: Callable[[int, dict], None] | None = None) -> dict:
+    """The median of what each measure returns, by name, over `repeats` rounds in rotated order.
+
+    A measure returns a number (seconds, tokens/s) or a dict of numbers (then the medians are per key).
+    `prepare[name]`, if given, runs untimed before each call of that measure (swapping weights in, say).
+    `warmup` calls every measure once first and drops the result: first calls allocate and pick kernels.
+    `on_repeat(round, latest)` sees each round's values, for progress lines."""
+    names, prepare = list(measures), prepare or {}
+    if warmup:
+        for name in names:
+            prepare.get(name, lambda: None)()
+            measures[name]()
+    samples: dict[str, list] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            prepare.get(name, lambda: None)()
+            samples[name].append(measures[name]())
+        if on_repeat is not None:
+            on_repeat(round_index, {name: values[-1] for name, values in samples.items()})
+    return {name: _median(values) for name, values in samples.items()}
+
+
+def _median(values: list):
+    if isinstance(values[0], dict):
+        return {key: statistics.median(value[key] for value in values) for key in values[0]}
+    return statistics.median(values)

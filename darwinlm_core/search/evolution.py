@@ -1,0 +1,307 @@
+"""The evolutionary search over per-module levels, with training-aware multi-stage selection (DarwinLM).
+
+The search starts from the better, on fixed rows, of the uniform genome and the informed start (start.py:
+the budget-exact least summed per-level error). Each generation: the parent makes `offspring` distinct
+mutants of budget-neutral level switches, as many as the move size (adapted by the 1/5 success rule); they go
+through stages, each stage sampling fresh fitness rows (and finetune rows) from seeded generators, giving
+every candidate a short finetune, measuring its KL to the dense teacher on the same rows, and keeping the
+best `survivors`. The parent joins the last stage (elitism), so it is replaced only by a candidate that beats
+it on the same rows after the same finetune. All candidates are assembled in one live model (LiveAssembly).
+
+The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
+generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
+
+The SearchState is written after every generation; running again with the same config resumes after the
+last finished generation and reaches the same final genome as an uninterrupted run, because mutation draws
+from a saved RNG state and every stage's rows come from a generator seeded by (seed, generation, stage).
+"""
+
+import hashlib
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from darwinlm.core import storage
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.search.finetune import FinetuneConfig, finetune
+from darwinlm.core.search.fitness import CompactTeacher, kl_per_token
+from darwinlm.core.search.genome import BUDGET_KINDS, Budget, Genome, adapt_move_size, offspring
+from darwinlm.core.search.latency import load_or_measure
+from darwinlm.core.search.start import allocate, database_errors, kl_weights
+
+START_KINDS = ("best", "informed", "uniform")
+SUCCESS_WINDOW = 5  # generations over which the 1/5 rule counts parent replacements
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    survivors: int
+    fitness_tokens: int
+    finetune_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    fraction_removed: float = 0.5
+    budget_kind: str = "params"  # or "flops", or "latency" (measured on this device, see latency.py)
+    generations: int = 50
+    offspring: int = 16
+    stages: tuple[StageConfig, ...] = (StageConfig(8, 1024, 10_000), StageConfig(4, 2048, 50_000),
+                                       StageConfig(2, 4096, 100_000), StageConfig(1, 8192, 200_000))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seed: int = 0
+    batch_size: int = 4
+    fixed_rows: int = 4  # teacher-pool rows never selected on: the start choice and the KL trajectory
+    start: str = "best"  # uniform, informed (least summed per-level error), or best of the two on fixed rows
+    start_calibration_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
+    start_radius: int = 2  # the informed start's levels stay within this many steps of uniform
+    move_size: int = 3  # the most level switches per mutant, at the start
+    adaptive_moves: bool = True  # the 1/5 success rule moves it within 1..2·move_size
+
+    def __post_init__(self):
+        survivors = [stage.survivors for stage in self.stages]
+        if not self.stages or survivors[-1] != 1 or survivors != sorted(survivors, reverse=True):
+            raise DarwinLMError(f"stage survivors {survivors} must shrink to exactly 1 in the last stage")
+        if survivors[0] > self.offspring or self.generations < 0 or self.offspring < 1:
+            raise DarwinLMError(f"first stage keeps {survivors[0]} of {self.offspring} offspring",
+                                "keep at most as many as are made, with offspring ≥ 1 and generations ≥ 0")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise DarwinLMError(f"unknown budget_kind '{self.budget_kind}'", f"use one of {', '.join(BUDGET_KINDS)}")
+        if any(stage.fitness_tokens < 1 or stage.finetune_tokens < 0 for stage in self.stages):
+            raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
+        if self.start not in START_KINDS:
+            raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
+        if self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0:
+            raise DarwinLMError("search needs fixed_rows ≥ 1, move_size ≥ 1, start_calibration_tokens ≥ 0 "
+                                "and start_radius ≥ 0")
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def training_aware(self) -> bool:
+        return any(stage.finetune_tokens > 0 for stage in self.stages)
+
+
+@dataclass
+class SearchState:
+    config_digest: str
+    database: str
+    generation: int  # generations finished
+    parent: list[int]
+    parent_fitness: float | None
+    rng_state: list
+    history: list[dict]
+    move_size: int = 3
+    parent_fixed_kl: float | None = None  # the parent's KL on the fixed rows
+    start: dict = field(default_factory=dict)  # how the first parent was chosen, and the KL of each option
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "SearchState":
+        return cls(**json.loads(data))
+
+
+def _rows(pool_size: int, tokens: int, seq_len: int, generator: torch.Generator, reserved: int = 0) -> torch.Tensor:
+    """Indices of ceil(tokens / seq_len) distinct rows of a pool past its first `reserved`, drawn with
+    `generator`."""
+    count = -(-tokens // seq_len)
+    if count > pool_size - reserved:
+        raise DarwinLMError(f"a stage needs {count} rows of {seq_len} tokens but the pool has {pool_size - reserved}"
+                            f" to select on ({reserved} more are kept fixed)",
+                            "lower the stage's tokens or give the search more calibration/training text")
+    return torch.randperm(pool_size - reserved, generator=generator)[:count] + reserved
+
+
+class Search:
+    """Runs generations on a LiveAssembly; `run()` resumes from `state_uri` when a state is there."""
+
+    def __init__(self, assembly: LiveAssembly, teacher_pool: CompactTeacher, train_pool: torch.Tensor,
+                 config: SearchConfig, state_uri: str | None = None, progress: bool = False):
+        self.assembly, self.teacher_pool, self.train_pool = assembly, teacher_pool, train_pool
+        self.config, self.state_uri, self.progress = config, state_uri, progress
+        database = assembly.database
+        seq_len = teacher_pool.input_ids.shape[1]
+        latency = None
+        if config.budget_kind == "latency":  # measured once per database, device and row shape, then stored
+            latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=progress)
+        self.budget = Budget.from_database(database, fraction_removed=config.fraction_removed,
+                                           kind=config.budget_kind, seq_len=seq_len, latency=latency)
+        self.database_digest = database.digest
+        self.compute_s = 0.0  # time inside forward/backward passes, for the overhead figure
+        self._dirty = True  # live weights may differ from what the database gives (training, fresh model)
+        if teacher_pool.input_ids.shape[0] <= config.fixed_rows:
+            raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
+                                f"{config.fixed_rows} of them are kept fixed", "raise data.fitness_rows")
+        self.fixed_teacher = teacher_pool.rows(torch.arange(config.fixed_rows))
+        self._fixed_kl: dict[tuple[int, ...], float] = {}
+
+    def fixed_kl(self, levels) -> float:
+        """KL of `levels` (no finetune) on the fixed rows; remembered, since the parent is asked often."""
+        levels = tuple(levels)
+        if levels not in self._fixed_kl:
+            self._fixed_kl[levels] = self.evaluate(levels, self.fixed_teacher, None)
+        return self._fixed_kl[levels]
+
+    def choose_start(self) -> tuple[tuple[int, ...], dict]:
+        """The first parent: uniform, the informed start, or (start: best) whichever has less KL on the
+        fixed rows. Returns it with a record of the choice."""
+        uniform = self.budget.uniform()
+        if self.config.start == "uniform":
+            return uniform, {"chosen": "uniform"}
+        errors = database_errors(self.assembly.database)
+        weights = None
+        if self.config.start_calibration_tokens:
+            generator = torch.Generator().manual_seed(hash_seed(self.config.seed, -1))
+            rows = _rows(self.teacher_pool.input_ids.shape[0], self.config.start_calibration_tokens,
+                         self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
+            teacher = self.teacher_pool.rows(rows)
+            weights = kl_weights(uniform, self.budget, errors, lambda levels: self.evaluate(tuple(levels), teacher, None))
+        informed = allocate(self.budget, errors, weights, around=uniform, radius=self.config.start_radius)
+        if self.config.start == "informed":
+            return informed, {"chosen": "informed", "calibrated": weights is not None}
+        record = {"uniform_kl": self.fixed_kl(uniform), "informed_kl": self.fixed_kl(informed),
+                  "calibrated": weights is not None}
+        record["chosen"] = "informed" if record["informed_kl"] < record["uniform_kl"] else "uniform"
+        return (informed if record["chosen"] == "informed" else uniform), record
+
+    def _initial_state(self) -> SearchState:
+        rng = random.Random(self.config.seed)
+        parent, start = self.choose_start()
+        return SearchState(self.config.digest, self.database_digest, 0, list(parent), None,
+                           _encode_rng(rng.getstate()), [], move_size=self.config.move_size,
+                           parent_fixed_kl=self.fixed_kl(parent), start=start)
+
+    def load_or_start(self) -> SearchState:
+        if self.state_uri is None or not storage.exists(self.state_uri):
+            return self._initial_state()
+        state = SearchState.from_json(storage.read_bytes(self.state_uri))
+        if (state.config_digest, state.database) != (self.config.digest, self.database_digest):
+            raise DarwinLMError(f"search state at {self.state_uri} belongs to another config or database",
+                                "use a new run location, or delete the state to start over")
+        return state
+
+    def evaluate(self, levels: tuple[int, ...], teacher: CompactTeacher, train_rows: torch.Tensor | None) -> float:
+        """Assemble `levels`, finetune briefly if rows are given, and return KL per token to the teacher."""
+        self.assembly.apply(Genome(levels, self.database_digest).assignment(), rebuild=self._dirty)
+        start = time.perf_counter()
+        if train_rows is not None and train_rows.numel():
+            finetune(self.assembly.model, train_rows, self.config.finetune)
+            self._dirty = True
+        else:
+            self._dirty = False
+        fitness = kl_per_token(self.assembly.model, teacher, self.config.batch_size)
+        self.compute_s += time.perf_counter() - start
+        return fitness
+
+    def stage_rows(self, generation: int, stage_index: int) -> tuple[CompactTeacher, torch.Tensor | None]:
+        """The fitness rows (and finetune rows, if the stage trains) of one stage of one generation, drawn
+        from a generator seeded by (seed, generation, stage): the same wherever and whenever it is asked."""
+        stage = self.config.stages[stage_index]
+        seq_len = self.teacher_pool.input_ids.shape[1]
+        generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, stage_index))
+        teacher = self.teacher_pool.rows(_rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
+                                               seq_len, generator, self.config.fixed_rows))
+        train = None
+        if stage.finetune_tokens:
+            train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
+                                          self.train_pool.shape[1], generator)]
+        return teacher, train
+
+    def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> float:
+        """One candidate's fitness in one stage (what a distributed worker computes)."""
+        return self.evaluate(tuple(levels), *self.stage_rows(generation, stage_index))
+
+    def select(self, generation: int, stage_index: int, candidates: list[tuple[int, ...]]
+               ) -> list[tuple[float, tuple[int, ...]]]:
+        """One selection stage: every candidate gets the stage's short finetune and its KL on the stage's
+        rows. Returns all of them as (fitness, candidate), best first; the caller keeps the survivors."""
+        teacher, train = self.stage_rows(generation, stage_index)
+        return rank(candidates, [self.evaluate(tuple(c), teacher, train) for c in candidates])
+
+    def generation(self, state: SearchState, select=None) -> SearchState:
+        """One generation: mutate, select through the stages, return the next state. `select` (default
+        `self.select`, same signature) lets an orchestrator run each stage as its own step."""
+        select = select or self.select
+        start, compute_before = time.perf_counter(), self.compute_s
+        rng = random.Random()
+        rng.setstate(_decode_rng(state.rng_state))
+        parent = tuple(state.parent)
+        candidates = offspring(parent, self.config.offspring, self.budget, rng, max_switches=state.move_size)
+        stages = []
+        for stage_index, stage in enumerate(self.config.stages):
+            if stage_index == len(self.config.stages) - 1 and parent not in candidates:
+                candidates = candidates + [parent]  # elitism: the parent competes in the last stage
+            scored = [(float(f), tuple(c)) for f, c in select(state.generation, stage_index, candidates)]
+            stages.append({"best": scored[0][0], "median": statistics.median(f for f, _ in scored),
+                           "candidates": len(scored)})
+            candidates = [c for _, c in scored[: stage.survivors]]
+        best_fitness, best = scored[0]
+        accepted = best != parent
+        recent = [h["accepted"] for h in state.history[-(SUCCESS_WINDOW - 1):]] + [accepted]
+        move_size = state.move_size
+        if self.config.adaptive_moves:
+            move_size = adapt_move_size(move_size, sum(recent) / len(recent), 2 * self.config.move_size)
+        fixed_kl = self.fixed_kl(best)
+        record = {"generation": state.generation, "best_fitness": best_fitness, "fixed_kl": fixed_kl,
+                  "previous_fixed_kl": state.parent_fixed_kl,
+                  "accepted": accepted, "acceptance_rate": sum(recent) / len(recent), "move_size": state.move_size,
+                  "median_fitness": stages[-1]["median"], "stages": stages,
+                  "kept": self.budget.cost(best), "evaluations": sum(s["candidates"] for s in stages),
+                  "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
+        return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
+                           _encode_rng(rng.getstate()), state.history + [record], move_size=move_size,
+                           parent_fixed_kl=fixed_kl, start=state.start)
+
+    def save(self, state: SearchState) -> None:
+        if self.state_uri is not None:
+            storage.write_bytes(self.state_uri, state.to_json())
+
+    def run(self, on_generation=None) -> SearchState:
+        """Run (or resume) to `config.generations`; saves the state after each; returns the final state."""
+        state = self.load_or_start()
+        bar = tqdm(total=self.config.generations, initial=state.generation, desc="search", unit="gen",
+                   disable=not self.progress)
+        while state.generation < self.config.generations:
+            state = self.generation(state)
+            self.save(state)
+            if on_generation is not None:
+                on_generation(state)
+            bar.update(1)
+            bar.set_postfix(kl=f"{state.parent_fitness:.4f}", fixed_kl=f"{state.parent_fixed_kl:.4f}",
+                            move=state.move_size)
+        bar.close()
+        return state
+
+    def genome(self, state: SearchState) -> Genome:
+        return Genome(tuple(state.parent), self.database_digest)
+
+
+def rank(candidates, fitnesses) -> list[tuple[float, tuple[int, ...]]]:
+    """(fitness, candidate) best first; ties keep the candidates' order, so every evaluation path (serial or
+    distributed) selects the same."""
+    return sorted(zip((float(f) for f in fitnesses), (tuple(c) for c in candidates)), key=lambda pair: pair[0])
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big") >> 1
+
+
+def _encode_rng(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_rng(encoded) -> tuple:
+    version, internal, gauss = encoded
+    return (version, tuple(internal), gauss)

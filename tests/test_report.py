@@ -1,0 +1,28 @@
+"""The summary table a compression ends with: its rows are named after the run's data, not a fixed corpus."""
+
+from darwinlm.core.data.sources import Document
+from darwinlm.core.data.splits import split_documents
+from darwinlm.flows.report import print_summary, rows
+
+EVALUATION = {"dense": {"params": 100, "ppl_in_domain": 10.0, "kl": 0.0},
+              "pruned": {"params": 60, "ppl_in_domain": 12.5, "kl": 0.2}}
+
+
+def summary(labels: dict) -> dict:
+    return {"evaluation": EVALUATION, "evaluation_labels": labels, "kept_params": 6, "dense_params": 10,
+            "wall_s": 1.0, "model_uri": "/m", "mlflow_run_id": "r", "registered_model": "x", "registered_version": "1"}
+
+
+def test_perplexity_rows_are_labelled_by_the_data_source(capsys):
+    documents = [Document(f"doc{i}", f"text number {i} " * 5) for i in range(60)]
+    split = split_documents(documents, source_name="my_corpus.jsonl")
+    print_summary(summary(split.describe()["labels"]))
+    table = capsys.readouterr().out
+    assert "ppl held-out my_corpus.jsonl" in table and "12.50" in table
+    assert "SOTU" not in table and "Moby" not in table
+
+
+def test_every_evaluation_set_gets_a_row_even_without_labels():
+    evaluation = {"dense": {"ppl_a": 1.0, "ppl_b_set": 2.0}, "pruned": {"ppl_a": 1.5, "ppl_b_set": 3.0}}
+    labels = [label for label, key, _ in rows(evaluation, {"a": "corpus A"}) if key.startswith("ppl_")]
+    assert labels == ["ppl corpus A", "ppl b-set"]
