@@ -144,6 +144,7 @@ def main() -> None:
     from darwinlm.core.model.loading import load_model
 
     args, started = _arguments(), time.perf_counter()
+    origin = provenance(config=vars(args), seeds={"calibration_sample": 0})
     dense, tokenizer = load_model("smollm2")
     split, digest = default_split(), model_digest(dense)
     windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512, max_blocks=args.windows)
@@ -179,9 +180,8 @@ def main() -> None:
         "eval": {"windows": int(windows.shape[0]), "seq_len": 512, "set": "in_domain (State of the Union 1990 on)"},
         "load_average_during_timing": [load_before[0], os.getloadavg()[0]],
         "run_s": time.perf_counter() - started,
-        "provenance": provenance(config=vars(args), seeds={"calibration_sample": 0}),
     }
-    write_results("gguf", results, GOALS)
+    write_results("gguf", results, GOALS, origin=origin)
 
 
 if __name__ == "__main__":

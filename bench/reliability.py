@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tests.support import crash_campaign as campaign
 from tests.support.credentials import SENTINELS, credential_leaks
-from bench.results_file import write_results
+from bench.results_file import provenance, write_partial, write_results
 from darwinlm.flows.offline import apply_offline_defaults
 
 
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--crash-trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    origin = provenance(config=vars(args), seeds={"crash_campaign": args.seed})
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -153,14 +154,14 @@ def main() -> None:
         os.environ["DARWINLM_HOME"] = str(scratch / "home")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
         results.update(bad_input_campaign(scratch / "bad"))
-        write_results("reliability", results, echo=False)  # a long run keeps what it measured
+        write_partial("reliability", results)  # a long run keeps what it measured (outside bench/results)
         results.update(storage_campaign(scratch / "storage"))
-        write_results("reliability", results, echo=False)
+        write_partial("reliability", results)
         with prefect_test_harness(server_startup_timeout=120):
             results.update(credential_campaign(scratch))
-            write_results("reliability", results, echo=False)
+            write_partial("reliability", results)
             results.update(crash_campaign(args.crash_trials, args.seed, PREFECT_API_URL.value(), scratch / "crash"))
-    write_results("reliability", results)
+    write_results("reliability", results, origin=origin)
     keys = ("crash_trials", "crash_resumed", "finished_stages_rerun", "corrupted_artifacts", "stale_temporaries",
             "result_mismatches", "storage_faults_injected", "storage_faults_recovered",
             "storage_permanent_clear_error", "bad_inputs_tried", "bad_inputs_clean_error", "credential_leaks")

@@ -53,8 +53,25 @@ def _module_name() -> str:
         return str(path)
 
 
-def write_results(name: str, results: dict, goals: dict[str, str] | None = None, echo: bool = True) -> Path:
-    """Print scalar results beside their goals (nested values are left to the caller) and write the JSON."""
+def partial_path(name: str) -> Path:
+    """Where a long bench keeps what it has measured so far: outside bench/results, so a run that stops
+    part-way leaves the committed results file as it was (and a rerun can read what was lost, if it wants)."""
+    from darwinlm.core.home import data_home
+
+    return data_home() / "bench-partial" / f"{name}.json"
+
+
+def write_partial(name: str, results: dict) -> Path:
+    """Save a long run's results so far (see partial_path); the results file itself is written once, at the end."""
+    return _write_json(partial_path(name), results)
+
+
+def write_results(name: str, results: dict, goals: dict[str, str] | None = None, echo: bool = True, *,
+                  origin: dict) -> Path:
+    """Print scalar results beside their goals (nested values are left to the caller) and write
+    bench/results/NAME.json with `origin` as its provenance, atomically. Call it once, when the run has finished;
+    take `origin = provenance(...)` when it starts (the commit and the tree then are what ran)."""
+    results = {**results, "provenance": origin}
     if echo:
         print(f"\n{'metric':<40} {'value':>14}  goal")
         for key, value in results.items():
@@ -62,12 +79,16 @@ def write_results(name: str, results: dict, goals: dict[str, str] | None = None,
                 continue
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             print(f"{key:<40} {shown:>14}  {(goals or {}).get(key, '')}")
-    path = RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=1))
-    temporary.replace(path)
+    path = _write_json(RESULTS_DIR / f"{name}.json", results)
+    partial_path(name).unlink(missing_ok=True)
     if echo:
         print(f"\nwrote {path}")
     return path
 
+
+def _write_json(path: Path, value: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    temporary.replace(path)
+    return path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.results_file import RESULTS_DIR, write_results
+from bench.results_file import RESULTS_DIR, provenance, write_partial, write_results
 from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
 from darwinlm.flows.offline import apply_offline_defaults
 
@@ -132,11 +132,14 @@ def gemma_rows() -> dict:
     """The bench.search rows at 50% on Gemma-3-270M, from that benchmark's own results file: an hour of CPU,
     so bench.scale reports them rather than re-running them."""
     path = RESULTS_DIR / f"{GEMMA_SEARCH}.json"
-    rows = json.loads(path.read_text())["targets"].get("0.5") if path.exists() else None
-    if rows is None:
+    source = json.loads(path.read_text()) if path.exists() else {}
+    rows = source.get("targets", {}).get("0.5")
+    if rows is None or "provenance" not in source:
         return {"gemma": None, "gemma_note": f"run python -m bench.search --model \"$(python -m bench.gemma)\" "
                                             f"--targets 0.5 --results {GEMMA_SEARCH}, then bench.scale"}
-    return {"gemma": rows, "gemma_source": f"bench/results/{GEMMA_SEARCH}.json"}
+    # a combined file names where each part came from: that run's own provenance travels with its rows
+    return {"gemma": rows, "gemma_source": f"bench/results/{GEMMA_SEARCH}.json",
+            "gemma_provenance": source["provenance"]}
 
 
 def main() -> None:
@@ -146,11 +149,12 @@ def main() -> None:
     parser.add_argument("--latency-generations", type=int, default=8)
     parser.add_argument("--latency-fraction", type=float, default=0.5, help="share of module latency removed")
     args = parser.parse_args()
+    origin = provenance(config=vars(args), seeds=[0])
     results = gemma_rows()
     results.update(latency_budget(args.latency_generations, args.latency_fraction))
-    write_results("scale", results, echo=False)
+    write_partial("scale", results)
     results.update(dask_generations(args.generations))
-    write_results("scale", results, goals={"dask_same_genome": "True"})
+    write_results("scale", results, goals={"dask_same_genome": "True"}, origin=origin)
 
 
 if __name__ == "__main__":

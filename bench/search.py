@@ -4,8 +4,8 @@ torch-pruning peers, each before and after the same post-training, on the same h
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware]
                            [--generations 30] [--offspring 6] [--task-limit 0] [--skip-peer] [--skip-post-train]
 
-Writes bench/results/search.json by itself (rewritten as rows arrive, `"complete": false` until the end), with
-provenance. Every method gets the smollm2-demo preset's data: the same calibration rows (the database's, and
+Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept
+in bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). Every method gets the smollm2-demo preset's data: the same calibration rows (the database's, and
 the peers'), the same held-out windows, the same post-training rows and schedule. A searched method's row holds
 the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share of the uniform-to-dense gap in
 log-perplexity a method closes. `wall_s` is a method's own work; the database build and the fitness teacher,
@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from bench.results_file import provenance, write_results
+from bench.results_file import provenance, write_partial, write_results
 from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
 from darwinlm.flows.offline import apply_offline_defaults
 
@@ -234,17 +234,16 @@ def main() -> None:
     unknown = sorted(set(args.methods) - set(SEARCH_METHODS))
     if unknown:
         parser.error(f"unknown method {unknown[0]}: use {', '.join(SEARCH_METHODS)}")
-    results = {"complete": False, "provenance": provenance(vars(args), args.seeds), "targets": {}}
+    origin, results = provenance(vars(args), args.seeds), {"targets": {}}
 
-    def save() -> None:
-        write_results(args.results, results, echo=False)  # rewritten as rows arrive: a long run keeps its rows
+    def save() -> None:  # a long run keeps its rows as they arrive, outside bench/results
+        write_partial(args.results, results)
 
     for fraction in [float(t) for t in args.targets.split(",")]:
         rows = results["targets"].setdefault(str(fraction), {})
         run_target(fraction, args, rows, save)
         _print(str(fraction), rows)
-    results["complete"] = True
-    save()
+    write_results(args.results, results, echo=False, origin=origin)
 
 
 def _print(key: str, rows: dict) -> None:

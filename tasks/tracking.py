@@ -70,6 +70,9 @@ class Tracker:
             path = Path(folder) / filename
             figure.savefig(path, dpi=100, bbox_inches="tight")
             self.client.log_artifact(run_id, str(path))
+        from matplotlib import pyplot
+
+        pyplot.close(figure)  # pyplot keeps every figure it made: a long-lived worker would hold them all
 
     def registered_version(self, name: str, tags: dict) -> str | None:
         """The version of `name` carrying all of `tags`, if one was registered (by a run that then crashed)."""

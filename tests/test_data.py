@@ -280,3 +280,15 @@ def test_real_default_split():
     assert min(years(split.evaluation["in_domain"])) == 1990
     assert len(split.evaluation["out_of_domain"]) > 100
     assert_disjoint(split)
+
+
+def test_load_split_of_the_users_text_is_labelled_by_its_name(tmp_path):
+    from darwinlm.core.data.default_corpus import load_split
+
+    corpus = tmp_path / "speeches"
+    corpus.mkdir()
+    for index in range(40):
+        write(corpus / f"s{index}.txt", f"speech number {index} about the harbor and the budget")
+    split = load_split(str(corpus))
+    assert split.describe()["labels"] == {"in_domain": "held-out speeches"}
+    assert split.digest == split_documents(read_documents(corpus)).digest  # the label is not part of the digest

@@ -255,28 +255,29 @@ def test_compress_flow_gguf_task_and_registry(exported_folder, tmp_path):
     """The flow's export-gguf task writes model-QUANT.gguf once (a re-run reuses it) and the tracker logs it on
     the registered version."""
     from darwinlm.core.config import load_preset
+    from darwinlm.tasks.refs import GgufRef, ModelRef
     from darwinlm.tasks.stages import gguf_task
     from darwinlm.tasks.tracking import Tracker
 
     model, run = exported_folder
     values = json.loads(json.dumps(load_preset("tiny", {"export": {"gguf": "q8_0"}}).to_dict()))
-    ref = gguf_task.fn(values, str(run), {"uri": str(run / "model")})
-    assert ref == {"uri": str(run / "model-q8_0.gguf"), "quant": "q8_0"}
+    ref = gguf_task.fn(values, str(run), ModelRef(uri=str(run / "model")))
+    assert ref == GgufRef(uri=str(run / "model-q8_0.gguf"), quant="q8_0")
     written = (run / "model-q8_0.gguf").stat().st_mtime_ns
-    assert gguf_task.fn(values, str(run), {"uri": str(run / "model")}) == ref
+    assert gguf_task.fn(values, str(run), ModelRef(uri=str(run / "model"))) == ref
     assert (run / "model-q8_0.gguf").stat().st_mtime_ns == written  # found, not redone
     tokens = random_token_rows(TINY_BPE_VOCAB, rows=1, seq_len=48, seed=8)[0].tolist()
-    ppl = perplexity(llama_logits(load_llama(ref["uri"]), tokens), tokens)
+    ppl = perplexity(llama_logits(load_llama(ref.uri), tokens), tokens)
     assert abs(ppl / perplexity(torch_logits(model, tokens), tokens) - 1) <= Q8_PPL_TOLERANCE
 
     tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = tracker.start("compress")
     version = tracker.register(run_id, str(run / "model"), "tiny-pruned", {"run_uri": str(run)})
-    tracker.add_gguf("tiny-pruned", version, run_id, ref["uri"])
+    tracker.add_gguf("tiny-pruned", version, run_id, ref.uri)
     tagged = tracker.client.get_model_version("tiny-pruned", version).tags["gguf"]
     assert tagged.endswith("/gguf/model-q8_0.gguf")
     assert [a.path for a in tracker.client.list_artifacts(run_id, "gguf")] == ["gguf/model-q8_0.gguf"]
-    assert gguf_task.fn(json.loads(json.dumps(load_preset("tiny").to_dict())), str(run), {"uri": ""}) is None
+    assert gguf_task.fn(json.loads(json.dumps(load_preset("tiny").to_dict())), str(run), ModelRef(uri="")) is None
 
 
 def test_export_config_checks_the_quant_and_keeps_the_run_digest():

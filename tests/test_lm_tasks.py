@@ -192,3 +192,11 @@ def test_lm_eval_command_runs_on_a_pruned_export(task_dir, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "darwinlm_lastword_in_domain" in result.stdout and "acc" in result.stdout
+
+
+def test_task_lists_expand_local_once_in_order():
+    from darwinlm.core.evaluation.task_files import expand_local, task_names
+
+    names = task_names(" local, arc_easy,,local ")
+    assert names == ["local", "arc_easy", "local"]
+    assert expand_local(names, ["darwinlm_a", "darwinlm_b"]) == ["darwinlm_a", "darwinlm_b", "arc_easy"]

@@ -195,3 +195,11 @@ def test_level_errors_are_reconstruction_errors_relative_to_the_output_energy(un
         expected = reconstruction_error(weight, scatter(pruned, d_in, unit_size), hessian) / energy
         assert error == pytest.approx(expected, rel=1e-6)
     assert errors == sorted(errors)  # greedy removal sets are nested: the error only grows
+
+
+def test_unit_columns_and_scatter_units_place_whole_units():
+    from darwinlm.core.database.structure import scatter_units, unit_columns
+
+    assert unit_columns(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+    full = scatter_units(torch.arange(6.0).view(1, 6), torch.tensor([0, 2]), n_units=3, unit_size=3)
+    assert full.tolist() == [[0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0, 5.0]]
