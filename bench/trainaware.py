@@ -14,12 +14,13 @@ Writes bench/results/trainaware.json (`trainaware_premise`) with provenance. Abo
 """
 
 import argparse
+import json
 import random
 import time
 
 import torch
 
-from bench.results_file import provenance, write_partial, write_results
+from bench.results_file import partial_path, provenance, write_partial, write_results
 from darwinlm.core.evaluation.rank_correlation import spearman
 from darwinlm.flows.offline import apply_offline_defaults
 
@@ -101,8 +102,18 @@ def main() -> None:
                    teacher=post_teacher.rows(torch.arange(rows.shape[0])), progress=True)
         return perplexity(model, windows)
 
+    # a run that stopped part-way resumes from the rows it had measured, if they were measured the same way
+    # (the rows then carry the provenance of the run that measured them: `resumed_rows_provenance`)
+    resumable = json.loads(json.dumps({"config": origin["config"],
+                                       "genomes": {name: list(levels) for name, levels in genomes.items()}}))
+    earlier = json.loads(partial_path(args.results).read_text()) if partial_path(args.results).exists() else {}
+    done = {row["genome"]: row for row in earlier.get("rows", [])} if earlier.get("run") == resumable else {}
+    first_origin = earlier["origin"] if done else origin
     rows, started = [], time.perf_counter()
     for name, levels in genomes.items():
+        if name in done:
+            rows.append(done[name])
+            continue
         row = {"genome": name, "kept_params": search.budget.cost(levels), "oneshot_kl": kl_after(levels, None, 0.0)}
         for setting, (tokens, lr) in FINETUNES.items():
             train = data.train_ids[: tokens // data.train_ids.shape[1]]  # the same rows for every genome
@@ -111,15 +122,16 @@ def main() -> None:
         rows.append({**row, "levels": list(levels)})
         print(f"{name:<14} one-shot KL {row['oneshot_kl']:.4f}  post-trained ppl {row['ppl_posttrained']:.2f}  "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-        write_partial(args.results, {"rows": rows})
+        write_partial(args.results, {"run": resumable, "origin": first_origin, "rows": rows})
 
     standard = [row["ppl_posttrained"] for row in rows]
     by_quality = sorted(range(len(rows)), key=standard.__getitem__)
     subset = sorted({by_quality[round(i * (len(rows) - 1) / max(1, args.long_subset - 1))]
                      for i in range(args.long_subset)})
     for index in subset:
-        rows[index]["ppl_posttrained_long"] = post_trained_ppl(tuple(rows[index]["levels"]), long_rows)
-        write_partial(args.results, {"rows": rows})
+        if "ppl_posttrained_long" not in rows[index]:
+            rows[index]["ppl_posttrained_long"] = post_trained_ppl(tuple(rows[index]["levels"]), long_rows)
+            write_partial(args.results, {"run": resumable, "origin": first_origin, "rows": rows})
 
     premise = {
         "genomes": len(rows), "eval_tokens": args.eval_rows * data.fitness_ids.shape[1],
@@ -132,7 +144,8 @@ def main() -> None:
         "finetunes": {setting: {"tokens": tokens, "lr": lr} for setting, (tokens, lr) in FINETUNES.items()},
         "rows": rows,
     }
-    write_results(args.results, {"trainaware_premise": premise, "run_s": time.perf_counter() - started},
+    resumed = {"resumed_rows_provenance": first_origin} if first_origin is not origin else {}
+    write_results(args.results, {"trainaware_premise": premise, "run_s": time.perf_counter() - started, **resumed},
                   echo=False, origin=origin)
     print(f"\nSpearman with post-trained ppl over {len(rows)} genomes: one-shot KL {premise['spearman_oneshot']:+.2f}; "
           + ", ".join(f"finetuned ({s}) {r:+.2f}" for s, r in premise["spearman_finetuned"].items())
