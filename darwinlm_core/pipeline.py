@@ -16,7 +16,7 @@ from darwinlm.core.data.default_corpus import load_split
 from darwinlm.core.data.splits import CorpusSplit
 from darwinlm.core.data.tokens import tokenize_blocks
 from darwinlm.core.errors import DarwinLMError
-from darwinlm.core.evaluation.metrics import perplexity
+from darwinlm.core.evaluation.metrics import perplexity_with_se
 from darwinlm.core.search.finetune import finetune
 from darwinlm.core.search.fitness import CompactTeacher, compute_teacher, kl_per_token
 from darwinlm.core.search.genome import Genome
@@ -84,9 +84,12 @@ def post_train(assembly: LiveAssembly, genome: Genome, rows: torch.Tensor, confi
 
 def evaluate(model, data: PreparedData, eval_teacher: CompactTeacher | None, batch_size: int = 4,
              progress: bool = False) -> dict[str, float]:
-    """Held-out perplexity per evaluation set, and KL to the dense model on the in-domain windows."""
-    results = {f"ppl_{name}": perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {name}")
-               for name, windows in data.eval_windows.items()}
+    """Held-out perplexity per evaluation set (`ppl_<set>`) with its standard error over windows
+    (`ppl_<set>_se`), and KL to the dense model on the in-domain windows."""
+    results = {}
+    for name, windows in data.eval_windows.items():
+        results[f"ppl_{name}"], results[f"ppl_{name}_se"] = perplexity_with_se(
+            model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {name}")
     if eval_teacher is not None:
         results["kl"] = kl_per_token(model, eval_teacher, batch_size)
     return results

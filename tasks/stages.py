@@ -289,22 +289,29 @@ def _evaluate(config: CompressConfig, model_ref: ModelRef) -> dict:
 
 
 def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:
-    """Accuracy per configured lm-eval task (offline `local` tasks expanded), and their mean as zeroshot_acc."""
+    """Accuracy per configured lm-eval task (offline `local` tasks expanded) as acc_<task>, with its binomial
+    standard error acc_<task>_se, and their mean as zeroshot_acc ± zeroshot_acc_se (tasks independent)."""
     if not config.evaluate.tasks:
         return {}
     import tempfile
 
     from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
+    from darwinlm.core.evaluation.metrics import mean_se
     from darwinlm.core.evaluation.task_files import expand_local, task_names, write_local_tasks
 
     with tempfile.TemporaryDirectory() as folder:
         tasks = expand_local(task_names(config.evaluate.tasks), write_local_tasks(data.split, folder))
         scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit,
                              device=str(next(model.parameters()).device))
-    accuracies = {f"acc_{task}": metrics["acc"] for task, metrics in scores.items() if "acc" in metrics}
-    if accuracies:
-        accuracies["zeroshot_acc"] = sum(accuracies.values()) / len(accuracies)
-    return accuracies
+    scored = {task: metrics for task, metrics in scores.items() if "acc" in metrics}
+    if not scored:
+        return {}
+    results = {}
+    for task, metrics in scored.items():
+        results[f"acc_{task}"], results[f"acc_{task}_se"] = metrics["acc"], metrics["acc_se"]
+    results["zeroshot_acc"] = sum(metrics["acc"] for metrics in scored.values()) / len(scored)
+    results["zeroshot_acc_se"] = mean_se([metrics["acc_se"] for metrics in scored.values()])
+    return results
 
 
 def local_model_dir(uri: str) -> str:

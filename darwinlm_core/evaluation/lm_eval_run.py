@@ -8,7 +8,11 @@ from __future__ import annotations
 from typing import Sequence
 
 from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.evaluation.metrics import SE_SUFFIX, binomial_se
 from darwinlm.core.evaluation.task_files import TASK_PREFIX, local_task_names
+
+# Metrics that average a 0/1 score per example, so that their standard error is binomial.
+BINARY_METRICS = ("acc", "acc_norm", "exact_match")
 
 
 def task_manager_for(tasks: Sequence[str], include_path: str | None = None):
@@ -48,8 +52,8 @@ def run_lm_eval(
     Tasks are local (written by write_local_tasks into include_path) or standard lm-eval names (arc_easy, ...),
     which download their data and so need a network. `task_manager`: one from task_manager_for(tasks,
     include_path), to skip checking the names again. `limit` caps the examples per task. Metric names lose
-    lm-eval's filter suffix ("acc,none" → "acc"), standard errors are left out, and `examples` counts the
-    examples scored. The model is used where it is: move it to `device` first.
+    lm-eval's filter suffix ("acc,none" → "acc"), accuracies carry a binomial standard error `acc_se` (see
+    clean_results), and `examples` counts the examples scored. The model is used where it is: move it to `device` first.
     """
     manager = task_manager or task_manager_for(tasks, include_path)
     from lm_eval import simple_evaluate
@@ -77,16 +81,28 @@ def _unknown_tasks_message(unknown: list[str], local: list[str], include_path) -
 
 
 def clean_results(results: dict) -> dict[str, dict[str, float]]:
-    """lm-eval's {task: {"acc,none": 0.4, "acc_stderr,none": ..., "alias": ..., "sample_len": 10}} →
-    {task: {"acc": 0.4, "examples": 10.0}}: filter suffixes "none" dropped (others kept), stderrs left out."""
+    """lm-eval's {task: {"acc,none": 0.4, "acc_stderr,none": "N/A", "alias": ..., "sample_len": 10}} →
+    {task: {"acc": 0.4, "acc_se": 0.155, "examples": 10.0}}: filter suffixes "none" dropped (others kept).
+
+    Standard errors are `<metric>_se`. run_lm_eval asks lm-eval for none (bootstrap_iters=0: its bootstrap of
+    other metrics costs minutes), so those of the 0/1 accuracies (BINARY_METRICS) are computed here, binomial:
+    √(p(1 − p)/n) over the n examples scored (lm-eval's own, given bootstrap_iters > 0, uses n − 1: a hair
+    larger). A numeric stderr that lm-eval did report is kept as it is.
+    """
     cleaned = {}
     for task, metrics in results.items():
-        row = {}
+        row, errors = {}, {}
         for key, value in metrics.items():
             metric, _, filter_name = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            metric = "examples" if metric == "sample_len" else metric
-            row[metric if filter_name in ("", "none") else f"{metric},{filter_name}"] = float(value)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # "N/A" stderrs, aliases
+            target = errors if metric.endswith("_stderr") else row
+            metric = "examples" if metric == "sample_len" else metric.removesuffix("_stderr")
+            target[metric if filter_name in ("", "none") else f"{metric},{filter_name}"] = float(value)
+        for metric, value in list(row.items()):
+            if metric in errors:
+                row[metric + SE_SUFFIX] = errors[metric]
+            elif metric.partition(",")[0] in BINARY_METRICS and "examples" in row:
+                row[metric + SE_SUFFIX] = binomial_se(value, int(row["examples"]))
         cleaned[task] = row
     return cleaned

@@ -1,6 +1,8 @@
-"""Held-out perplexity: token-level, over non-overlapping fixed-length windows."""
+"""Held-out perplexity: token-level, over non-overlapping fixed-length windows; standard errors, and whether a
+difference between two estimates is within noise."""
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +16,64 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     """exp(mean next-token NLL) over every predicted token of `windows`, (n_windows, seq_len) int64.
 
     Each window is scored on its own (no context carried across windows), so the figure depends only on the
-    windows, not on the batch size.
+    windows, not on the batch size. perplexity_with_se gives its standard error too.
     """
+    return perplexity_with_se(model, windows, batch_size, progress, desc)[0]
+
+
+@torch.no_grad()
+def perplexity_with_se(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                       desc: str = "ppl") -> tuple[float, float]:
+    """(perplexity, its standard error) over `windows`, (n_windows, seq_len) int64.
+
+    The windows are the independent samples: each one's mean next-token NLL is a draw, the perplexity is
+    exp(mean of those draws) (every window predicts seq_len − 1 tokens, so this is exp of the token mean), and
+    its standard error is the delta method's ppl · SE(mean NLL). Tokens within a window are not independent,
+    so a per-token SE would be too small. NaN with a single window (no spread to measure).
+    """
+    nll = window_nlls(model, windows, batch_size, progress, desc)
+    ppl = math.exp(nll.mean().item())
+    return ppl, ppl * standard_error(nll.tolist())
+
+
+@torch.no_grad()
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                desc: str = "ppl") -> torch.Tensor:
+    """Mean next-token NLL of each window of `windows` (n_windows, seq_len) int64 → (n_windows,) float64."""
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    means = []
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, unit="batch"):
         ids = windows[start : start + batch_size].to(device)
         logits = model(ids, use_cache=False).logits[:, :-1].float()
         labels = ids[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
-        total_tokens += labels.numel()
-    return math.exp(total_nll / total_tokens)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        means.append(nll.view(labels.shape).double().mean(dim=1).cpu())
+    return torch.cat(means)
+
+
+def standard_error(samples: Sequence[float]) -> float:
+    """Standard error of the mean of independent samples: sample standard deviation (n − 1) / √n; NaN if n < 2."""
+    n = len(samples)
+    if n < 2:
+        return math.nan
+    mean = sum(samples) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in samples) / (n - 1) / n)
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent examples: √(p(1 − p)/n); NaN if n < 1."""
+    return math.sqrt(p * (1 - p) / n) if n >= 1 else math.nan
+
+
+def mean_se(ses: Sequence[float]) -> float:
+    """Standard error of the mean of k independent estimates with standard errors `ses`: √(Σ se²) / k."""
+    return math.sqrt(sum(se * se for se in ses)) / len(ses)
+
+
+def within_noise(a: float, se_a: float, b: float, se_b: float, z: float = 2.0) -> bool:
+    """Whether two independent estimates differ by no more than z standard errors of their difference:
+    |a − b| ≤ z·√(se_a² + se_b²). What a table uses to mark a difference as noise (z = 2: about 95%)."""
+    return abs(a - b) <= z * math.sqrt(se_a * se_a + se_b * se_b)
 
 
 @torch.no_grad()
@@ -44,3 +93,19 @@ def greedy_continuation(model, tokenizer, prompt_ids: torch.Tensor, new_tokens: 
     output = model.generate(prompt_ids[None].to(device), max_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(output[0, prompt_ids.numel():], skip_special_tokens=True)
+
+
+# A figure's standard error sits beside it under the figure's key plus this suffix: ppl_in_domain_se, acc_<task>_se.
+SE_SUFFIX = "_se"
+
+
+def is_se_key(key: str) -> bool:
+    """Whether `key` names a standard error (`<figure>_se`) rather than a figure."""
+    return key.endswith(SE_SUFFIX)
+
+
+def with_se(row: dict, key: str, spec: str = ".2f") -> str:
+    """row[key] formatted by `spec`, followed by ` ± <its standard error>` when the row holds a finite one."""
+    se = row.get(key + SE_SUFFIX)
+    value = format(row[key], spec)
+    return value if se is None or not math.isfinite(se) else f"{value} ± {format(se, spec)}"

@@ -1,0 +1,91 @@
+"""Held-out perplexity with its standard error, accuracy standard errors, and the within-noise test."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from darwinlm.core.evaluation.lm_eval_run import clean_results
+from darwinlm.core.evaluation.metrics import (binomial_se, mean_se, perplexity, perplexity_with_se, standard_error,
+                                              with_se, within_noise)
+from darwinlm.core.pipeline import PreparedData, evaluate
+from tests.support.tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama").eval()
+
+
+def windows(rows: int, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 90, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perplexity_se_is_the_spread_of_window_means_through_the_delta_method(model):
+    ids = windows(6)
+    with torch.no_grad():  # computed here independently: token NLLs of each window, one window at a time
+        per_window = [F.cross_entropy(model(row[None]).logits[0, :-1].double(), row[1:]).item() for row in ids]
+    mean = sum(per_window) / 6
+    spread = math.sqrt(sum((x - mean) ** 2 for x in per_window) / 5 / 6)
+    ppl, se = perplexity_with_se(model, ids, batch_size=4)
+    assert ppl == pytest.approx(math.exp(mean), rel=1e-5) and se == pytest.approx(ppl * spread, rel=1e-4)
+    assert perplexity(model, ids, batch_size=1) == pytest.approx(ppl, rel=1e-6)  # batch size does not matter
+    assert perplexity_with_se(model, ids, batch_size=1)[1] == pytest.approx(se, rel=1e-5)
+
+
+def test_one_window_has_no_standard_error(model):
+    ppl, se = perplexity_with_se(model, windows(1))
+    assert ppl > 1 and math.isnan(se)
+    assert with_se({"ppl": ppl, "ppl_se": se}, "ppl") == f"{ppl:.2f}"  # shown without a meaningless ± nan
+
+
+def test_standard_errors_of_means_and_accuracies():
+    assert standard_error([1.0, 3.0]) == pytest.approx(1.0)  # sd √2, over √2
+    assert math.isnan(standard_error([2.0]))
+    assert binomial_se(0.5, 500) == pytest.approx(0.02236, abs=1e-5)
+    assert binomial_se(0.0, 10) == 0.0
+    assert mean_se([0.03, 0.04]) == pytest.approx(0.025)  # √(0.03² + 0.04²) / 2
+
+
+@pytest.mark.parametrize("a, se_a, b, se_b, z, expected", [
+    (10.0, 1.0, 11.0, 1.0, 2.0, True),  # 1 ≤ 2·√2
+    (10.0, 1.0, 13.0, 1.0, 2.0, False),  # 3 > 2.83
+    (10.0, 1.0, 13.0, 1.0, 3.0, True),
+    (0.41, 0.0, 0.41, 0.0, 2.0, True),  # equal figures without error bars
+    (0.41, 0.0, 0.42, 0.0, 2.0, False),
+])
+def test_within_noise(a, se_a, b, se_b, z, expected):
+    assert within_noise(a, se_a, b, se_b, z=z) is expected
+    assert within_noise(b, se_b, a, se_a, z=z) is expected  # symmetric
+
+
+def test_with_se_formats_a_figure_and_its_error():
+    assert with_se({"acc": 0.4123, "acc_se": 0.0221}, "acc", ".3f") == "0.412 ± 0.022"
+    assert with_se({"params": 1234567}, "params", ",.0f") == "1,234,567"
+
+
+def test_lm_eval_results_keep_accuracy_standard_errors():
+    raw = {"cloze": {"alias": "cloze", "acc,none": 0.25, "acc_stderr,none": "N/A", "perplexity,none": 40.0,
+                     "perplexity_stderr,none": "N/A", "sample_len": 100},
+           "choice": {"acc,none": 0.5, "acc_stderr,none": 0.05, "acc_norm,none": 0.6, "acc_norm_stderr,none": "N/A",
+                      "sample_len": 100},
+           "gsm": {"exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": "N/A", "sample_len": 100}}
+    cleaned = clean_results(raw)
+    assert cleaned["cloze"] == {"acc": 0.25, "acc_se": pytest.approx(math.sqrt(0.25 * 0.75 / 100)),
+                                "perplexity": 40.0, "examples": 100.0}  # no binomial SE for a perplexity
+    assert cleaned["choice"]["acc_se"] == 0.05  # lm-eval's own, when it computed one
+    assert cleaned["choice"]["acc_norm_se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 100))
+    assert cleaned["gsm"]["exact_match,strict-match_se"] == pytest.approx(0.03)
+
+
+def test_pipeline_evaluation_records_perplexity_standard_errors(model):
+    eval_windows = {"in_domain": windows(4, seed=1), "out_of_domain": windows(3, seed=2)}
+    empty = torch.zeros(0, 16, dtype=torch.long)
+    data = PreparedData(split=None, calibration_ids=empty, fitness_ids=empty,  # evaluate reads only the windows
+                        train_ids=empty, post_train_ids=empty, eval_windows=eval_windows)
+    results = evaluate(model, data, eval_teacher=None)
+    assert sorted(results) == ["ppl_in_domain", "ppl_in_domain_se", "ppl_out_of_domain", "ppl_out_of_domain_se"]
+    for name, ids in eval_windows.items():
+        assert (results[f"ppl_{name}"], results[f"ppl_{name}_se"]) == pytest.approx(perplexity_with_se(model, ids))
+        assert 0 < results[f"ppl_{name}_se"] < results[f"ppl_{name}"]
