@@ -11,6 +11,8 @@ import re
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
+from darwinlm.core.evaluation.metrics import is_se_key, with_se
+
 # `mlflow ui` serves on this address unless told otherwise; a team's tracking server sets its own
 MLFLOW_UI_URL = os.environ.get("DARWINLM_MLFLOW_UI_URL", "http://127.0.0.1:5000")
 SUMMARY_ROWS = ("params", "kl", "zeroshot_acc", "prefill_tokens_per_s")
@@ -38,10 +40,11 @@ class SearchProgress:
 
 
 def summary_rows(evaluation: dict) -> list[dict]:
-    """One row per figure, dense beside pruned; perplexities named after their evaluation sets."""
+    """One row per figure, dense beside pruned, each `value ± standard error` where there is one;
+    perplexities named after their evaluation sets."""
     dense, pruned = evaluation["dense"], evaluation["pruned"]
-    keys = [k for k in dense if k.startswith("ppl_")] + [k for k in SUMMARY_ROWS if k in dense]
-    return [{"figure": key, "dense": round(dense[key], 4), "pruned": round(pruned[key], 4)}
+    keys = [k for k in dense if k.startswith("ppl_") and not is_se_key(k)] + [k for k in SUMMARY_ROWS if k in dense]
+    return [{"figure": key, "dense": with_se(dense, key, ".4g"), "pruned": with_se(pruned, key, ".4g")}
             for key in keys if key in pruned]
 
 

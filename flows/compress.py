@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from darwinlm.core import storage
 from darwinlm.core.config import CompressConfig, config_from_dict, load_preset, preset_names
 from darwinlm.core.database.store import Database
+from darwinlm.core.evaluation.metrics import is_se_key
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.home import data_home
 from darwinlm.tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
@@ -136,7 +137,7 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                        f"parameters kept (DarwinLM structured pruning, {config.search.generations} generations "
                        f"from the {genome_ref.start.get('chosen', 'uniform')} start); held-out "
                        + ", ".join(f"{key} {evaluation['dense'][key]:.2f} → {evaluation['pruned'][key]:.2f}"
-                                   for key in evaluation["pruned"] if key.startswith("ppl_")))
+                                   for key in evaluation["pruned"] if key.startswith("ppl_") and not is_se_key(key)))
         gguf_ref = gguf_task(values, run_uri, model_ref) if config.export.gguf else None
         version = _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri,
                             description, gguf_ref)

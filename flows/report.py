@@ -3,32 +3,34 @@
 import json
 from pathlib import Path
 
+from darwinlm.core.evaluation.metrics import is_se_key, with_se
 from darwinlm.tasks.tracking import tracking_uri
 
 def rows(evaluation: dict, labels: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(label, key, format) per row: one perplexity row per evaluation set, named by the data source."""
+    """(label, key, format spec) per row: one perplexity row per evaluation set, named by the data source."""
     sets = sorted({key.removeprefix("ppl_") for row in evaluation.values() if isinstance(row, dict)
-                   for key in row if key.startswith("ppl_")})
-    return [("parameters", "params", "{:,.0f}"),
-            *[(f"ppl {labels.get(name, name.replace('_', '-'))}", f"ppl_{name}", "{:.2f}") for name in sets],
-            ("KL to dense / token", "kl", "{:.4f}"),
-            ("zero-shot accuracy (mean)", "zeroshot_acc", "{:.3f}"),
-            ("prefill tokens/s", "prefill_tokens_per_s", "{:.0f}")]
+                   for key in row if key.startswith("ppl_") and not is_se_key(key)})
+    return [("parameters", "params", ",.0f"),
+            *[(f"ppl {labels.get(name, name.replace('_', '-'))}", f"ppl_{name}", ".2f") for name in sets],
+            ("KL to dense / token", "kl", ".4f"),
+            ("zero-shot accuracy (mean)", "zeroshot_acc", ".3f"),
+            ("prefill tokens/s", "prefill_tokens_per_s", ".0f")]
 
 
 def print_summary(summary: dict) -> None:
+    """The dense-vs-pruned table; a figure with a standard error shows as `value ± se`."""
     dense, pruned = summary["evaluation"]["dense"], summary["evaluation"]["pruned"]
     kept = summary["kept_params"] / summary["dense_params"]
     print(f"\ncompressed in {summary['wall_s']:.0f} s · block parameters kept: {kept:.1%}")
-    print(f"{'':<32}{'dense':>14}{'pruned':>14}")
-    for label, key, fmt in rows(summary["evaluation"], summary.get("evaluation_labels", {})):
+    print(f"{'':<32}{'dense':>18}{'pruned':>18}")
+    tasks = [("  " + key[4:], key, ".3f") for key in sorted(pruned) if key.startswith("acc_") and not is_se_key(key)]
+    for label, key, spec in [row for row in rows(summary["evaluation"], summary.get("evaluation_labels", {}))
+                             for row in ([row, *tasks] if row[1] == "zeroshot_acc" else [row])]:
         if key in dense or key in pruned:
-            cells = [fmt.format(row[key]) if key in row else "—" for row in (dense, pruned)]
-            print(f"{label:<32}{cells[0]:>14}{cells[1]:>14}")
-    for task in sorted(k for k in pruned if k.startswith("acc_")):
-        print(f"{'  ' + task[4:]:<32}{dense.get(task, float('nan')):>14.3f}{pruned[task]:>14.3f}")
+            cells = [with_se(row, key, spec) if key in row else "—" for row in (dense, pruned)]
+            print(f"{label:<32}{cells[0]:>18}{cells[1]:>18}")
     if "prefill_tokens_per_s" in dense:
-        print(f"{'prefill speedup':<32}{'':>14}{pruned['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:>13.2f}×")
+        print(f"{'prefill speedup':<32}{'':>18}{pruned['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:>17.2f}×")
     print(f"\npruned model:   {summary['model_uri']}")
     print(f"MLflow:         run {summary['mlflow_run_id']} · registered {summary['registered_model']} "
           f"v{summary['registered_version']} · `mlflow ui --backend-store-uri {tracking_uri()}`")
@@ -36,7 +38,8 @@ def print_summary(summary: dict) -> None:
 
 
 def write_results(summary: dict, path: str) -> None:
-    """{"wall_s": t, "dense": {...}, "pruned": {...}} plus what identifies the run; atomic write."""
+    """{"wall_s": t, "dense": {...}, "pruned": {...}} plus what identifies the run; atomic write. Each figure
+    that has a standard error carries it beside it as `<figure>_se` (ppl_in_domain_se, acc_<task>_se)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"wall_s": summary["wall_s"], "dense": summary["evaluation"]["dense"],

@@ -4,8 +4,8 @@ from darwinlm.core.data.sources import Document
 from darwinlm.core.data.splits import split_documents
 from darwinlm.flows.report import print_summary, rows
 
-EVALUATION = {"dense": {"params": 100, "ppl_in_domain": 10.0, "kl": 0.0},
-              "pruned": {"params": 60, "ppl_in_domain": 12.5, "kl": 0.2}}
+EVALUATION = {"dense": {"params": 100, "ppl_in_domain": 10.0, "ppl_in_domain_se": 0.25, "kl": 0.0},
+              "pruned": {"params": 60, "ppl_in_domain": 12.5, "ppl_in_domain_se": 0.3, "kl": 0.2}}
 
 
 def summary(labels: dict) -> dict:
@@ -26,3 +26,14 @@ def test_every_evaluation_set_gets_a_row_even_without_labels():
     evaluation = {"dense": {"ppl_a": 1.0, "ppl_b_set": 2.0}, "pruned": {"ppl_a": 1.5, "ppl_b_set": 3.0}}
     labels = [label for label, key, _ in rows(evaluation, {"a": "corpus A"}) if key.startswith("ppl_")]
     assert labels == ["ppl corpus A", "ppl b-set"]
+
+
+def test_figures_show_their_standard_errors_and_no_row_of_their_own(capsys):
+    evaluation = {side: {**row, "zeroshot_acc": acc, "zeroshot_acc_se": 0.02, "acc_darwinlm_x": acc,
+                         "acc_darwinlm_x_se": 0.03} for (side, row), acc in zip(EVALUATION.items(), (0.5, 0.45))}
+    print_summary({**summary({}), "evaluation": evaluation})
+    table = capsys.readouterr().out
+    assert "10.00 ± 0.25" in table and "12.50 ± 0.30" in table
+    assert "0.500 ± 0.020" in table and "0.450 ± 0.030" in table  # mean, then the task's own row
+    assert "_se" not in table and "in-domain-se" not in table
+    assert [label for label, *_ in rows(evaluation, {})].count("ppl in-domain") == 1

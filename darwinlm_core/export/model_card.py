@@ -8,6 +8,7 @@ figures are known (the compress flow evaluates after exporting) without touching
 import json
 
 from darwinlm.core import storage
+from darwinlm.core.evaluation.metrics import with_se
 
 _EVALUATION_LABELS = {"ppl_in_domain": "perplexity, in-domain held-out text",
                       "ppl_out_of_domain": "perplexity, out-of-domain held-out text",
@@ -33,7 +34,7 @@ def _evaluation_table(evaluation: dict | None) -> list[str]:
     lines = ["| metric | dense (before) | pruned (after) |", "|---|---|---|"]
     for key, label in _EVALUATION_LABELS.items():
         if key in evaluation["dense"] and key in evaluation["pruned"]:
-            cells = [f"{evaluation[side][key]:,.4g}" for side in ("dense", "pruned")]
+            cells = [with_se(evaluation[side], key, ",.4g") for side in ("dense", "pruned")]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return lines
 
