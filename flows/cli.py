@@ -12,9 +12,8 @@ import tempfile
 
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.errors import DarwinLMError
-
-
-LOCAL_TASK_EXAMPLES = 200  # examples written per local lm-eval task; --task-limit takes the first N
+# examples written per local lm-eval task (fewer if the held-out text holds fewer); --task-limit takes the first N
+from darwinlm.core.evaluation.task_files import EXAMPLES_PER_TASK as LOCAL_TASK_EXAMPLES
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -64,6 +63,22 @@ def _build_parser() -> argparse.ArgumentParser:
                           help=f"examples per lm-eval task (default: all; local tasks hold {LOCAL_TASK_EXAMPLES})")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(handler=_evaluate)
+
+    tasks = commands.add_parser(
+        "tasks",
+        help="write the offline zero-shot tasks to a folder, for `lm_eval --include_path DIR`",
+        description="Write the darwinlm_* lm-eval tasks that `evaluate --tasks local` and the compress flow run "
+        "(last-word cloze and next-sentence choice per held-out evaluation set: a YAML config and a JSONL file "
+        "each) into a folder, and print the `lm_eval` command that runs them. The folder is written whole: a "
+        "temporary folder beside it, renamed when complete (an earlier task folder there is replaced).",
+    )
+    tasks.add_argument("--out", required=True, help="the folder to write: new, empty, or an earlier task folder")
+    _add_text_options(tasks)
+    tasks.add_argument("--examples", type=int, default=LOCAL_TASK_EXAMPLES,
+                       help=f"examples per task (default {LOCAL_TASK_EXAMPLES}; fewer where the held-out text "
+                       "holds fewer)")
+    tasks.add_argument("--seed", type=int, default=0, help="which examples and distractors are drawn (default 0)")
+    tasks.set_defaults(handler=_write_tasks)
 
     compress = commands.add_parser(
         "compress",
@@ -231,7 +246,7 @@ def _export(args) -> None:
 def _evaluate(args) -> None:
     from darwinlm.core.data.default_corpus import load_split
     from darwinlm.core.data.tokens import tokenize_blocks
-    from darwinlm.core.evaluation.metrics import perplexity
+    from darwinlm.core.evaluation.metrics import perplexity_with_se, with_se
     from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
     from darwinlm.core.model.loading import load_model
 
@@ -246,8 +261,9 @@ def _evaluate(args) -> None:
         results = {}
         for name, documents in split.evaluation.items():
             windows = tokenize_blocks(documents, tokenizer, args.seq_len, max_blocks=args.windows)
-            ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.json, desc=name)
-            results[name] = {"perplexity": ppl, "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
+            ppl, se = perplexity_with_se(model, windows, batch_size=args.batch_size, progress=not args.json, desc=name)
+            results[name] = {"perplexity": ppl, "perplexity_se": se, "windows": int(windows.shape[0]),
+                             "tokens": int(windows.numel())}
         tasks = {}
         if requested:
             tasks = run_lm_eval(model, tokenizer, names, include_path=task_dir, batch_size=args.batch_size,
@@ -258,11 +274,32 @@ def _evaluate(args) -> None:
         print(json.dumps({"model": args.model, "split_digest": split.digest, "results": results, **extra}))
         return
     print(f"model {args.model} · split {split.digest[:12]} · {args.seq_len}-token windows")
-    print(f"{'evaluation set':<16} {'windows':>8} {'perplexity':>12}")
+    print(f"{'evaluation set':<16} {'windows':>8} {'perplexity ± se':>18}")
     for name, row in results.items():
-        print(f"{name:<16} {row['windows']:>8} {row['perplexity']:>12.2f}")
+        print(f"{name:<16} {row['windows']:>8} {with_se(row, 'perplexity'):>18}")
     if requested:
         _print_task_table(tasks)
+
+
+def _write_tasks(args) -> None:
+    """`darwinlm tasks`: the local tasks written whole into --out (see write_task_folder), and how to run them."""
+    from darwinlm.core.data.default_corpus import load_split
+    from darwinlm.core.evaluation.task_files import MANIFEST_NAME, check_task_folder, write_task_folder
+
+    if args.examples < 1:
+        raise DarwinLMError(f"--examples is {args.examples}", "pass a positive number of examples per task")
+    check_task_folder(args.out)  # before the text is read
+    split = load_split(args.text, args.text_field)
+    out = Path(args.out).expanduser().resolve()
+    names = write_task_folder(split, out, examples_per_task=args.examples, seed=args.seed)
+    counts = json.loads((out / MANIFEST_NAME).read_text())["tasks"]
+    print(f"wrote {len(names)} lm-eval tasks to {out} (split {split.digest[:12]}, seed {args.seed}):")
+    for name in names:
+        print(f"  {name:<40} {counts[name]:>6} examples")
+    print("run them with (MODEL: a Hugging Face folder or hub id; trust_remote_code=True loads darwinlm's "
+          "pruned exports):")
+    print(f"  lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True --tasks {','.join(names)} "
+          f"--include_path {out} --device cpu --batch_size 8")
 
 
 def _parse_tasks(tasks: str | None, limit: int | None) -> list[str]:
@@ -291,12 +328,15 @@ def _prepare_tasks(requested: list[str], split, task_dir: str):
 
 
 def _print_task_table(tasks: dict[str, dict[str, float]]) -> None:
-    """lm-eval figures: accuracies as fractions; chance is 0 for the cloze, 0.25 for next-sentence choice."""
+    """lm-eval figures: accuracies as fractions ± their standard error; chance is 0 for the cloze, 0.25 for
+    next-sentence choice."""
+    from darwinlm.core.evaluation.metrics import with_se
+
     columns = ["acc", "acc_norm", "perplexity"]
     width = max(len("lm-eval task"), *(len(name) for name in tasks))
-    print(f"\n{'lm-eval task':<{width}} {'examples':>8} " + " ".join(f"{column:>10}" for column in columns))
+    print(f"\n{'lm-eval task':<{width}} {'examples':>8} " + " ".join(f"{column:>16}" for column in columns))
     for name, metrics in tasks.items():
-        cells = [f"{metrics[column]:>10.4g}" if column in metrics else f"{'-':>10}" for column in columns]
+        cells = [f"{with_se(metrics, column, '.3f'):>16}" if column in metrics else f"{'-':>16}" for column in columns]
         print(f"{name:<{width}} {metrics.get('examples', 0):>8.0f} " + " ".join(cells))
 
 

@@ -46,6 +46,15 @@ def test_evaluate_prints_perplexity_json(capsys, model_dir, corpus):
     in_domain = result["results"]["in_domain"]
     assert in_domain["windows"] == 3 and in_domain["tokens"] == 96
     assert 1.0 < in_domain["perplexity"] < 1000  # random tiny model over a 99-token vocabulary
+    assert 0.0 < in_domain["perplexity_se"] < in_domain["perplexity"]  # over the 3 windows
+
+
+def test_evaluate_table_shows_perplexity_with_its_standard_error(capsys, model_dir, corpus):
+    code, out, _ = run_cli(capsys, "evaluate", "--model", str(model_dir), "--text", str(corpus),
+                           "--seq-len", "32", "--windows", "3")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("in_domain"))
+    assert row.split()[1] == "3" and row.split()[3] == "±"
 
 
 def expect_one_line_error(capsys, *argv, match: str) -> str:
@@ -103,15 +112,20 @@ def test_process_exit_codes(tmp_path):
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
 
-def test_evaluate_runs_local_lm_eval_tasks(capsys, model_dir, tmp_path):
-    from tests.support.prose import synthetic_document  # varied prose: next-sentence choice needs distinct sentences
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory) -> Path:
+    """A folder of varied prose: next-sentence choice needs distinct sentences."""
+    from tests.support.prose import synthetic_document
 
-    rng = random.Random(0)
-    (tmp_path / "prose").mkdir()
+    folder, rng = tmp_path_factory.mktemp("prose"), random.Random(0)
     for index in range(40):
         document = synthetic_document(rng, index)
-        (tmp_path / "prose" / document.id).write_text(document.text)
-    code, out, err = run_cli(capsys, "evaluate", "--model", str(model_dir), "--text", str(tmp_path / "prose"),
+        (folder / document.id).write_text(document.text)
+    return folder
+
+
+def test_evaluate_runs_local_lm_eval_tasks(capsys, model_dir, prose):
+    code, out, err = run_cli(capsys, "evaluate", "--model", str(model_dir), "--text", str(prose),
                              "--seq-len", "32", "--windows", "2", "--tasks", "local", "--task-limit", "5", "--json")
     assert code == 0, err[-2000:]
     result = json.loads(out)
@@ -120,4 +134,41 @@ def test_evaluate_runs_local_lm_eval_tasks(capsys, model_dir, tmp_path):
     assert sorted(tasks) == ["darwinlm_lastword_in_domain", "darwinlm_nextsent_in_domain"]
     for metrics in tasks.values():
         assert 0.0 <= metrics["acc"] <= 1.0 and metrics["examples"] == 5
+        assert metrics["acc_se"] == pytest.approx((metrics["acc"] * (1 - metrics["acc"]) / 5) ** 0.5)
     assert 0.0 <= tasks["darwinlm_nextsent_in_domain"]["acc_norm"] <= 1.0
+
+
+def test_tasks_command_writes_a_folder_that_lm_eval_loads(capsys, prose, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    out = tmp_path / "tasks"
+    code, printed, err = run_cli(capsys, "tasks", "--out", str(out), "--text", str(prose), "--examples", "20")
+    assert code == 0, err
+    names = ["darwinlm_lastword_in_domain", "darwinlm_nextsent_in_domain"]
+    command = next(line.strip() for line in printed.splitlines() if line.strip().startswith("lm_eval "))
+    assert f"--include_path {out}" in command and f"--tasks {','.join(names)}" in command
+    assert set(names) <= set(TaskManager(include_path=str(out), include_defaults=False).all_tasks)
+    for name in names:  # the configs name their data where it now lies, not in the temporary folder
+        assert f'"{out / name}.jsonl"' in (out / f"{name}.yaml").read_text()
+        assert 0 < len((out / f"{name}.jsonl").read_text().splitlines()) <= 20
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tasks"]  # no temporary folder left behind
+
+    code, _, _ = run_cli(capsys, "tasks", "--out", str(out), "--text", str(prose), "--examples", "3")
+    assert code == 0 and json.loads((out / "darwinlm_tasks.json").read_text())["examples_per_task"] == 3
+    assert all(len((out / f"{name}.jsonl").read_text().splitlines()) == 3 for name in names)  # replaced
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tasks"]
+
+
+def test_tasks_command_refuses_bad_input_and_writes_nothing(capsys, prose, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    expect_one_line_error(capsys, "tasks", "--out", str(tmp_path / "new"), "--text", str(prose), "--examples", "0",
+                          match="--examples is 0")
+    expect_one_line_error(capsys, "tasks", "--out", str(tmp_path / "a_file"), "--text", str(prose), match="is a file")
+    expect_one_line_error(capsys, "tasks", "--out", str(tmp_path / "mine"), "--text", str(prose),
+                          match="holds other files")
+    expect_one_line_error(capsys, "tasks", "--out", str(tmp_path / "new"), "--text", str(tmp_path / "nope"),
+                          match="nope")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "mine"]
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["notes.txt"]

@@ -156,6 +156,9 @@ def test_run_lm_eval_in_memory_on_a_tiny_model(task_dir):
     assert sorted(results) == ALL_TASKS
     for name, metrics in results.items():
         assert metrics["examples"] == 6 and not any("," in key or "stderr" in key for key in metrics)
+        for metric in ("acc", "acc_norm"):  # binomial standard errors beside the accuracies
+            if metric in metrics:
+                assert metrics[f"{metric}_se"] == pytest.approx(math.sqrt(metrics[metric] * (1 - metrics[metric]) / 6))
         examples = read_examples(task_dir, name)[:6]
         if "lastword" in name:  # acc: the target word is the greedy continuation; perplexity over its tokens
             scored = [continuation_logprob(model, tokenizer, e["context"], e["target"]) for e in examples]
@@ -181,7 +184,17 @@ def test_unknown_task_is_one_clear_line(task_dir):
     assert all(name in message for name in ALL_TASKS) and "network" in message
 
 
-def test_lm_eval_command_runs_on_a_pruned_export(task_dir, tmp_path):
+def test_lm_eval_command_runs_on_a_pruned_export_with_tasks_from_the_tasks_command(tmp_path, capsys):
+    from darwinlm.flows.cli import main
+
+    rng, text = random.Random(0), tmp_path / "text"
+    text.mkdir()
+    for index in range(40):  # a folder of .txt documents, split by document as a user's text is
+        document = synthetic_document(rng, index)
+        (text / document.id).write_text(document.text)
+    task_dir = tmp_path / "tasks"
+    assert main(["tasks", "--out", str(task_dir), "--text", str(text), "--examples", "10"]) == 0
+    assert "lm_eval --model hf" in capsys.readouterr().out
     model, _, _, _ = pruned_tiny("llama", tmp_path)
     export_model(model, tiny_tokenizer(), str(tmp_path / "pruned"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -200,3 +213,19 @@ def test_task_lists_expand_local_once_in_order():
     names = task_names(" local, arc_easy,,local ")
     assert names == ["local", "arc_easy", "local"]
     assert expand_local(names, ["darwinlm_a", "darwinlm_b"]) == ["darwinlm_a", "darwinlm_b", "arc_easy"]
+
+
+def test_zero_shot_scores_carry_standard_errors(split):
+    from types import SimpleNamespace
+
+    from darwinlm.core.config import load_preset
+    from darwinlm.tasks.stages import zero_shot_scores
+
+    config = load_preset("tiny", {"evaluate": {"tasks": "local", "task_limit": 5}})
+    scores = zero_shot_scores(tiny_model("llama").eval(), tiny_tokenizer(), SimpleNamespace(split=split), config)
+    accuracies = {key: value for key, value in scores.items() if key.startswith("acc_") and not key.endswith("_se")}
+    assert sorted(accuracies) == [f"acc_{name}" for name in ALL_TASKS]
+    for key, acc in accuracies.items():
+        assert scores[f"{key}_se"] == pytest.approx(math.sqrt(acc * (1 - acc) / 5))
+    assert scores["zeroshot_acc"] == pytest.approx(sum(accuracies.values()) / 4)
+    assert scores["zeroshot_acc_se"] == pytest.approx(math.sqrt(sum(scores[f"{k}_se"] ** 2 for k in accuracies)) / 4)

@@ -10,7 +10,7 @@ build two task kinds per evaluation set of a `CorpusSplit` (text never used for 
   (per character); chance is 25%.
 
 Each task is a JSONL file plus a YAML config that lm-eval loads with `TaskManager(include_path=DIR)` or
-`lm_eval --include_path DIR`. Files are written via temp + rename, data before config, so a crash never leaves a
+`lm_eval --include_path DIR` (write_task_folder, behind `darwinlm tasks --out DIR`, writes such a folder). Files are written via temp + rename, data before config, so a crash never leaves a
 YAML pointing at half-written data. lm_eval is imported inside functions: importing it takes seconds.
 """
 
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ TASK_PREFIX = "darwinlm_"
 KINDS = ("lastword", "nextsent")
 MANIFEST_NAME = "darwinlm_tasks.json"
 N_CHOICES = 4
+# Examples written per task unless asked otherwise (fewer when the held-out text holds fewer): at 500, an
+# accuracy near 0.5 has a standard error of ±0.022, so a difference of 0.07 between two models is not noise.
+EXAMPLES_PER_TASK = 500
 
 # A passage for the cloze: whole sentences of one paragraph, at least this many words (LAMBADA's average is ~75).
 PASSAGE_MIN_WORDS, PASSAGE_MAX_WORDS = 40, 200
@@ -205,18 +209,21 @@ def task_name(kind: str, set_name: str) -> str:
     return f"{TASK_PREFIX}{kind}_{re.sub(r'[^a-z0-9_]+', '_', set_name.lower()).strip('_')}"
 
 
-def write_local_tasks(split: CorpusSplit, out_dir, *, examples_per_task: int = 200, seed: int = 0) -> list[str]:
+def write_local_tasks(split: CorpusSplit, out_dir, *, examples_per_task: int = EXAMPLES_PER_TASK,
+                      seed: int = 0, location=None) -> list[str]:
     """Write darwinlm_lastword_<set> and darwinlm_nextsent_<set> for each evaluation set of `split` into out_dir.
 
     Per task: `<task>.jsonl` (the examples) and `<task>.yaml` (the lm-eval config, absolute data path), then
     `darwinlm_tasks.json` (split digest, seed, example counts). Same split + seed + examples_per_task → the same
     bytes. A task with no usable examples (text too short, or one document only for nextsent) is skipped and
-    listed in the manifest. Returns the task names written, sorted.
+    listed in the manifest. `location`: the folder the YAMLs name as their data's home, when out_dir will be
+    moved there once written (default: out_dir). Returns the task names written, sorted.
     """
     if examples_per_task < 1:
         raise DarwinLMError(f"examples_per_task is {examples_per_task}", "ask for at least 1 example per task")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    home = out if location is None else Path(location).expanduser().resolve()
     builders = {"lastword": lastword_examples, "nextsent": nextsent_examples}
     written, skipped = {}, {}
     for set_name, documents in sorted(split.evaluation.items()):
@@ -227,7 +234,7 @@ def write_local_tasks(split: CorpusSplit, out_dir, *, examples_per_task: int = 2
                 skipped[name] = f"no usable examples in evaluation set '{set_name}'"
                 continue
             _write_atomic(out / f"{name}.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-            _write_atomic(out / f"{name}.yaml", _task_yaml(kind, name, set_name, out, split.digest, seed))
+            _write_atomic(out / f"{name}.yaml", _task_yaml(kind, name, set_name, home, split.digest, seed))
             written[name] = len(examples)
     if not written:
         raise DarwinLMError(
@@ -238,6 +245,56 @@ def write_local_tasks(split: CorpusSplit, out_dir, *, examples_per_task: int = 2
                 "tasks": written, "skipped": skipped}
     _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return sorted(written)
+
+
+def check_task_folder(out_dir) -> Path:
+    """out_dir resolved, if write_task_folder may write it: absent, empty, or an earlier task folder (one holding
+    darwinlm_tasks.json); else DarwinLMError."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise DarwinLMError(f"{out_dir} is a file", "name a new or empty folder for the tasks")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise DarwinLMError(f"{out_dir} holds other files", "name a new or empty folder, or an earlier task "
+                            f"folder (one with {MANIFEST_NAME}) to replace")
+    return out
+
+
+def write_task_folder(split: CorpusSplit, out_dir, *, examples_per_task: int = EXAMPLES_PER_TASK,
+                      seed: int = 0) -> list[str]:
+    """write_local_tasks into a folder of its own, for `lm_eval --include_path out_dir`, written whole: into a
+    temporary folder beside it, renamed into place when complete, so out_dir never holds a half-written set
+    (nor, replacing an earlier task folder, stale tasks of other text). out_dir must pass check_task_folder.
+    Returns the task names written, sorted."""
+    out = check_task_folder(out_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        temporary.chmod(0o777 & ~_UMASK)  # as a plain mkdir would make it, not mkdtemp's 0700
+    except OSError as error:
+        raise DarwinLMError(f"cannot write into {out.parent}: {error.strerror or error}") from error
+    try:
+        names = write_local_tasks(split, temporary, examples_per_task=examples_per_task, seed=seed, location=out)
+        if out.exists():  # an earlier task folder: set aside, replaced, then deleted
+            old = out.with_name(temporary.name.removesuffix(".tmp") + ".old")
+            out.rename(old)
+            temporary.rename(out)
+            shutil.rmtree(old)
+        else:
+            temporary.rename(out)
+    except OSError as error:
+        raise DarwinLMError(f"cannot write the tasks into {out}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)  # gone already once renamed
+    return names
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once, at import: what plain open() would apply to a new file
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -251,6 +308,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the tasks from other users of the folder
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
