@@ -25,10 +25,11 @@ def test_export_writes_a_model_card(tmp_path):
 
 def test_model_card_shows_figures_before_and_after(tmp_path):
     export_model(tiny_model("qwen2"), tiny_bpe_tokenizer(), str(tmp_path / "out"), metadata={"base_model": "q"})
-    evaluation = {"dense": {"ppl_in_domain": 24.0, "kl": 0.0}, "pruned": {"ppl_in_domain": 31.5, "kl": 0.7}}
+    evaluation = {"dense": {"ppl_in_domain": 24.0, "ppl_in_domain_se": 0.52, "kl": 0.0},
+                  "pruned": {"ppl_in_domain": 31.5, "ppl_in_domain_se": 0.8, "kl": 0.7}}
     write_model_card(str(tmp_path / "out"), evaluation=evaluation)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| perplexity, in-domain held-out text | 24 | 31.5 |" in card
+    assert "| perplexity, in-domain held-out text | 24 ± 0.52 | 31.5 ± 0.8 |" in card
     assert "| KL to the dense model per token | 0 | 0.7 |" in card
 
 

@@ -37,3 +37,11 @@ def test_figures_show_their_standard_errors_and_no_row_of_their_own(capsys):
     assert "0.500 ± 0.020" in table and "0.450 ± 0.030" in table  # mean, then the task's own row
     assert "_se" not in table and "in-domain-se" not in table
     assert [label for label, *_ in rows(evaluation, {})].count("ppl in-domain") == 1
+
+
+def test_prefect_summary_artifact_rows_carry_standard_errors():
+    from darwinlm.flows.artifacts import summary_rows
+
+    table = summary_rows(EVALUATION)
+    assert [row["figure"] for row in table] == ["ppl_in_domain", "params", "kl"]
+    assert table[0] == {"figure": "ppl_in_domain", "dense": "10 ± 0.25", "pruned": "12.5 ± 0.3"}
