@@ -58,6 +58,8 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert summary["evaluation"]["pruned"]["params"] < summary["evaluation"]["dense"]["params"]
     assert summary["evaluation"]["pruned"]["kl"] > 0
     assert summary["evaluation"]["dense"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    for row in (summary["evaluation"]["dense"], summary["evaluation"]["pruned"]):  # over the eval windows
+        assert 0 < row["ppl_in_domain_se"] < row["ppl_in_domain"]
     sample = summary["evaluation"]["sample"]
     assert sample["prompt"] and isinstance(sample["dense"], str) and isinstance(sample["pruned"], str)
 
