@@ -29,6 +29,13 @@ from darwinlm.flows.offline import apply_offline_defaults
 FINETUNES = {"demo": (1024, 1e-4), "demo_lr1e-5": (1024, 1e-5), "4k_lr3e-5": (4096, 3e-5)}
 
 
+def rows_measured_by(run: dict) -> dict:
+    """What makes two runs' per-genome rows the same measurement: everything but the longer post-training of a
+    subset, which comes after every row."""
+    config = {key: value for key, value in run["config"].items() if key not in ("long_subset", "long_factor")}
+    return {**run, "config": config}
+
+
 def graded_genomes(uniform: tuple, informed: tuple, budget, count: int, seed: int) -> dict[str, tuple]:
     """uniform, informed, then mutants of each by 1, 2, 4, 8, ... budget-neutral switches (alternating
     parents), so the set spans good to poor genomes near where a search goes."""
@@ -107,7 +114,8 @@ def main() -> None:
     resumable = json.loads(json.dumps({"config": origin["config"],
                                        "genomes": {name: list(levels) for name, levels in genomes.items()}}))
     earlier = json.loads(partial_path(args.results).read_text()) if partial_path(args.results).exists() else {}
-    done = {row["genome"]: row for row in earlier.get("rows", [])} if earlier.get("run") == resumable else {}
+    same = "run" in earlier and rows_measured_by(earlier["run"]) == rows_measured_by(resumable)
+    done = {row["genome"]: row for row in earlier.get("rows", [])} if same else {}
     first_origin = earlier["origin"] if done else origin
     rows, started = [], time.perf_counter()
     for name, levels in genomes.items():
