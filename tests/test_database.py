@@ -338,6 +338,28 @@ def test_builder_resumes_at_any_layer_in_a_new_process_and_refuses_gaps(tmp_path
     assert {name: data for name, (_, data) in ours.items()} == {name: data for name, (_, data) in theirs.items()}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_upper_triangle_hessian_is_the_full_product_bit_for_bit(threads):
+    """The accumulator computes only the upper triangle (in column blocks) and mirrors it: the same bits as a
+    full Σ xᵀx, at SmolLM2's widths too, so databases built before and after it are identical."""
+    from darwinlm_core.hessians import HessianAccumulator
+
+    generator, previous = torch.Generator().manual_seed(0), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for width in (64, 576, 1536):
+            accumulator, full, tokens = HessianAccumulator(width), torch.zeros(width, width), 0
+            for _ in range(3):
+                batch = torch.randn(2, 300, width, generator=generator) * torch.rand(width, generator=generator)
+                rows = batch.reshape(-1, width)
+                accumulator.add(batch)
+                full.addmm_(rows.T, rows)
+                tokens += rows.shape[0]
+            assert torch.equal(accumulator.hessian(), full * (2.0 / tokens)), width
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _bytes(root: str) -> dict[str, bytes]:
     return {name: data for name, (_, data) in _files(root).items()}
 
