@@ -122,3 +122,21 @@ def test_refit_database_assembles_like_the_database_and_serializes(built):
     assert torch.equal(o_proj, again.weights[(1, "attn")].weight)
     # the whole point: a pruned model closer to the data it was fitted on
     assert _calibration_error(model) < loss_database
+
+
+def test_driver_observe_runs_hooks_without_advancing_and_stops_at_a_submodule():
+    model = tiny_model("llama", seed=3)
+    driver = BlockDriver(model, CALIBRATION, batch_size=3)
+    driver.advance()
+    hidden, seen = driver.hidden.clone(), []
+    block = driver.blocks[1]
+    handles = [module.register_forward_pre_hook(lambda *_, name=name: seen.append(name))
+               for name, module in (("o_proj", block.self_attn.o_proj), ("down_proj", block.mlp.down_proj))]
+    driver.observe(stop_at=block.self_attn.o_proj)
+    assert seen == ["o_proj"] * 3  # three batches, each stopped before the MLP
+    seen.clear()
+    driver.observe()
+    assert seen == ["o_proj", "down_proj"] * 3
+    for handle in handles:
+        handle.remove()
+    assert driver.position == 1 and torch.equal(driver.hidden, hidden)
