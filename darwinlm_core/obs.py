@@ -174,7 +174,15 @@ def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[Prune
     dense = weight.double()
     energy = float(((dense @ hessian) * dense).sum())
     errors = []
+    n_units = weight.shape[1] // unit_size
     for pruned in levels:
+        # The ends need no matmul: nothing removed and unchanged is 0, everything removed is the energy itself.
+        if pruned.kept_units.numel() == 0:
+            errors.append(1.0 if energy > 0 else 0.0)
+            continue
+        if pruned.kept_units.numel() == n_units and torch.equal(pruned.weight, weight):
+            errors.append(0.0)
+            continue
         columns = (pruned.kept_units[:, None] * unit_size + torch.arange(unit_size)).flatten().to(weight.device)
         delta = dense.clone()
         delta[:, columns] -= pruned.weight.to(delta)
