@@ -135,16 +135,22 @@ def _refit_ppl(model, database, levels, ids, eval_windows, digest, batch_size: i
 def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: list[int], batch_size: int,
                       known: dict, max_s: float) -> tuple[list[dict], str]:
     """Uniform-50% held-out ppl and build seconds per calibration amount (rows of 512 tokens); a point already
-    measured (`known`: {tokens: (ppl, build_s)}) is reused. Stops after a point whose build + ppl took > max_s."""
+    measured (`known`: {tokens: (ppl, build_s)}) is reused. A point whose build is predicted (from the last
+    one, in proportion to the tokens) to take more than max_s seconds ends the curve, with a note."""
     from darwinlm_core.assembly import LiveAssembly
     from darwinlm_core.database import DatabaseConfig, build_database
     from darwinlm_core.evaluation import perplexity
 
-    curve, note = [], ""
+    curve, note, last = [], "", None  # last: (tokens, seconds) of the latest point, to predict the next
     for count in sorted(tokens):
         if count in known:
             curve.append({"tokens": count, "ppl_uniform50": known[count][0], "build_s": known[count][1]})
+            last = (count, known[count][1])
             continue
+        predicted = None if last is None else last[1] * count / last[0]  # the build scales with the tokens
+        if predicted is not None and predicted > max_s:
+            note = f"stopped before {count} tokens: predicted {predicted:.0f} s > {max_s:.0f} s from the last point"
+            break
         start = time.perf_counter()
         ids, calibration_digest = calibration_rows(split, tokenizer, count // 512, 512)
         with tempfile.TemporaryDirectory() as root:
@@ -158,9 +164,7 @@ def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: lis
             ppl = perplexity(model, eval_windows, progress=True, desc=f"ppl uniform50 @ {count} tokens")
             assembly.apply({key: 0 for key in levels})
         curve.append({"tokens": count, "ppl_uniform50": ppl, "build_s": build_s})
-        if time.perf_counter() - start > max_s and count != max(tokens):
-            note = f"stopped after {count} tokens: that point took {time.perf_counter() - start:.0f} s > {max_s:.0f} s"
-            break
+        last = (count, build_s)
     return curve, note
 
 
@@ -173,7 +177,7 @@ def _parse_args():
     parser.add_argument("--curve", default="16384,32768,65536,131072",
                         help="calibration tokens of the calibration curve ('' to skip it)")
     parser.add_argument("--curve-max-s", type=float, default=900.0,
-                        help="stop the curve after a point that takes longer than this")
+                        help="end the curve before a point predicted to build for longer than this")
     return parser.parse_args()
 
 
