@@ -303,12 +303,12 @@ def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:
         tasks = expand_local(task_names(config.evaluate.tasks), write_local_tasks(data.split, folder))
         scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit,
                              device=str(next(model.parameters()).device))
-    scored = {task: metrics for task, metrics in scores.items() if "acc" in metrics}
+    scored = {name: metrics for name, metrics in scores.items() if "acc" in metrics}
     if not scored:
         return {}
     results = {}
-    for task, metrics in scored.items():
-        results[f"acc_{task}"], results[f"acc_{task}_se"] = metrics["acc"], metrics["acc_se"]
+    for name, metrics in scored.items():
+        results[f"acc_{name}"], results[f"acc_{name}_se"] = metrics["acc"], metrics["acc_se"]
     results["zeroshot_acc"] = sum(metrics["acc"] for metrics in scored.values()) / len(scored)
     results["zeroshot_acc_se"] = mean_se([metrics["acc_se"] for metrics in scored.values()])
     return results

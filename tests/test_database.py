@@ -4,6 +4,7 @@ and clear errors instead of a silently wrong model."""
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,87 @@ def test_builder_resumes_at_any_layer_in_a_new_process_and_refuses_gaps(tmp_path
     assert second.finish().manifest == reference.manifest
     ours, theirs = _files(second.root), _files(reference.root)
     assert {name: data for name, (_, data) in ours.items()} == {name: data for name, (_, data) in theirs.items()}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_upper_triangle_hessian_is_the_full_product_bit_for_bit(threads):
+    """The accumulator computes only the upper triangle (in column blocks) and mirrors it: the same bits as a
+    full Σ xᵀx, at SmolLM2's widths too, so databases built before and after it are identical."""
+    from darwinlm.core.database.hessians import HessianAccumulator
+
+    generator, previous = torch.Generator().manual_seed(0), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for width in (64, 576, 1536):
+            accumulator, full, tokens = HessianAccumulator(width), torch.zeros(width, width), 0
+            for _ in range(3):
+                batch = torch.randn(2, 300, width, generator=generator) * torch.rand(width, generator=generator)
+                rows = batch.reshape(-1, width)
+                accumulator.add(batch)
+                full.addmm_(rows.T, rows)
+                tokens += rows.shape[0]
+            assert torch.equal(accumulator.hessian(), full * (2.0 / tokens)), width
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bytes(root: str) -> dict[str, bytes]:
+    return {name: data for name, (_, data) in _files(root).items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_overlapped_build_writes_the_bytes_of_a_sequential_one(tmp_path, monkeypatch, family):
+    """The OBS of layer i runs in a worker while the driver walks layer i+1; the shards, records and manifest
+    are byte for byte those of the sequential build."""
+    model = tiny_model(family, seed=5)
+    config = DatabaseConfig(level_steps=STEPS)
+    sequential = build_database(model, CALIBRATION, str(tmp_path / "sequential"), calibration_digest="c",
+                                config=config, overlap=False)
+    events = []
+    original_prune, original_write = database_module._prune_module, storage.write_bytes
+    monkeypatch.setattr(database_module, "_prune_module", lambda *args: (
+        events.append(("prune", threading.current_thread().name)), original_prune(*args))[1])
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (
+        events.append(("write", uri.rsplit("/", 2)[-2] + "/" + uri.rsplit("/", 1)[-1])), original_write(uri, data)))
+    handles = [block.register_forward_pre_hook(lambda *_, i=i: events.append(("walk", i)))
+               for i, block in enumerate(model.model.layers)]
+    overlapped = build_database(model, CALIBRATION, str(tmp_path / "overlapped"), calibration_digest="c",
+                                config=config)
+    for handle in handles:
+        handle.remove()
+    assert overlapped.manifest == sequential.manifest
+    assert _bytes(overlapped.root) == _bytes(sequential.root)
+    # it did overlap: layers 0 and 1 were pruned in the worker, and block 1 was walked before layer 0 was written
+    assert [name.startswith("darwinlm-obs") for kind, name in events if kind == "prune"] == [True] * 4 + [False] * 2
+    assert events.index(("walk", 1)) < events.index(("write", "000/layer.json"))
+
+
+def test_a_crash_in_an_overlapped_build_leaves_whole_layers_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """A failure while layer 1 is pruned (its Hessians were collected ahead, layer 2's walk overlapped it)
+    leaves layer 0 written and nothing of layer 1's record; a new build resumes to the bytes of a clean one."""
+    model = tiny_model("llama", seed=6)
+    config = DatabaseConfig(level_steps=STEPS)
+    clean = build_database(model, CALIBRATION, str(tmp_path / "clean"), calibration_digest="c", config=config)
+    original_prune = database_module._prune_module
+    calls = []
+
+    def failing(*args):
+        calls.append(args[2].kind)
+        if len(calls) == 4:  # layer 1's MLP, in the worker
+            raise RuntimeError("killed")
+        return original_prune(*args)
+
+    monkeypatch.setattr(database_module, "_prune_module", failing)
+    build = lambda: build_database(model, CALIBRATION, str(tmp_path / "crashed"),  # noqa: E731
+                                   calibration_digest="c", config=config)
+    with pytest.raises(RuntimeError, match="killed"):
+        build()
+    root = Path(clean.root.replace(str(tmp_path / "clean"), str(tmp_path / "crashed")))
+    assert (root / "layers/000/layer.json").exists()
+    assert not (root / "layers/001/layer.json").exists() and not (root / "manifest.json").exists()
+    monkeypatch.setattr(database_module, "_prune_module", original_prune)
+    resumed = build()
+    assert _bytes(resumed.root) == _bytes(clean.root)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -203,3 +203,28 @@ def test_unit_columns_and_scatter_units_place_whole_units():
     assert unit_columns(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
     full = scatter_units(torch.arange(6.0).view(1, 6), torch.tensor([0, 2]), n_units=3, unit_size=3)
     assert full.tolist() == [[0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0, 5.0]]
+
+
+@pytest.mark.parametrize("unit_size,d_in", [(1, 48), (8, 64)])
+def test_greedy_shortcuts_give_the_bits_of_the_full_path(unit_size, d_in, monkeypatch):
+    """Two pieces of skipped work: the greedy stops once only "everything removed" is left, and level errors
+    at the two ends need no matmul. Both give exactly what the full computation gives."""
+    from darwinlm.core.database import obs
+
+    weight, hessian = synthetic(16, d_in, seed=5)
+    ladder = level_ladder(d_in // unit_size, 6)
+    hinv = inverse_hessian(hessian, DAMPING)
+    short = greedy_prune(weight, hinv, unit_size, ladder)
+    errors, energy = level_errors(weight, hessian, short, unit_size)
+    monkeypatch.setattr(obs, "_only_everything_left", lambda *args: False)
+    full = greedy_prune(weight, hinv, unit_size, ladder)
+    for a, b in zip(short, full):
+        assert a.units_removed == b.units_removed and torch.equal(a.kept_units, b.kept_units)
+        assert a.weight.shape == b.weight.shape and torch.equal(a.weight, b.weight)
+    dense = weight.double()
+    full_errors = []
+    for pruned in full:  # the general formula, at every level
+        delta = dense.clone()
+        delta[:, (pruned.kept_units[:, None] * unit_size + torch.arange(unit_size)).flatten()] -= pruned.weight.double()
+        full_errors.append(float(((delta @ hessian.double()) * delta).sum()) / energy)
+    assert errors == full_errors

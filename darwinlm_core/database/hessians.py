@@ -13,23 +13,31 @@ from darwinlm.core.model.arch import ArchSpec
 
 
 class HessianAccumulator:
-    """Running Σ xᵀx over tokens of one linear's input; `hessian()` gives 2/n Σ xᵀx, (d_in, d_in) float32."""
+    """Running Σ xᵀx over tokens of one linear's input; `hessian()` gives 2/n Σ xᵀx, (d_in, d_in) float32.
 
-    def __init__(self, d_in: int, device=None):
+    Only the upper triangle is accumulated, in column blocks of about `block` inputs (block i × columns ≥ i):
+    with 3 blocks that is 2/3 of the multiply-adds. Each entry is still one dot product over the same rows,
+    so the result matches a full `addmm` bit for bit on the BLAS measured here (tests check it).
+    """
+
+    def __init__(self, d_in: int, device=None, block: int = 512):
         self.sum = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
         self.tokens = 0
+        blocks = -(-d_in // block)
+        self._bounds = [round(i * d_in / blocks) for i in range(blocks + 1)]
 
     def add(self, inputs: torch.Tensor) -> None:
         """inputs: (..., d_in) any float dtype."""
         rows = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.sum.addmm_(rows.T, rows)
+        for start, stop in zip(self._bounds[:-1], self._bounds[1:]):
+            self.sum[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
         self.tokens += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
-        return self.sum * (2.0 / self.tokens)
-
+        upper = self.sum.triu()
+        return (upper + upper.triu(1).T) * (2.0 / self.tokens)
 
 @contextmanager
 def collect_block_hessians(block: nn.Module, spec: ArchSpec):

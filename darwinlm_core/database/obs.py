@@ -71,6 +71,17 @@ def _single_thread():
         torch.set_num_threads(threads)
 
 
+def _only_everything_left(snapshots: list[int], taken: int, n_units: int) -> bool:
+    """Whether the one snapshot still wanted is "every unit removed": it has no weights, so the greedy steps
+    that would lead there (a tenth of them with ten levels) are skipped."""
+    return snapshots[taken:] == [n_units] and n_units > 0
+
+
+def _everything_removed(weight: torch.Tensor, n_units: int) -> PrunedWeights:
+    """The snapshot with no unit kept: the same tensors `_snapshot` returns once every unit is removed."""
+    return PrunedWeights(n_units, torch.zeros(0, dtype=torch.int64), weight[:, :0].cpu())
+
+
 def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> PrunedWeights:
     kept = (~removed).nonzero().flatten()
     columns = unit_columns(kept, unit_size)
@@ -85,6 +96,9 @@ def greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
         while snapshots[len(results) :] and snapshots[len(results)] == count:
             results.append(_snapshot(weight, removed, unit_size))
         if len(results) == len(snapshots):
+            break
+        if _only_everything_left(snapshots, len(results), n_units):
+            results.append(_everything_removed(weight, n_units))
             break
         best, best_score, best_inverse = -1, float("inf"), None
         for unit in (~removed).nonzero().flatten().tolist():
@@ -130,6 +144,9 @@ def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> lis
                 results.append(_snapshot(weight, removed, 1))
             if len(results) == len(snapshots):
                 break
+            if _only_everything_left(snapshots, len(results), d_in):
+                results.append(_everything_removed(weight, d_in))
+                break
         scores = torch.where(removed, torch.inf, column_norms / diagonal)
         j = int(scores.argmin())
         row = hinv[j] - u_terms[:pending, j] @ u_terms[:pending]  # Hinv[j, :]
@@ -159,7 +176,15 @@ def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[Prune
     dense = weight.double()
     energy = float(((dense @ hessian) * dense).sum())
     errors = []
+    n_units = weight.shape[1] // unit_size
     for pruned in levels:
+        # The ends need no matmul: nothing removed and unchanged is 0, everything removed is the energy itself.
+        if pruned.kept_units.numel() == 0:
+            errors.append(1.0 if energy > 0 else 0.0)
+            continue
+        if pruned.kept_units.numel() == n_units and torch.equal(pruned.weight, weight):
+            errors.append(0.0)
+            continue
         columns = unit_columns(pruned.kept_units, unit_size).to(weight.device)
         delta = dense.clone()
         delta[:, columns] -= pruned.weight.to(delta)

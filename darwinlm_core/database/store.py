@@ -10,6 +10,7 @@ the base model's own and are sliced from it when a level is applied. Level 0 is 
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,8 +88,8 @@ def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig) -
     return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder)
 
 
-def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], dtype,
-                  errors: list[float], energy: float) -> dict:
+def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], errors: list[float],
+                  energy: float, *, dtype) -> dict:
     """Write one shard per level above 0; return the module's manifest entry."""
     records = []
     for level, pruned in enumerate(levels):
@@ -109,11 +110,16 @@ class DatabaseBuilder:
     Layers are built in order. A layer whose layer.json exists is not pruned again; the driver only walks the
     dense block to reach the next one (that walk is the whole cost of resuming at layer i in a new process).
     `finish()` writes the manifest, after checking that every layer is there.
+
+    With `overlap` (the default), the single-threaded OBS of layer i runs in a worker thread while this thread
+    walks block i+1 and collects its Hessians (torch releases the GIL), so `build_layer(i + 1)` starts with its
+    Hessians ready. `build_layer(i)` still returns only once layer i's shards and layer.json are written, and
+    the worker runs the same operations with the same thread count, so the bytes are those of a sequential build.
     """
 
     def __init__(self, model, calibration_ids: torch.Tensor, base_uri: str, *, calibration_digest: str,
                  config: DatabaseConfig = DatabaseConfig(), batch_size: int = 8,
-                 base_model_digest: str | None = None):
+                 base_model_digest: str | None = None, overlap: bool = True):
         self.model, self.calibration_ids, self.config, self.batch_size = model, calibration_ids, config, batch_size
         self.calibration_digest = calibration_digest
         self.base_model_digest = base_model_digest or model_digest(model)
@@ -121,7 +127,10 @@ class DatabaseBuilder:
         self.spec = arch_for(model)
         self.shapes = module_shapes(model, self.spec, config.gqa_mode)
         self.num_layers = len(self.spec.block_list(model))
+        self.overlap = overlap
         self._driver: BlockDriver | None = None  # made on first need: it holds every row's activations
+        self._ahead: tuple[int, dict] | None = None  # (layer, {kind: Hessian}) collected while the worker pruned
+        self._worker: ThreadPoolExecutor | None = None
 
     @property
     def finished(self) -> bool:
@@ -145,6 +154,30 @@ class DatabaseBuilder:
             return self._build_layer(layer)
 
     def _build_layer(self, layer: int) -> list[dict]:
+        hessians = self._hessians(layer)
+        block = self._driver.blocks[layer]
+        weights = {kind: _output_projection(block, self.spec, kind).weight.detach() for kind in MODULE_KINDS}
+        if self.overlap and layer + 1 < self.num_layers and not self.layer_done(layer + 1):
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwinlm-obs")
+            pruning = self._worker.submit(self._prune_layer, layer, weights, hessians, torch.get_num_threads())
+            try:
+                self._ahead = (layer + 1, self._collect(layer + 1))
+            finally:
+                pruned = pruning.result()  # waits (and re-raises) even if the walk ahead failed
+        else:
+            pruned = self._prune_layer(layer, weights, hessians, torch.get_num_threads())
+        dtype = DTYPES[self.config.storage_dtype]
+        modules = [_write_module(self.root, layer, self.shapes[layer][kind], *pruned[kind], dtype=dtype)
+                   for kind in MODULE_KINDS]
+        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
+        return modules
+
+    def _hessians(self, layer: int) -> dict[str, torch.Tensor]:
+        """{kind: H} of `layer`: collected ahead by the previous build_layer, or by walking there now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == layer:
+            return ahead[1]
         if self._driver is None:
             self._driver = BlockDriver(self.model, self.calibration_ids, batch_size=self.batch_size)
         if self._driver.position > layer:
@@ -152,20 +185,24 @@ class DatabaseBuilder:
                                 "build layers in order, or start a new DatabaseBuilder")
         while self._driver.position < layer:
             self._driver.advance()  # a layer built earlier (or by another process): walk it without Hessians
-        block = self._driver.blocks[layer]
-        with collect_block_hessians(block, self.spec) as accumulators:
+        return self._collect(layer)
+
+    def _collect(self, layer: int) -> dict[str, torch.Tensor]:
+        """Run block `layer` (the driver's next) and return the Hessians of its output projections' inputs."""
+        with collect_block_hessians(self._driver.blocks[layer], self.spec) as accumulators:
             self._driver.advance()
-        modules = []
+        return {kind: accumulators[kind].hessian() for kind in MODULE_KINDS}
+
+    def _prune_layer(self, layer: int, weights: dict, hessians: dict, threads: int) -> dict:
+        """{kind: (levels, errors, energy)} of one layer; run in the worker thread when overlapping, with the
+        caller's thread count (OpenMP's is per thread), so both paths compute the same bits."""
+        torch.set_num_threads(threads)
+        pruned = {}
         for kind in MODULE_KINDS:
-            linear = _output_projection(block, self.spec, kind)
             shape = self.shapes[layer][kind]
-            weight, hessian = linear.weight.detach(), accumulators[kind].hessian()
-            levels = _prune_module(weight, hessian, shape, self.config)
-            errors, energy = level_errors(weight, hessian, levels, shape.unit_size)
-            modules.append(_write_module(self.root, layer, shape, levels, DTYPES[self.config.storage_dtype],
-                                         errors, energy))
-        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
-        return modules
+            levels = _prune_module(weights[kind], hessians[kind], shape, self.config)
+            pruned[kind] = (levels, *level_errors(weights[kind], hessians[kind], levels, shape.unit_size))
+        return pruned
 
     def finish(self) -> "Database":
         """Write the manifest (last: the database exists once it does) and open the database."""
@@ -174,7 +211,10 @@ class DatabaseBuilder:
         missing = [layer for layer in range(self.num_layers) if not self.layer_done(layer)]
         if missing:
             raise DarwinLMError(f"database at {self.root} lacks layers {missing}", "build them before finishing")
-        self._driver = None  # frees the activations
+        self._driver, self._ahead = None, None  # frees the activations
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         layer_records = [json.loads(storage.read_bytes(self._record_uri(layer))) for layer in range(self.num_layers)]
         config = self.model.config
         manifest = {
@@ -203,10 +243,13 @@ def build_database(
     batch_size: int = 8,
     base_model_digest: str | None = None,
     progress: bool = False,
+    overlap: bool = True,
 ) -> "Database":
-    """Build (or reuse, or resume per layer) the database of `model` on calibration rows (n_rows, seq_len) int64."""
+    """Build (or reuse, or resume per layer) the database of `model` on calibration rows (n_rows, seq_len) int64.
+    `overlap=False` prunes each layer before walking the next (same bytes, slower)."""
     builder = DatabaseBuilder(model, calibration_ids, base_uri, calibration_digest=calibration_digest,
-                              config=config, batch_size=batch_size, base_model_digest=base_model_digest)
+                              config=config, batch_size=batch_size, base_model_digest=base_model_digest,
+                              overlap=overlap)
     if builder.finished:
         return Database.open(builder.root)
     for layer in tqdm(range(builder.num_layers), desc="database", unit="layer", disable=not progress):

@@ -61,6 +61,28 @@ class BlockDriver:
             self.hidden[rows] = output[0] if isinstance(output, tuple) else output
         self.position += 1
 
+    @torch.no_grad()
+    def observe(self, stop_at: nn.Module | None = None) -> None:
+        """Run block `position` over `hidden` for its hooks only: `hidden` and `position` stay as they are.
+
+        With `stop_at` (a submodule of the block), each batch stops once that submodule's forward pre-hooks
+        have run, so a caller who wants the inputs of o_proj does not pay for the MLP. Hooks the caller
+        registered on `stop_at` before this call fire first.
+        """
+        if self.position >= self.num_blocks:
+            raise IndexError("the driver has already run every block")
+        block, kwargs = self.blocks[self.position], self._block_kwargs[self.position]
+        handle = None if stop_at is None else stop_at.register_forward_pre_hook(_raise_stop)
+        try:
+            for start in range(0, self.hidden.shape[0], self.batch_size):
+                try:
+                    block(self.hidden[start : start + self.batch_size], **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
     def run_to_end(self) -> torch.Tensor:
         """Run every remaining block; returns the last block's outputs, (n_rows, seq_len, hidden) float."""
         while self.position < self.num_blocks:
@@ -76,6 +98,10 @@ class BlockDriver:
         return torch.cat(
             [head(norm(hidden[s : s + self.batch_size])) for s in range(0, hidden.shape[0], self.batch_size)]
         )
+
+
+def _raise_stop(*_):
+    raise _StopForward
 
 
 def record_block_kwargs(model: nn.Module, spec: ArchSpec, seq_len: int, device) -> list[dict]:

@@ -1,0 +1,142 @@
+"""Refit of a chosen genome: identity at level 0, never a worse reconstruction than the database's weights on
+the same (propagated) inputs, the database's shapes, and assembly exactly as database levels."""
+
+import random
+
+import pytest
+import torch
+
+from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.store import DatabaseConfig, build_database
+from darwinlm.core.model.driver import BlockDriver
+from darwinlm.core.search.genome import module_keys
+from darwinlm.core.database.refit import RefitDatabase, RefitResult, fit_kept, refit_genome
+from tests.support.tiny_models import random_token_rows, tiny_model
+
+CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
+STEPS = 4
+with torch.no_grad():
+    DENSE_LOGITS = tiny_model("llama", seed=3)(CALIBRATION).logits
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{gqa_mode: database} of one tiny GQA llama (float32 storage: the comparisons below are then exact)."""
+    base = tmp_path_factory.mktemp("refit")
+    return {mode: build_database(tiny_model("llama", seed=3), CALIBRATION, str(base), calibration_digest="c",
+                                 config=DatabaseConfig(level_steps=STEPS, gqa_mode=mode, storage_dtype="float32"))
+            for mode in ("query_heads", "kv_groups")}
+
+
+def _genomes(database, seed: int):
+    rng = random.Random(seed)
+    keys = module_keys(database)
+    yield {key: 0 for key in keys}
+    yield {key: 2 for key in keys}  # uniform half
+    yield {key: rng.randrange(database.num_levels(*key)) for key in keys}  # last levels included
+
+
+def test_refit_at_level_zero_is_the_identity(built):
+    model, database = tiny_model("llama", seed=3), built["query_heads"]
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = refit_genome(model, database, {key: 0 for key in module_keys(database)}, CALIBRATION, batch_size=3)
+    for (layer, kind), pruned in result.weights.items():
+        block = model.model.layers[layer]
+        weight = block.self_attn.o_proj.weight if kind == "attn" else block.mlp.down_proj.weight
+        assert pruned.units_removed == 0 and pruned.weight.shape == weight.shape
+        assert torch.allclose(pruned.weight, weight, rtol=1e-4, atol=1e-5), (layer, kind)
+        assert result.errors[(layer, kind)][1] < 1e-8
+    assert len(result.weights) == 2 * len(model.model.layers)
+    for name, parameter in model.named_parameters():  # the model is left dense
+        assert torch.equal(parameter, dense[name]), name
+
+
+def test_refit_of_the_first_module_reproduces_the_database():
+    """On dense inputs (layer 0's attention sees no pruned layer) the closed form equals the greedy's weights."""
+    model = tiny_model("llama", seed=3)
+    driver = BlockDriver(model, CALIBRATION)
+    from darwinlm.core.database.hessians import collect_block_hessians
+    from darwinlm.core.database.obs import greedy_prune, inverse_hessian
+
+    with collect_block_hessians(driver.blocks[0], driver.spec) as accumulators:
+        driver.advance()
+    for kind, weight in (("attn", model.model.layers[0].self_attn.o_proj.weight),
+                         ("mlp", model.model.layers[0].mlp.down_proj.weight)):
+        hessian, unit_size = accumulators[kind].hessian(), 16 if kind == "attn" else 1
+        n_units = weight.shape[1] // unit_size
+        greedy = greedy_prune(weight.detach(), inverse_hessian(hessian, 0.01), unit_size, [n_units // 2])[0]
+        refit = fit_kept(weight.detach(), hessian, greedy.kept_units, unit_size, 0.01)
+        assert torch.allclose(refit, greedy.weight, rtol=1e-3, atol=1e-4), kind
+
+
+@pytest.mark.parametrize("gqa_mode", ["query_heads", "kv_groups"])
+@pytest.mark.parametrize("reselect", [False, True], ids=["same-units", "reselect"])
+def test_refit_never_raises_reconstruction_error_and_keeps_shapes(built, gqa_mode, reselect):
+    database = built[gqa_mode]
+    for seed, levels in enumerate(_genomes(database, seed=7)):
+        model = tiny_model("llama", seed=3)
+        result = refit_genome(model, database, levels, CALIBRATION, reselect=reselect)
+        for (layer, kind), level in levels.items():
+            if level == database.num_levels(layer, kind) - 1:
+                assert (layer, kind) not in result.weights  # a removed module has nothing to fit
+                continue
+            refit = result.weights[(layer, kind)]
+            before, after = result.errors[(layer, kind)]
+            assert after <= before * (1 + 1e-6) + 1e-9, (seed, layer, kind, before, after)
+            if level > 0:
+                stored = database.load(layer, kind, level)
+                assert refit.weight.shape == stored.weight.shape and refit.weight.dtype == stored.weight.dtype
+                assert refit.units_removed == stored.units_removed
+                if not reselect:
+                    assert torch.equal(refit.kept_units, stored.kept_units)
+
+
+def _calibration_error(model) -> float:
+    """‖logits − dense logits‖² on the calibration rows: what the refit tries to shrink, layer by layer."""
+    with torch.no_grad():
+        return float((model(CALIBRATION).logits - DENSE_LOGITS).pow(2).sum())
+
+
+def test_refit_database_assembles_like_the_database_and_serializes(built):
+    database = built["query_heads"]
+    levels = {key: 2 for key in module_keys(database)}
+    model = tiny_model("llama", seed=3)
+    result = refit_genome(model, database, levels, CALIBRATION)
+    assembly = LiveAssembly(model, database)
+    assembly.apply(levels)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    loss_database, kept = _calibration_error(model), assembly.kept_params()
+
+    again = RefitResult.from_bytes(result.to_bytes())
+    assert again.levels == result.levels and again.errors == result.errors
+    refitted = RefitDatabase(database, again)
+    assert refitted.digest == database.digest
+    model = tiny_model("llama", seed=3)
+    assembly = LiveAssembly(model, refitted)
+    assembly.apply(levels)
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+    assert assembly.kept_params() == kept
+    o_proj = model.model.layers[1].self_attn.o_proj.weight
+    assert torch.equal(o_proj, again.weights[(1, "attn")].weight)
+    # the whole point: a pruned model closer to the data it was fitted on
+    assert _calibration_error(model) < loss_database
+
+
+def test_driver_observe_runs_hooks_without_advancing_and_stops_at_a_submodule():
+    model = tiny_model("llama", seed=3)
+    driver = BlockDriver(model, CALIBRATION, batch_size=3)
+    driver.advance()
+    hidden, seen = driver.hidden.clone(), []
+    block = driver.blocks[1]
+    handles = [module.register_forward_pre_hook(lambda *_, name=name: seen.append(name))
+               for name, module in (("o_proj", block.self_attn.o_proj), ("down_proj", block.mlp.down_proj))]
+    driver.observe(stop_at=block.self_attn.o_proj)
+    assert seen == ["o_proj"] * 3  # three batches, each stopped before the MLP
+    seen.clear()
+    driver.observe()
+    assert seen == ["o_proj", "down_proj"] * 3
+    for handle in handles:
+        handle.remove()
+    assert driver.position == 1 and torch.equal(driver.hidden, hidden)
