@@ -101,6 +101,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     from darwinlm.core.model.assembly import LiveAssembly
     from darwinlm.core.config import load_preset
     from darwinlm.core.database.store import DatabaseBuilder, build_database
+    from darwinlm.core.database.refit import RefitDatabase, refit_genome
     from darwinlm.core.search.fitness import compute_teacher
     from darwinlm.core.search.genome import Genome
     from darwinlm.core.home import data_home
@@ -134,15 +135,24 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     assembly = LiveAssembly(model, database)
 
     def measure(genome: Genome, wall: float) -> tuple[dict, dict | None]:
+        """The genome as selected (database weights), then as the compress flow finishes it: refitted on
+        propagated inputs when the preset says so (post_train.refit), then post-trained."""
         params = budget.cost(genome.levels)
         assembly.apply(genome.assignment(), rebuild=True)
         before = evaluate_row(model, data, eval_teacher, tokenizer, config, params, wall)
         if args.skip_post_train:
             return before, None
         start = time.perf_counter()
-        post_train(assembly, genome, data.post_train_ids, config, teacher=post_teacher, progress=True)
-        return before, evaluate_row(model, data, eval_teacher, tokenizer, config, params,
-                                    wall + time.perf_counter() - start)
+        if config.post_train.refit:
+            assembly.apply({key: 0 for key in genome.assignment()}, rebuild=True)  # the refit starts dense
+            assembly.database = RefitDatabase(database, refit_genome(model, database, genome.assignment(),
+                                                                     data.calibration_ids))
+        try:
+            post_train(assembly, genome, data.post_train_ids, config, teacher=post_teacher, progress=True)
+            after = evaluate_row(model, data, eval_teacher, tokenizer, config, params, wall + time.perf_counter() - start)
+        finally:
+            assembly.database = database
+        return before, {**after, "refit": config.post_train.refit}
 
     def record(name: str, before: dict, after: dict | None) -> None:
         rows[name] = before

@@ -24,7 +24,7 @@ from darwinlm.core.evaluation.metrics import is_se_key
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.home import data_home
 from darwinlm.tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
-                          gguf_task, post_train_task, prepare_data_task, search_finish_task,
+                          gguf_task, post_train_task, prepare_data_task, refit_task, search_finish_task,
                           search_generation_task)
 from darwinlm.flows.artifacts import SearchProgress, publish_summary
 from darwinlm.tasks.refs import DatabaseRef, DataRef
@@ -127,7 +127,12 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
         tracker.client.set_tag(search_run, "start", start.get("chosen", "uniform"))
         tracker.metrics(search_run, {f"start_{key}": value for key, value in start.items()})
         tracker.finish(search_run)
-        model_ref = _stage(tracker, parent, "post_train", lambda: post_train_task(values, run_uri, database_ref, genome_ref))
+        refit_ref = _stage(tracker, parent, "refit", lambda: refit_task(values, run_uri, database_ref, genome_ref))
+        if refit_ref is not None:
+            tracker.metrics(parent, {"refit_error_before": refit_ref.error_before,
+                                     "refit_error_after": refit_ref.error_after})
+        model_ref = _stage(tracker, parent, "post_train",
+                           lambda: post_train_task(values, run_uri, database_ref, genome_ref, refit_ref))
         evaluation = _stage(tracker, parent, "evaluate", lambda: evaluate_task(values, run_uri, model_ref))
         for name in ("dense", "pruned"):
             tracker.metrics(parent, {f"{name}_{key}": value for key, value in evaluation[name].items()})

@@ -49,6 +49,15 @@ class GenomeRef(Ref):
     history: list[dict] = []
 
 
+class RefitRef(Ref):
+    """The winner's refitted weights (refit.safetensors), and the mean relative output error of its modules on
+    the propagated calibration inputs with the database's weights and with the refitted ones."""
+
+    uri: str
+    error_before: float
+    error_after: float
+
+
 class ModelRef(Ref):
     """An exported Hugging Face folder."""
 

@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from darwinlm.core import storage
 from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.config import CompressConfig, config_from_dict
+from darwinlm.core.database.refit import RefitDatabase, RefitResult, refit_genome
 from darwinlm.core.database.store import (Database, DatabaseBuilder, database_root, layer_record_uri, manifest_uri,
                                           model_digest)
 from darwinlm.core.errors import DarwinLMError
@@ -21,7 +22,7 @@ from darwinlm.core.export.model_card import write_model_card
 from darwinlm.core.model.loading import load_config, load_model
 from darwinlm.core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
 from darwinlm.core.search.evolution import Search, SearchState, rank
-from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, GgufRef, ModelRef
+from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, GgufRef, ModelRef, RefitRef
 from darwinlm.tasks.stored import LiveObjects, built_unless_marked, read_json, stored_or_computed, write_json
 
 SAMPLE_PROMPT_TOKENS = 24
@@ -199,30 +200,56 @@ def _winner(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
                      history=state.history if state else [])
 
 
+@task(name="refit", **IO_RETRIES)
+def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, genome_ref: GenomeRef) -> RefitRef | None:
+    """Refit the winner's weights on inputs propagated through its pruned layers (config `post_train.refit`);
+    the artifact is refit.safetensors, written whole. None when the config turns the refit off."""
+    config = _config(config_values)
+    if not config.post_train.refit:
+        return None
+    uri = storage.join(run_uri, "refit.safetensors")
+
+    def refit() -> None:
+        model, tokenizer, data = _dense_model_and_data(config)
+        database = Database.open(database_ref.uri)
+        genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
+        result = refit_genome(model, database, genome.assignment(), data.calibration_ids)
+        storage.write_bytes(uri, result.to_bytes())
+
+    built_unless_marked(uri, refit)
+    errors = list(RefitResult.from_bytes(storage.read_bytes(uri)).errors.values())
+    return RefitRef(uri=uri, error_before=sum(before for before, _ in errors) / max(1, len(errors)),
+                    error_after=sum(after for _, after in errors) / max(1, len(errors)))
+
+
 @task(name="post-train-and-export", **IO_RETRIES)
-def post_train_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, genome_ref: GenomeRef) -> ModelRef:
-    """Post-train the winner (warmup + cosine, distillation) and export it; the export is the artifact (its
-    config.json is written last)."""
+def post_train_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, genome_ref: GenomeRef,
+                    refit_ref: RefitRef | None = None) -> ModelRef:
+    """Post-train the winner (warmup + cosine, distillation), from its refitted weights when there are any,
+    and export it; the export is the artifact (its config.json is written last)."""
     model_uri = storage.join(run_uri, "model")
-    built_unless_marked(storage.join(model_uri, "config.json"),
-                        lambda: _post_train_and_export(_config(config_values), database_ref, genome_ref, model_uri))
+    built_unless_marked(storage.join(model_uri, "config.json"), lambda: _post_train_and_export(
+        _config(config_values), database_ref, genome_ref, refit_ref, model_uri))
     return ModelRef(uri=model_uri)
 
 
 def _post_train_and_export(config: CompressConfig, database_ref: DatabaseRef, genome_ref: GenomeRef,
-                           model_uri: str) -> None:
+                           refit_ref: RefitRef | None, model_uri: str) -> None:
     model, tokenizer, data = _dense_model_and_data(config)
     teacher = None
     if config.post_train.finetune.distill_weight > 0:
         teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
     database = Database.open(database_ref.uri)
+    if refit_ref is not None:  # the chosen levels load the refitted weights; the digest stays the database's
+        database = RefitDatabase(database, RefitResult.from_bytes(storage.read_bytes(refit_ref.uri)))
     assembly = LiveAssembly(model, database)
     genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
     losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
     metadata = {"database": database.digest, "genome": genome.digest, "levels": genome.to_json(),
                 "base_model": config.model, "base_model_digest": database.manifest["base_model"]["digest"],
                 "config_digest": config.digest, "kept_block_params": assembly.kept_params(),
-                "dense_block_params": database.manifest["dense_params"], "post_train_losses": losses}
+                "dense_block_params": database.manifest["dense_params"], "post_train_losses": losses,
+                "refit": refit_ref is not None}
     # the exporters import transformers: not at module import, which must not read the hub settings early
     from darwinlm.core.export.huggingface import export_model
 

@@ -94,6 +94,7 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     metadata = json.loads((workspace / "store").joinpath(
         summary["model_uri"].split("store/")[1], "darwinlm.json").read_text())
     assert metadata["database"] == summary["database"]["digest"]
+    assert metadata["refit"] is True and (Path(summary["run_uri"]) / "refit.safetensors").is_file()
 
 
 def assert_loads_as_evaluated(summary: dict) -> None:
@@ -116,7 +117,7 @@ def test_rerun_of_a_finished_compression_does_no_work(workspace, monkeypatch):
     def forbidden(*_args, **_kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for name in ("DatabaseBuilder", "Search", "post_train", "evaluate"):
+    for name in ("DatabaseBuilder", "Search", "refit_genome", "post_train", "evaluate"):
         monkeypatch.setattr(stages, name, forbidden)
     monkeypatch.setattr(huggingface_export, "export_model", forbidden)  # the export task imports it when it runs
     second = compress(parameters(workspace))
@@ -136,6 +137,7 @@ def test_crashed_compression_resumes_without_redoing_finished_stages(workspace, 
 
     monkeypatch.setattr(huggingface_export, "export_model", real_export)
     monkeypatch.setattr(stages, "Search", lambda *a, **k: pytest.fail("the finished search ran again"))
+    monkeypatch.setattr(stages, "refit_genome", lambda *a, **k: pytest.fail("the finished refit ran again"))
     monkeypatch.setattr(stages, "DatabaseBuilder", lambda *a, **k: pytest.fail("the database was rebuilt"))
     summary = compress(parameters(workspace))
     assert_loads_as_evaluated(summary)

@@ -32,12 +32,13 @@ from torch import nn
 from darwinlm.core.model.arch import HeadLayout
 from darwinlm.core.database.store import Database
 from darwinlm.core.model.driver import BlockDriver
+from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.database.hessians import collect_block_hessians
 from darwinlm.core.database.obs import PrunedWeights, dampen, greedy_prune, inverse_hessian, reconstruction_error
 from darwinlm.core.database.structure import MODULE_KINDS, ModuleShape, unit_columns
 
-_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def refit_genome(model: nn.Module, database: Database, levels: Mapping[tuple[int
                if (layer, kind) not in levels]
     if missing:
         raise DarwinLMError(f"the refit needs a level for every module; missing {missing[:4]}")
-    dtype = _STORAGE_DTYPES[database.manifest["config"]["storage_dtype"]]
+    dtype = DTYPES[database.manifest["config"]["storage_dtype"]]
     linears = [_output_projection(block, driver.spec, kind) for block in driver.blocks for kind in MODULE_KINDS]
     saved = [(lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()) for lin in linears]
     weights, errors = {}, {}
