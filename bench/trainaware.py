@@ -95,8 +95,6 @@ def main() -> None:
     windows = data.eval_windows["in_domain"]
     assembly = LiveAssembly(model, database)
     search = Search(assembly, fitness_teacher, data.train_ids, replace(config.search, start="informed"))
-    informed, _ = search.choose_start()
-    genomes = graded_genomes(search.budget.uniform(), informed, search.budget, args.genomes, args.seed)
 
     def kl_after(levels, rows: torch.Tensor | None, lr: float) -> float:
         assembly.apply(Genome(levels, database.digest).assignment(), rebuild=True)
@@ -109,12 +107,19 @@ def main() -> None:
                    teacher=post_teacher.rows(torch.arange(rows.shape[0])), progress=True)
         return perplexity(model, windows)
 
-    # a run that stopped part-way resumes from the rows it had measured, if they were measured the same way
-    # (the rows then carry the provenance of the run that measured them: `resumed_rows_provenance`)
+    # A run that stopped part-way resumes from the rows it had measured, if they were measured the same way (the
+    # rows then carry the provenance of the run that measured them: `resumed_rows_provenance`). Its genomes are
+    # reused too: they are a function of the config, and the informed start costs minutes to recompute.
+    earlier = json.loads(partial_path(args.results).read_text()) if partial_path(args.results).exists() else {}
+    measured_by = rows_measured_by({"config": json.loads(json.dumps(origin["config"]))})
+    same = "run" in earlier and rows_measured_by({"config": earlier["run"]["config"]}) == measured_by
+    if same:
+        genomes = {name: tuple(levels) for name, levels in earlier["run"]["genomes"].items()}
+    else:
+        informed, _ = search.choose_start()
+        genomes = graded_genomes(search.budget.uniform(), informed, search.budget, args.genomes, args.seed)
     resumable = json.loads(json.dumps({"config": origin["config"],
                                        "genomes": {name: list(levels) for name, levels in genomes.items()}}))
-    earlier = json.loads(partial_path(args.results).read_text()) if partial_path(args.results).exists() else {}
-    same = "run" in earlier and rows_measured_by(earlier["run"]) == rows_measured_by(resumable)
     done = {row["genome"]: row for row in earlier.get("rows", [])} if same else {}
     first_origin = earlier["origin"] if done else origin
     rows, started = [], time.perf_counter()
