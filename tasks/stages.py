@@ -209,17 +209,18 @@ def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, gen
         return None
     uri = storage.join(run_uri, "refit.safetensors")
 
-    def refit() -> None:
+    def refit() -> RefitRef:
         model, tokenizer, data = _dense_model_and_data(config)
         database = Database.open(database_ref.uri)
         genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
         result = refit_genome(model, database, genome.assignment(), data.calibration_ids)
         storage.write_bytes(uri, result.to_bytes())
+        errors = list(result.errors.values())
+        return RefitRef(uri=uri, error_before=sum(before for before, _ in errors) / max(1, len(errors)),
+                        error_after=sum(after for _, after in errors) / max(1, len(errors)))
 
-    built_unless_marked(uri, refit)
-    errors = list(RefitResult.from_bytes(storage.read_bytes(uri)).errors.values())
-    return RefitRef(uri=uri, error_before=sum(before for before, _ in errors) / max(1, len(errors)),
-                    error_after=sum(after for _, after in errors) / max(1, len(errors)))
+    # refit.json, written after the weights, is the marker and the record: a rerun reads it, not the weights
+    return stored_or_computed(storage.join(run_uri, "refit.json"), refit, RefitRef)
 
 
 @task(name="post-train-and-export", **IO_RETRIES)

@@ -95,6 +95,7 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
         summary["model_uri"].split("store/")[1], "darwinlm.json").read_text())
     assert metadata["database"] == summary["database"]["digest"]
     assert metadata["refit"] is True and (Path(summary["run_uri"]) / "refit.safetensors").is_file()
+    assert json.loads((Path(summary["run_uri"]) / "refit.json").read_text())["error_after"] >= 0
 
 
 def assert_loads_as_evaluated(summary: dict) -> None:
