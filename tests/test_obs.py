@@ -228,3 +228,72 @@ def test_greedy_shortcuts_give_the_bits_of_the_full_path(unit_size, d_in, monkey
         delta[:, (pruned.kept_units[:, None] * unit_size + torch.arange(unit_size)).flatten()] -= pruned.weight.double()
         full_errors.append(float(((delta @ hessian.double()) * delta).sum()) / energy)
     assert errors == full_errors
+
+
+# ------------------------------------------------------------------------- GQA: score per parameter freed
+
+
+def _attention_shape(query_heads: int, kv_heads: int, head_dim: int, hidden: int):
+    from darwinlm.core.database.structure import ModuleShape
+    from darwinlm.core.model.arch import HeadLayout
+
+    layout = HeadLayout(query_heads=query_heads, kv_heads=kv_heads, head_dim=head_dim)
+    return ModuleShape("attn", query_heads, head_dim, hidden, layout, "query_heads")
+
+
+def test_params_freed_counts_the_kv_rows_of_a_groups_last_head():
+    """SmolLM2's layout: 9 query heads over 3 KV heads, head_dim 64, hidden 576."""
+    shape = _attention_shape(9, 3, 64, 576)
+    plain_head, last_head = 64 * 576 * 2, 64 * 576 * 4  # q rows + o columns; and the group's k and v rows
+    removed = torch.zeros(9, dtype=torch.bool)
+    assert shape.params_freed(removed).tolist() == [plain_head] * 9
+    removed[[0, 1, 3]] = True  # head 2 is now the last of group 0
+    assert shape.params_freed(removed).tolist() == [0, 0, last_head, 0] + [plain_head] * 5
+    kept = (~removed).nonzero().flatten()
+    for unit in kept.tolist():  # the definition: what params_kept loses
+        assert shape.params_freed(removed)[unit] == shape.params_kept(kept) - shape.params_kept(kept[kept != unit])
+
+
+def _separable_heads(norms: list[float], head_dim: int = 4, hidden: int = 8):
+    """o_proj weight whose head h has squared Frobenius norm norms[h], and an identity Hessian: OBS scores are
+    then those norms (times 1 + damping) at every step, since no removal updates another head's columns."""
+    generator = torch.Generator().manual_seed(0)
+    heads = []
+    for norm in norms:
+        block = torch.randn(hidden, head_dim, generator=generator)
+        heads.append(block * (norm / block.pow(2).sum()).sqrt())
+    return torch.cat(heads, dim=1), torch.eye(len(norms) * head_dim)
+
+
+def _removal_order(levels) -> list[int]:
+    kept = [set(pruned.kept_units.tolist()) for pruned in levels]
+    return [(before - after).pop() for before, after in zip(kept, kept[1:])]
+
+
+def test_cost_aware_greedy_completes_a_cheap_kv_group_earlier():
+    """4 query heads over 2 KV groups {0, 1}, {2, 3}. By score alone the order is 0, 2, 1, 3 and group 0 is
+    emptied at the third step. Per parameter, once head 0 is gone head 1 frees twice a plain head (its k/v
+    too), and 1.5 / 2 < 1.0: it goes second, and the second level is cheaper in parameters."""
+    shape = _attention_shape(4, 2, head_dim=4, hidden=8)
+    weight, hessian = _separable_heads([0.1, 1.5, 1.0, 3.0])
+    hinv, ladder = inverse_hessian(hessian, DAMPING), [0, 1, 2, 3, 4]
+    plain = greedy_prune(weight, hinv, 4, ladder)
+    aware = greedy_prune(weight, hinv, 4, ladder, shape.params_freed)
+    assert _removal_order(plain) == [0, 2, 1, 3]
+    assert _removal_order(aware) == [0, 1, 2, 3]
+    params = {name: [shape.params_kept(p.kept_units) for p in levels] for name, levels in
+              (("plain", plain), ("aware", aware))}
+    for costs in params.values():  # still a valid ladder: each level costs less than the one before
+        assert all(a > b for a, b in zip(costs, costs[1:]))
+    assert params["aware"][2] < params["plain"][2]
+    assert params["aware"][0] == params["plain"][0] and params["aware"][-1] == params["plain"][-1] == 0
+
+
+def test_equal_costs_leave_the_plain_order():
+    """Dividing every score by the same count ranks exactly as the scores do: the option only acts through
+    the KV rows a group's last head frees."""
+    weight, hessian = synthetic(12, 48, seed=3)
+    hinv, ladder = inverse_hessian(hessian, DAMPING), level_ladder(6, 6)
+    plain = greedy_prune(weight, hinv, 8, ladder)
+    equal = greedy_prune(weight, hinv, 8, ladder, lambda removed: torch.full((6,), 1024.0))
+    assert [p.kept_units.tolist() for p in plain] == [p.kept_units.tolist() for p in equal]

@@ -6,11 +6,16 @@ layer-output error ‖WX − ŴX‖² least, and moves the remaining weights to 
     B = Hinv[J, J],  score_J = tr(W_J B⁻¹ W_Jᵀ),  W −= W_J B⁻¹ Hinv[J, :],  Hinv −= Hinv[:, J] B⁻¹ Hinv[J, :]
 One greedy pass yields every level, because removal sets are nested.
 
+Optionally (`params_freed`) the greedy ranks units by score per parameter freed instead of by score: with GQA
+query heads, a KV group's last head also frees the group's k/v, so completing a group can be the cheaper way to
+reach a parameter budget, which is what the levels are chosen against.
+
 Two implementations of the same math: `greedy_groups` for a handful of multi-column units (heads), and
 `greedy_columns` for thousands of single columns (channels), which batches the rank-1 downdates
 (GPTQ's lazy-batch trick) because a full d_in² update per removed channel costs ~100 s on SmolLM2.
 """
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -43,20 +48,28 @@ def inverse_hessian(hessian: torch.Tensor, relative_damping: float) -> torch.Ten
     return torch.cholesky_inverse(torch.linalg.cholesky(damped)).float()
 
 
+ParamsFreed = Callable[[torch.Tensor], torch.Tensor]  # (n_units,) bool removed → (n_units,) params each unit frees
+
+
 def greedy_prune(
-    weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, snapshots: list[int]
+    weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, snapshots: list[int],
+    params_freed: ParamsFreed | None = None,
 ) -> list[PrunedWeights]:
     """Greedily remove units of `unit_size` columns; return W at each count in `snapshots` (ascending).
 
     weight: (d_out, d_in) float32; hinv: (d_in, d_in) float32 inverse damped Hessian; both left unchanged.
     A snapshot equal to the total number of units is returned with no kept units and an empty weight.
+    params_freed: if given, each step removes the unit of least score ÷ params_freed(removed)[unit] (see
+    ModuleShape.params_freed); None ranks by score alone.
     """
     n_units = weight.shape[1] // unit_size
     if weight.shape[1] % unit_size or list(snapshots) != sorted(snapshots) or snapshots[-1] > n_units:
         raise ValueError(f"bad unit_size {unit_size} or snapshots {snapshots} for {weight.shape[1]} columns")
-    run = greedy_columns if unit_size == 1 else greedy_groups
     with _single_thread():
-        return run(weight.float().clone(), hinv.float().clone(), unit_size, snapshots)
+        weight, hinv = weight.float().clone(), hinv.float().clone()
+        if unit_size == 1 and params_freed is None:
+            return greedy_columns(weight, hinv, unit_size, snapshots)
+        return greedy_groups(weight, hinv, unit_size, snapshots, params_freed)
 
 
 @contextmanager
@@ -88,7 +101,7 @@ def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> Pr
     return PrunedWeights(int(removed.sum()), kept.cpu(), weight[:, columns].cpu())  # snapshots live on the CPU
 
 
-def greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
+def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed | None = None) -> list[PrunedWeights]:
     n_units = weight.shape[1] // unit_size
     removed = torch.zeros(n_units, dtype=torch.bool, device=weight.device)
     results = []
@@ -101,10 +114,13 @@ def greedy_groups(weight, hinv, unit_size, snapshots) -> list[PrunedWeights]:
             results.append(_everything_removed(weight, n_units))
             break
         best, best_score, best_inverse = -1, float("inf"), None
+        freed = None if params_freed is None else params_freed(removed.cpu()).tolist()
         for unit in (~removed).nonzero().flatten().tolist():
             cols = slice(unit * unit_size, (unit + 1) * unit_size)
             block_inverse = torch.linalg.inv(hinv[cols, cols])
             score = ((weight[:, cols] @ block_inverse) * weight[:, cols]).sum().item()
+            if freed is not None:
+                score /= freed[unit]  # error per parameter: the levels are spent against a parameter budget
             if score < best_score:
                 best, best_score, best_inverse = unit, score, block_inverse
         cols = slice(best * unit_size, (best + 1) * unit_size)
