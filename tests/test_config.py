@@ -71,3 +71,19 @@ def test_a_new_search_seed_reuses_the_database_rows_and_a_new_data_seed_does_not
 
     assert digest(0, 0) == digest(7, 0)  # the database's content address does not move with the search seed
     assert digest(0, 0) != digest(0, 1)
+
+
+def test_gqa_cost_aware_off_keeps_run_names_and_on_changes_them():
+    """Run roots are named by the config digest; an option added later, left off, must not rename runs
+    started before it existed (their databases keep their addresses too)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    config = load_preset("smollm2-demo")
+    values = dataclasses.asdict(config)
+    values.pop("export")
+    del values["database"]["gqa_cost_aware"]  # what the digest hashed before the option
+    assert config.digest == hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    aware = load_preset("smollm2-demo", {"database": {"gqa_cost_aware": True}})
+    assert aware.database.gqa_cost_aware and aware.digest != config.digest

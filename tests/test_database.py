@@ -1,6 +1,7 @@
 """The database and live assembly: exact at level 0, shrunk == masked, GQA kept, storage round trips, resume,
 and clear errors instead of a silently wrong model."""
 
+import hashlib
 import json
 import random
 import shutil
@@ -417,6 +418,66 @@ def test_a_crash_in_an_overlapped_build_leaves_whole_layers_and_resumes_to_the_s
     monkeypatch.setattr(database_module, "_prune_module", original_prune)
     resumed = build()
     assert _bytes(resumed.root) == _bytes(clean.root)
+
+
+# ------------------------------------------------------------------------------ gqa_cost_aware (option)
+
+
+def _shards(root: str, kind: str) -> dict[str, bytes]:
+    return {name: data for name, data in _bytes(root).items() if f"/{kind}/" in name}
+
+
+def test_gqa_cost_aware_empties_kv_groups_sooner_and_leaves_mlp_bit_identical(tmp_path):
+    """On this tiny llama (4 query heads over 2 KV heads) the plain greedy keeps a head in each group at two
+    heads removed in every layer; ranking per parameter freed empties a group in some layer instead, which
+    makes that level cheaper. MLP levels are the plain ones, byte for byte."""
+    model = tiny_model("llama", seed=0)
+    build = lambda **option: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
+                                            config=DatabaseConfig(level_steps=STEPS, **option))
+    plain, aware = build(), build(gqa_cost_aware=True)
+    assert aware.root != plain.root  # a distinct database
+    assert aware.manifest["config"]["gqa_cost_aware"] is True and aware.config.gqa_cost_aware
+    assert not plain.config.gqa_cost_aware
+    layers = range(len(model.model.layers))
+    half = {name: [db.params(layer, "attn", 2) for layer in layers] for name, db in (("plain", plain), ("aware", aware))}
+    assert half["plain"] == [plain.params(0, "attn", 0) * 2 // 3] * len(layers)  # 2 q heads, 2 kv heads kept
+    assert any(a < p for a, p in zip(half["aware"], half["plain"]))
+    assert all(a <= p for a, p in zip(half["aware"], half["plain"]))
+    for db in (plain, aware):
+        for layer in layers:
+            costs = [db.params(layer, "attn", level) for level in range(db.num_levels(layer, "attn"))]
+            assert all(a > b for a, b in zip(costs, costs[1:])), costs
+    assert _shards(aware.root, "mlp") == _shards(plain.root, "mlp")
+
+
+def test_gqa_cost_aware_does_not_change_kv_groups(tmp_path):
+    """Whole KV groups all cost the same, so the option has nothing to rank by there: same shards."""
+    model = tiny_model("llama", seed=0)
+    build = lambda **option: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
+                                            config=DatabaseConfig(level_steps=STEPS, gqa_mode="kv_groups", **option))
+    plain, aware = build(), build(gqa_cost_aware=True)
+    assert aware.root != plain.root
+    assert _shards(aware.root, "attn") == _shards(plain.root, "attn")
+    assert _shards(aware.root, "mlp") == _shards(plain.root, "mlp")
+
+
+def test_databases_from_before_gqa_cost_aware_keep_their_address_and_open(tmp_path):
+    """Off, the option is left out of the content address: a database cached before it existed (the same
+    bytes) is found again. Its manifest lacks the key, which reads as off."""
+    model = tiny_model("llama", seed=5)
+    digest = model_digest(model)
+    db = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",
+                        config=DatabaseConfig(level_steps=2), base_model_digest=digest)
+    old_fields = {"level_steps": 2, "relative_damping": 0.01, "gqa_mode": "query_heads", "storage_dtype": "float16"}
+    old_key = json.dumps([digest, "c", old_fields, database_module.code_version()], sort_keys=True)
+    assert db.digest == hashlib.sha256(old_key.encode()).hexdigest()[:16]
+    manifest_path = Path(db.root, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["config"]["gqa_cost_aware"]
+    manifest_path.write_text(json.dumps(manifest))
+    reopened = Database.open(db.root)
+    assert reopened.config == DatabaseConfig(level_steps=2)
+    assert reopened.config.gqa_cost_aware is False
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -140,3 +140,29 @@ def test_driver_observe_runs_hooks_without_advancing_and_stops_at_a_submodule():
     for handle in handles:
         handle.remove()
     assert driver.position == 1 and torch.equal(driver.hidden, hidden)
+
+
+@pytest.mark.parametrize("aware", [False, True], ids=["plain", "gqa-cost-aware"])
+def test_reselect_ranks_units_as_the_database_build_did(tmp_path, monkeypatch, aware):
+    """Reselection re-runs the database's greedy: per parameter freed for query-head attention when the
+    database was built so (a manifest without the option reads as plain), by score alone for the MLP."""
+    from darwinlm.core.database import refit as refit_module
+
+    database = build_database(tiny_model("llama", seed=3), CALIBRATION, str(tmp_path), calibration_digest="c",
+                              config=DatabaseConfig(level_steps=STEPS, gqa_cost_aware=aware, storage_dtype="float32"))
+    ranked_by, original = [], refit_module.greedy_prune
+
+    def recording(weight, hinv, unit_size, snapshots, params_freed=None):
+        ranked_by.append((unit_size, params_freed))
+        return original(weight, hinv, unit_size, snapshots, params_freed)
+
+    monkeypatch.setattr(refit_module, "greedy_prune", recording)
+    levels = {key: 2 for key in module_keys(database)}
+    result = refit_genome(tiny_model("llama", seed=3), database, levels, CALIBRATION, reselect=True)
+    assert len(ranked_by) == len(levels)
+    for unit_size, params_freed in ranked_by:
+        assert (params_freed is not None) == (aware and unit_size == 16)  # 16: a query head of o_proj
+        if params_freed is not None:
+            assert params_freed(torch.tensor([True, False, False, False])).tolist() == [0, 4096, 2048, 2048]  # head 1: the last of its group
+    for (layer, kind), pruned in result.weights.items():  # the level's cost, whatever the reselection chose
+        assert pruned.units_removed == database.load(layer, kind, 2).units_removed

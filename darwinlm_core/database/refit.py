@@ -13,8 +13,9 @@ The units removed stay the database's (the structure the greedy chose on dense i
 counts are exactly those of the level); only the kept columns are refitted, in closed form:
     Ŵ_S = W H[:, S] H[S, S]⁻¹   (H damped as the database damps it)
 which is what greedy OBS leaves after removing the complement of S, the order of removals notwithstanding.
-`reselect=True` instead re-runs the greedy on the propagated Hessian (kept only where it leaves the module's
-parameter count unchanged): bench.database measures both.
+`reselect=True` instead re-runs the greedy on the propagated Hessian, ranking units as the database's build
+did (gqa_cost_aware), and keeps its choice only where it leaves the module's parameter count unchanged:
+bench.database measures both.
 
 While the refit runs, the model's o_proj/down_proj weights are overwritten in place with the refitted ones at
 dense width (zeros in removed columns: the same function as the shrunk module); they are restored on return.
@@ -29,14 +30,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from darwinlm.core.model.arch import HeadLayout
-from darwinlm.core.database.store import Database
+from darwinlm.core.database.store import Database, greedy_params_freed
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.database.hessians import collect_block_hessians
 from darwinlm.core.database.obs import PrunedWeights, dampen, greedy_prune, inverse_hessian, reconstruction_error
-from darwinlm.core.database.structure import MODULE_KINDS, ModuleShape, unit_columns
+from darwinlm.core.database.structure import MODULE_KINDS, ModuleShape, module_shapes, unit_columns
 
 
 
@@ -115,9 +115,10 @@ def _relative_error(weight, hessian, pruned: PrunedWeights, unit_size: int) -> f
     return reconstruction_error(weight, full, hessian) / energy if energy > 0 else 0.0
 
 
-def _refit_module(weight, hessian, database: Database, layer: int, kind: str, level: int, *, reselect: bool,
-                  dtype) -> tuple[PrunedWeights, tuple[float, float]]:
+def _refit_module(weight, hessian, database: Database, layer: int, shape: ModuleShape, level: int, *,
+                  reselect: bool, dtype) -> tuple[PrunedWeights, tuple[float, float]]:
     """The refitted PrunedWeights of one module at `level`, and (database, refit) relative errors on `hessian`."""
+    kind = shape.kind
     module = database.module(layer, kind)
     unit_size, damping = module["unit_size"], database.manifest["config"]["relative_damping"]
     if level == 0:
@@ -126,23 +127,13 @@ def _refit_module(weight, hessian, database: Database, layer: int, kind: str, le
         reference = database.load(layer, kind, level)
     kept = reference.kept_units
     if reselect and level > 0:
-        chosen = greedy_prune(weight, inverse_hessian(hessian, damping), unit_size, [reference.units_removed])[0]
-        kept = chosen.kept_units if _same_cost(database, layer, kind, level, chosen.kept_units) else kept
+        chosen = greedy_prune(weight, inverse_hessian(hessian, damping), unit_size, [reference.units_removed],
+                              greedy_params_freed(shape, database.config))[0]
+        kept = chosen.kept_units if shape.params_kept(chosen.kept_units) == shape.params_kept(kept) else kept
     refit = PrunedWeights(reference.units_removed, kept,
                           fit_kept(weight, hessian, kept, unit_size, damping).to(dtype))
     errors = (_relative_error(weight, hessian, reference, unit_size), _relative_error(weight, hessian, refit, unit_size))
     return refit, errors
-
-
-def _same_cost(database: Database, layer: int, kind: str, level: int, kept_units: torch.Tensor) -> bool:
-    """Whether these kept units cost what the level costs (attention: query heads plus the KV heads they still
-    read; an MLP's cost depends only on how many channels are kept)."""
-    if kind == "mlp":
-        return True
-    module, base = database.module(layer, kind), database.manifest["base_model"]
-    shape = ModuleShape("attn", module["n_units"], module["unit_size"], base["hidden_size"],
-                        HeadLayout(**base["head_layout"]), database.manifest["config"]["gqa_mode"])
-    return shape.params_kept(kept_units) == shape.params_kept(database.load(layer, kind, level).kept_units)
 
 
 def _output_projection(block: nn.Module, spec, kind: str) -> nn.Linear:
@@ -177,6 +168,8 @@ def refit_genome(model: nn.Module, database: Database, levels: Mapping[tuple[int
     if missing:
         raise DarwinLMError(f"the refit needs a level for every module; missing {missing[:4]}")
     dtype = DTYPES[database.manifest["config"]["storage_dtype"]]
+    # the shapes the build pruned with (biases included): reselection ranks and counts units as it did
+    shapes = module_shapes(model, driver.spec, database.config.gqa_mode)
     linears = [_output_projection(block, driver.spec, kind) for block in driver.blocks for kind in MODULE_KINDS]
     saved = [(lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()) for lin in linears]
     weights, errors = {}, {}
@@ -190,8 +183,8 @@ def refit_genome(model: nn.Module, database: Database, levels: Mapping[tuple[int
                         driver.observe(stop_at=linear)
                     weight = linear.weight.detach().float()
                     weights[(layer, kind)], errors[(layer, kind)] = _refit_module(
-                        weight, accumulators[kind].hessian(), database, layer, kind, level, reselect=reselect,
-                        dtype=dtype)
+                        weight, accumulators[kind].hessian(), database, layer, shapes[layer][kind], level,
+                        reselect=reselect, dtype=dtype)
                 _install(linear, weights.get((layer, kind)), database.module(layer, kind)["unit_size"], last_level)
             driver.advance()
     finally:

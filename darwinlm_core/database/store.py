@@ -25,7 +25,7 @@ from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.database.hessians import collect_block_hessians
-from darwinlm.core.database.obs import PrunedWeights, greedy_prune, inverse_hessian, level_errors
+from darwinlm.core.database.obs import ParamsFreed, PrunedWeights, greedy_prune, inverse_hessian, level_errors
 from darwinlm.core.database.structure import GQA_MODES, MODULE_KINDS, ModuleShape, level_ladder, module_shapes
 
 # 2: each level records its relative output error and each module its output energy (the informed start)
@@ -40,6 +40,10 @@ class DatabaseConfig:
     relative_damping: float = 0.01
     gqa_mode: str = "query_heads"
     storage_dtype: str = "float16"
+    # With gqa_mode "query_heads", rank attention removals by OBS score per parameter freed, so the greedy may
+    # complete a KV group (whose last query head also frees its k/v) when that is cheap per parameter. Off by
+    # default until bench.database (gqa_cost_aware_ppl_ratio) says it helps. MLP and kv_groups: no effect.
+    gqa_cost_aware: bool = False
 
     def __post_init__(self):
         if self.gqa_mode not in GQA_MODES:
@@ -48,6 +52,20 @@ class DatabaseConfig:
             raise DarwinLMError(f"unknown storage dtype '{self.storage_dtype}'", f"use {', '.join(DTYPES)}")
         if self.level_steps < 1 or self.relative_damping <= 0:
             raise DarwinLMError("level_steps must be ≥ 1 and relative_damping > 0")
+
+    @classmethod
+    def from_manifest(cls, values: dict) -> "DatabaseConfig":
+        """The config a manifest records. Databases from before `gqa_cost_aware` existed lack it and were built
+        with the plain greedy, so a missing key reads as False whatever the default becomes."""
+        return cls(**{"gqa_cost_aware": False, **values})
+
+    def address_values(self) -> dict:
+        """The fields that enter content addresses. `gqa_cost_aware` only when on: off builds the same bytes as
+        before the option existed, so databases (and runs) cached then keep their addresses."""
+        values = asdict(self)
+        if not self.gqa_cost_aware:
+            del values["gqa_cost_aware"]
+        return values
 
 
 def code_version() -> str:
@@ -65,7 +83,7 @@ def model_digest(model: torch.nn.Module) -> str:
 
 def database_root(base_uri: str, base_model_digest: str, calibration_digest: str, config: DatabaseConfig) -> str:
     """Content address: same model, calibration, config and code → same root, so a finished build is reused."""
-    key = json.dumps([base_model_digest, calibration_digest, asdict(config), code_version()], sort_keys=True)
+    key = json.dumps([base_model_digest, calibration_digest, config.address_values(), code_version()], sort_keys=True)
     return storage.join(base_uri, hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
@@ -83,9 +101,21 @@ def _shard_name(layer: int, kind: str, level: int) -> str:
     return f"layers/{layer:03d}/{kind}/level_{level:02d}.safetensors"
 
 
+def greedy_params_freed(shape: ModuleShape, config: DatabaseConfig) -> ParamsFreed | None:
+    """What the greedy divides each unit's OBS score by in this module, or None to rank by score alone.
+
+    Only attention over query heads: there a unit's cost depends on what is already removed (a KV group's last
+    head frees k/v too). MLP channels and whole KV groups all cost the same, so dividing would only perturb
+    rounding; they keep the plain order, bit for bit."""
+    if config.gqa_cost_aware and shape.kind == "attn" and shape.gqa_mode == "query_heads":
+        return shape.params_freed
+    return None
+
+
 def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig) -> list[PrunedWeights]:
     ladder = level_ladder(shape.n_units, config.level_steps)
-    return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder)
+    return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder,
+                        greedy_params_freed(shape, config))
 
 
 def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], errors: list[float],
@@ -287,6 +317,11 @@ class Database:
                 "rebuild the database with this version",
             )
         return cls(root, manifest)
+
+    @property
+    def config(self) -> DatabaseConfig:
+        """How this database was built (options added since read as their value before they existed)."""
+        return DatabaseConfig.from_manifest(self.manifest["config"])
 
     @property
     def digest(self) -> str:
