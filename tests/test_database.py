@@ -434,7 +434,7 @@ def test_gqa_cost_aware_empties_kv_groups_sooner_and_leaves_mlp_bit_identical(tm
     model = tiny_model("llama", seed=0)
     build = lambda **option: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
                                             config=DatabaseConfig(level_steps=STEPS, **option))
-    plain, aware = build(), build(gqa_cost_aware=True)
+    plain, aware = build(gqa_cost_aware=False), build(gqa_cost_aware=True)
     assert aware.root != plain.root  # a distinct database
     assert aware.manifest["config"]["gqa_cost_aware"] is True and aware.config.gqa_cost_aware
     assert not plain.config.gqa_cost_aware
@@ -455,7 +455,7 @@ def test_gqa_cost_aware_does_not_change_kv_groups(tmp_path):
     model = tiny_model("llama", seed=0)
     build = lambda **option: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
                                             config=DatabaseConfig(level_steps=STEPS, gqa_mode="kv_groups", **option))
-    plain, aware = build(), build(gqa_cost_aware=True)
+    plain, aware = build(gqa_cost_aware=False), build(gqa_cost_aware=True)
     assert aware.root != plain.root
     assert _shards(aware.root, "attn") == _shards(plain.root, "attn")
     assert _shards(aware.root, "mlp") == _shards(plain.root, "mlp")
@@ -467,7 +467,7 @@ def test_databases_from_before_gqa_cost_aware_keep_their_address_and_open(tmp_pa
     model = tiny_model("llama", seed=5)
     digest = model_digest(model)
     db = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",
-                        config=DatabaseConfig(level_steps=2), base_model_digest=digest)
+                        config=DatabaseConfig(level_steps=2, gqa_cost_aware=False), base_model_digest=digest)
     old_fields = {"level_steps": 2, "relative_damping": 0.01, "gqa_mode": "query_heads", "storage_dtype": "float16"}
     old_key = json.dumps([digest, "c", old_fields, database_module.code_version()], sort_keys=True)
     assert db.digest == hashlib.sha256(old_key.encode()).hexdigest()[:16]
@@ -476,8 +476,7 @@ def test_databases_from_before_gqa_cost_aware_keep_their_address_and_open(tmp_pa
     del manifest["config"]["gqa_cost_aware"]
     manifest_path.write_text(json.dumps(manifest))
     reopened = Database.open(db.root)
-    assert reopened.config == DatabaseConfig(level_steps=2)
-    assert reopened.config.gqa_cost_aware is False
+    assert reopened.config == DatabaseConfig(level_steps=2, gqa_cost_aware=False)
 
 
 # ---------------------------------------------------------------------------------------------- errors
