@@ -83,7 +83,7 @@ def decision_noise(search, parent, rows: int = 12, children: int = 6) -> dict:
     pool = search.teacher_pool
     indices = torch.arange(search.config.fixed_rows, search.config.fixed_rows + rows)
     genomes = [tuple(parent)] + offspring(tuple(parent), children, search.budget, random.Random(0))
-    per_row = [[search.evaluate(g, pool.rows(index[None]), None) for index in indices] for g in genomes]
+    per_row = [search.evaluate_rows(g, pool.rows(indices), None) for g in genomes]
     needed, differences = [], []
     for child in per_row[1:]:
         diffs = [c - p for c, p in zip(child, per_row[0])]

@@ -125,8 +125,8 @@ def _saved_search_state(run_uri: str) -> SearchState | None:
 
 @task(name="evaluate-candidate", task_run_name="candidate-g{generation}-s{stage_index}-{index}")
 def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int,
-                            stage_index: int, index: int, levels: list) -> float:
-    """One candidate's short finetune and fitness, wherever the task runner puts it (a Dask worker loads the
+                            stage_index: int, index: int, levels: list) -> list[float]:
+    """One candidate's short finetune and per-row fitness, wherever the task runner puts it (a Dask worker loads the
     model, database and teacher on its first candidate and keeps them)."""
     return _search(_config(config_values), run_uri, database_ref).evaluate_in_stage(generation, stage_index, levels)
 
@@ -134,7 +134,7 @@ def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: Dat
 @task(name="select", task_run_name="select-g{generation}-s{stage_index}")
 def select_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int, stage_index: int,
                 candidates: list, distributed: bool = False) -> list:
-    """One finetune-and-select stage of one generation: [(fitness, levels)] best first. `distributed`: each
+    """One finetune-and-select stage of one generation: [(fitness, levels, per-row fitness)] best first. `distributed`: each
     candidate is its own task on the flow's task runner (Dask), else all run here, one after another. Not
     persisted: the generation is the unit of resumption, and its rows are seeded, so a re-run selects the same."""
     if distributed:
@@ -143,7 +143,7 @@ def select_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, ge
         ranked = rank(candidates, [future.result() for future in futures])
     else:
         ranked = _search(_config(config_values), run_uri, database_ref).select(generation, stage_index, candidates)
-    return [(fitness, list(levels)) for fitness, levels in ranked]
+    return [(fitness, list(levels), rows) for fitness, levels, rows in ranked]
 
 
 @task(name="search-generation", task_run_name="generation-{generation}", **IO_RETRIES)
@@ -160,7 +160,7 @@ def search_generation_task(config_values: dict, run_uri: str, database_ref: Data
         raise DarwinLMError(f"search at {run_uri} is at generation {state.generation}, asked for {generation}",
                             "run generations in order")
     state = search.generation(state, select=lambda g, i, candidates: [
-        (fitness, tuple(levels)) for fitness, levels in select_task(
+        (fitness, tuple(levels), rows) for fitness, levels, rows in select_task(
             config_values, run_uri, database_ref, g, i, [list(c) for c in candidates], distributed)])
     search.save(state)
     return state.history[-1]

@@ -75,7 +75,7 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert [m.step for m in trajectory if m.step <= 2] == [0, 1, 2]  # the start, then each generation
     # the parent is only replaced by a candidate that beat it, so on rows never selected on it mostly falls;
     # in two generations of the tiny preset it can rise only by selection noise
-    for key in ("acceptance_rate", "move_size", "stage0_best", "stage1_median"):
+    for key in ("acceptance_rate", "move_size", "paired_z", "stage0_best", "stage1_median"):
         assert len(client.get_metric_history(search_run.info.run_id, key)) == 2, key
     assert search_run.data.tags["start"] in ("uniform", "informed")
     artifacts = {a.path for a in client.list_artifacts(search_run.info.run_id)}

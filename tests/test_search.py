@@ -1,6 +1,7 @@
 """Genome budget, mutation, fitness, training-aware selection and resumable search on tiny models."""
 
 import random
+import statistics
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
 from darwinlm.core.search.fitness import compute_teacher, exact_kl_per_token, kl_per_token
 from darwinlm.core.search.genome import Budget, budget_neutral_switch, mutate, offspring
-from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
+from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig, paired_z
 from tests.support.tiny_models import random_token_rows, tiny_model
 
 
@@ -93,16 +94,47 @@ def test_selection_keeps_the_best_by_fitness(tiny_setup, monkeypatch):
                     SearchConfig(generations=1, offspring=6, stages=(StageConfig(3, 16), StageConfig(1, 32))))
     scores = {}
 
-    def fake_fitness(levels, teacher, train_rows):
-        return scores.setdefault(levels, random.Random(str(levels)).random())
+    def fake_fitness(levels, teacher, train_rows):  # the same on every row: any lower score is significant
+        return [scores.setdefault(levels, random.Random(str(levels)).random())] * teacher.input_ids.shape[0]
 
-    monkeypatch.setattr(search, "evaluate", fake_fitness)
+    monkeypatch.setattr(search, "evaluate_rows", fake_fitness)
     state = search.generation(search.load_or_start())
     parent = tuple(search.budget.uniform())
     stage_one = sorted((s, c) for c, s in scores.items() if c != parent)[:3]
     finalists = [c for _, c in stage_one] + [parent]
     assert tuple(state.parent) == min(finalists, key=lambda c: scores[c])
     assert state.parent_fitness == min(scores[c] for c in finalists)
+
+
+@pytest.mark.parametrize("accept_z, replaced", [(0.0, True), (1.0, False)])
+def test_a_challenger_must_beat_the_parent_by_accept_z_paired_standard_errors(tiny_setup, monkeypatch, accept_z,
+                                                                            replaced):
+    model, database = tiny_setup
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
+                    SearchConfig(generations=1, offspring=2, stages=(StageConfig(1, 64),), start="uniform",
+                                 accept_z=accept_z))
+    parent = tuple(search.budget.uniform())
+    # Children beat the parent by 0.01 on average, but their per-row differences swing by ±0.1: z ≈ −0.17.
+    differences = [-0.11, 0.09, -0.11, 0.09]
+
+    def fake_fitness(levels, teacher, train_rows):
+        assert teacher.input_ids.shape[0] == 4
+        return [1.0] * 4 if levels == parent else [1.0 + d for d in differences]
+
+    monkeypatch.setattr(search, "evaluate_rows", fake_fitness)
+    state = search.generation(search.load_or_start())
+    assert (tuple(state.parent) != parent) == replaced
+    assert state.history[-1]["accepted"] == replaced
+    assert state.history[-1]["paired_z"] == pytest.approx(-0.01 / (statistics.stdev(differences) / 2))
+    assert state.parent_fitness == pytest.approx(0.99 if replaced else 1.0)
+
+
+def test_paired_z_is_the_mean_difference_over_its_standard_error():
+    assert paired_z([1.0, 2.0, 3.0], [1.5, 2.5, 3.1]) == pytest.approx(
+        statistics.fmean([-0.5, -0.5, -0.1]) / (statistics.stdev([-0.5, -0.5, -0.1]) / 3 ** 0.5))
+    assert paired_z([1.0], [2.0]) is None
+    assert paired_z([1.0, 1.0], [2.0, 2.0]) == float("-inf")
 
 
 def search_config(generations: int) -> SearchConfig:

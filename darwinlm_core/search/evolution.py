@@ -30,7 +30,7 @@ from darwinlm.core import storage
 from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
-from darwinlm.core.search.fitness import CompactTeacher, kl_per_token
+from darwinlm.core.search.fitness import CompactTeacher, kl_per_row
 from darwinlm.core.search.genome import BUDGET_KINDS, Budget, Genome, adapt_move_size, offspring
 from darwinlm.core.search.latency import load_or_measure
 from darwinlm.core.search.start import allocate, database_errors, kl_weights
@@ -58,11 +58,16 @@ class SearchConfig:
     seed: int = 0
     batch_size: int = 4
     fixed_rows: int = 4  # teacher-pool rows never selected on: the start choice and the KL trajectory
+    fitness_window: int = 0  # > 0: score each pool row on its first this many tokens only (see __init__)
     start: str = "best"  # uniform, informed (least summed per-level error), or best of the two on fixed rows
     start_calibration_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
     start_radius: int = 2  # the informed start's levels stay within this many steps of uniform
     move_size: int = 3  # the most level switches per mutant, at the start
     adaptive_moves: bool = True  # the 1/5 success rule moves it within 1..2·move_size
+    # The parent is replaced only when the best challenger beats it on the last stage's rows by this many
+    # standard errors of their paired per-row difference: a generation that merely draws a lucky row keeps
+    # the parent. 0 accepts any challenger that scores lower (DarwinLM's rule).
+    accept_z: float = 1.0
 
     def __post_init__(self):
         survivors = [stage.survivors for stage in self.stages]
@@ -77,9 +82,10 @@ class SearchConfig:
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
         if self.start not in START_KINDS:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
-        if self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0:
-            raise DarwinLMError("search needs fixed_rows ≥ 1, move_size ≥ 1, start_calibration_tokens ≥ 0 "
-                                "and start_radius ≥ 0")
+        if (self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0
+                or self.fitness_window < 0 or self.accept_z < 0):
+            raise DarwinLMError("search needs fixed_rows ≥ 1, move_size ≥ 1, start_calibration_tokens ≥ 0, "
+                                "start_radius ≥ 0, fitness_window ≥ 0 and accept_z ≥ 0")
 
     @property
     def digest(self) -> str:
@@ -136,6 +142,11 @@ class Search:
             latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=progress)
         self.budget = Budget.from_database(database, fraction_removed=config.fraction_removed,
                                            kind=config.budget_kind, seq_len=seq_len, latency=latency)
+        if 0 < config.fitness_window < seq_len:
+            # Fitness differences between candidates vary more from row to row (topic, style) than from token to
+            # token within a row, so a decision resolves best with its tokens spread over many rows: prefixes
+            # of several rows instead of whole rows, at the same compute.
+            self.teacher_pool = teacher_pool = teacher_pool.prefix(config.fitness_window)
         self.database_digest = database.digest
         self.compute_s = 0.0  # time inside forward/backward passes, for the overhead figure
         self._dirty = True  # live weights may differ from what the database gives (training, fresh model)
@@ -192,6 +203,11 @@ class Search:
 
     def evaluate(self, levels: tuple[int, ...], teacher: CompactTeacher, train_rows: torch.Tensor | None) -> float:
         """Assemble `levels`, finetune briefly if rows are given, and return KL per token to the teacher."""
+        return statistics.fmean(self.evaluate_rows(levels, teacher, train_rows))
+
+    def evaluate_rows(self, levels: tuple[int, ...], teacher: CompactTeacher, train_rows: torch.Tensor | None
+                      ) -> list[float]:
+        """As `evaluate`, but the KL per token of each of the teacher's rows."""
         self.assembly.apply(Genome(levels, self.database_digest).assignment(), rebuild=self._dirty)
         start = time.perf_counter()
         if train_rows is not None and train_rows.numel():
@@ -199,9 +215,9 @@ class Search:
             self._dirty = True
         else:
             self._dirty = False
-        fitness = kl_per_token(self.assembly.model, teacher, self.config.batch_size)
+        per_row = kl_per_row(self.assembly.model, teacher, self.config.batch_size)
         self.compute_s += time.perf_counter() - start
-        return fitness
+        return per_row
 
     def stage_rows(self, generation: int, stage_index: int) -> tuple[CompactTeacher, torch.Tensor | None]:
         """The fitness rows (and finetune rows, if the stage trains) of one stage of one generation, drawn
@@ -217,16 +233,17 @@ class Search:
                                           self.train_pool.shape[1], generator)]
         return teacher, train
 
-    def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> float:
-        """One candidate's fitness in one stage (what a distributed worker computes)."""
-        return self.evaluate(tuple(levels), *self.stage_rows(generation, stage_index))
+    def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> list[float]:
+        """One candidate's per-row fitness in one stage (what a distributed worker computes)."""
+        return self.evaluate_rows(tuple(levels), *self.stage_rows(generation, stage_index))
 
     def select(self, generation: int, stage_index: int, candidates: list[tuple[int, ...]]
-               ) -> list[tuple[float, tuple[int, ...]]]:
+               ) -> list[tuple[float, tuple[int, ...], list[float]]]:
         """One selection stage: every candidate gets the stage's short finetune and its KL on the stage's
-        rows. Returns all of them as (fitness, candidate), best first; the caller keeps the survivors."""
+        rows. Returns all of them as (fitness, candidate, per-row KL), best first; the caller keeps the
+        survivors."""
         teacher, train = self.stage_rows(generation, stage_index)
-        return rank(candidates, [self.evaluate(tuple(c), teacher, train) for c in candidates])
+        return rank(candidates, [self.evaluate_rows(tuple(c), teacher, train) for c in candidates])
 
     def generation(self, state: SearchState, select=None) -> SearchState:
         """One generation: mutate, select through the stages, return the next state. `select` (default
@@ -241,18 +258,23 @@ class Search:
         for stage_index, stage in enumerate(self.config.stages):
             if stage_index == len(self.config.stages) - 1 and parent not in candidates:
                 candidates = candidates + [parent]  # elitism: the parent competes in the last stage
-            scored = [(float(f), tuple(c)) for f, c in select(state.generation, stage_index, candidates)]
-            stages.append({"best": scored[0][0], "median": statistics.median(f for f, _ in scored),
+            scored = [(float(f), tuple(c), list(r)) for f, c, r in select(state.generation, stage_index, candidates)]
+            stages.append({"best": scored[0][0], "median": statistics.median(f for f, _, _ in scored),
                            "candidates": len(scored)})
-            candidates = [c for _, c in scored[: stage.survivors]]
-        best_fitness, best = scored[0]
-        accepted = best != parent
+            candidates = [c for _, c, _ in scored[: stage.survivors]]
+        best_fitness, best, best_rows = scored[0]
+        parent_fitness, _, parent_rows = next(entry for entry in scored if entry[1] == parent)
+        z_score = paired_z(best_rows, parent_rows)
+        accepted = best != parent and (z_score is None or z_score <= -self.config.accept_z)
+        if not accepted:
+            best_fitness, best = parent_fitness, parent
         recent = [h["accepted"] for h in state.history[-(SUCCESS_WINDOW - 1):]] + [accepted]
         move_size = state.move_size
         if self.config.adaptive_moves:
             move_size = adapt_move_size(move_size, sum(recent) / len(recent), 2 * self.config.move_size)
         fixed_kl = self.fixed_kl(best)
         record = {"generation": state.generation, "best_fitness": best_fitness, "fixed_kl": fixed_kl,
+                  "paired_z": z_score, "challenger_fitness": scored[0][0],
                   "previous_fixed_kl": state.parent_fixed_kl,
                   "accepted": accepted, "acceptance_rate": sum(recent) / len(recent), "move_size": state.move_size,
                   "median_fitness": stages[-1]["median"], "stages": stages,
@@ -286,10 +308,26 @@ class Search:
         return Genome(tuple(state.parent), self.database_digest)
 
 
-def rank(candidates, fitnesses) -> list[tuple[float, tuple[int, ...]]]:
-    """(fitness, candidate) best first; ties keep the candidates' order, so every evaluation path (serial or
-    distributed) selects the same."""
-    return sorted(zip((float(f) for f in fitnesses), (tuple(c) for c in candidates)), key=lambda pair: pair[0])
+def rank(candidates, per_row_fitnesses) -> list[tuple[float, tuple[int, ...], list[float]]]:
+    """(mean fitness, candidate, per-row fitness) best first; ties keep the candidates' order, so every
+    evaluation path (serial or distributed) selects the same."""
+    scored = [(statistics.fmean(rows), tuple(c), [float(r) for r in rows])
+              for c, rows in zip(candidates, per_row_fitnesses)]
+    return sorted(scored, key=lambda entry: entry[0])
+
+
+def paired_z(challenger: list[float], parent: list[float]) -> float | None:
+    """Mean per-row difference challenger − parent over its standard error (negative: the challenger is
+    better); None on fewer than two rows, where no error can be measured. Rows differ more from each other
+    than two neighbouring genomes do on one row, so only the paired difference resolves a decision."""
+    differences = [c - p for c, p in zip(challenger, parent)]
+    if len(differences) < 2:
+        return None
+    sd = statistics.stdev(differences)
+    mean = statistics.fmean(differences)
+    if sd == 0:
+        return 0.0 if mean == 0 else float("-inf") if mean < 0 else float("inf")
+    return mean / (sd / len(differences) ** 0.5)
 
 
 def hash_seed(*parts: int) -> int:

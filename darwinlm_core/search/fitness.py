@@ -26,6 +26,11 @@ class CompactTeacher:
     def rows(self, index: torch.Tensor) -> "CompactTeacher":
         return CompactTeacher(self.input_ids[index], self.top_logprobs[index], self.top_ids[index])
 
+    def prefix(self, tokens: int) -> "CompactTeacher":
+        """Every row cut to its first `tokens` positions. A causal model's outputs there do not depend on the
+        rest of the row, so the teacher's values stay exact: the same compute then spreads over more rows."""
+        return CompactTeacher(self.input_ids[:, :tokens], self.top_logprobs[:, :tokens], self.top_ids[:, :tokens])
+
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
@@ -59,27 +64,40 @@ def _log1mexp(log_mass: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(log_mass.clamp(max=-1e-12)))
 
 
-def kl_sum(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
-    """Σ over tokens of bucketed KL(teacher ‖ student). logits (..., vocab); teacher tensors (..., k)."""
+def kl_per_position(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor
+                    ) -> torch.Tensor:
+    """Bucketed KL(teacher ‖ student) at every position. logits (..., vocab); teacher tensors (..., k) → (...)."""
     student = torch.log_softmax(student_logits.float(), dim=-1)
     student_top = student.gather(-1, teacher_ids.long())
     kl_top = (teacher_logprobs.exp() * (teacher_logprobs - student_top)).sum(-1)
     teacher_rest = _log1mexp(torch.logsumexp(teacher_logprobs, dim=-1))
     student_rest = _log1mexp(torch.logsumexp(student_top, dim=-1))
-    kl_rest = teacher_rest.exp() * (teacher_rest - student_rest)
-    return (kl_top + kl_rest).sum()
+    return kl_top + teacher_rest.exp() * (teacher_rest - student_rest)
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of bucketed KL(teacher ‖ student). logits (..., vocab); teacher tensors (..., k)."""
+    return kl_per_position(student_logits, teacher_logprobs, teacher_ids).sum()
 
 
 @torch.no_grad()
-def kl_per_token(model, teacher: CompactTeacher, batch_size: int = 4) -> float:
-    """Mean bucketed KL(dense ‖ model) over every token of the teacher's rows."""
-    total = 0.0
+def kl_per_row(model, teacher: CompactTeacher, batch_size: int = 4) -> list[float]:
+    """Mean bucketed KL(dense ‖ model) per token of each of the teacher's rows: a comparison of two models on
+    the same rows rests on their paired per-row differences."""
+    per_row = []
     device = next(model.parameters()).device
     for start in range(0, teacher.input_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         logits = model(teacher.input_ids[rows].to(device), use_cache=False).logits
-        total += kl_sum(logits, teacher.top_logprobs[rows].to(device), teacher.top_ids[rows].to(device)).item()
-    return total / teacher.tokens
+        kl = kl_per_position(logits, teacher.top_logprobs[rows].to(device), teacher.top_ids[rows].to(device))
+        per_row.extend(kl.mean(-1).tolist())
+    return per_row
+
+
+def kl_per_token(model, teacher: CompactTeacher, batch_size: int = 4) -> float:
+    """Mean bucketed KL(dense ‖ model) over every token of the teacher's rows (which share one length)."""
+    per_row = kl_per_row(model, teacher, batch_size)
+    return sum(per_row) / len(per_row)
 
 
 def exact_kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
