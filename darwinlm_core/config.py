@@ -85,12 +85,11 @@ class CompressConfig:
 
     def __post_init__(self):
         seq_len = self.data.seq_len
-        scored = min(self.search.fitness_window or seq_len, seq_len)  # tokens scored per fitness row
         for index, stage in enumerate(self.search.stages):
             selectable = self.data.fitness_rows - self.search.fixed_rows  # the fixed rows are never selected on
-            if -(-stage.fitness_tokens // scored) > selectable:
+            if -(-stage.fitness_tokens // seq_len) > selectable:
                 raise DarwinLMError(f"search stage {index} needs {stage.fitness_tokens} fitness tokens but "
-                                    f"data.fitness_rows − search.fixed_rows rows score {max(selectable, 0) * scored}",
+                                    f"data.fitness_rows − search.fixed_rows rows hold {max(selectable, 0) * seq_len}",
                                     "raise data.fitness_rows or lower the stage's fitness_tokens")
             if -(-stage.finetune_tokens // seq_len) > self.data.train_rows:
                 raise DarwinLMError(f"search stage {index} needs {stage.finetune_tokens} finetune tokens but "

@@ -26,11 +26,6 @@ class CompactTeacher:
     def rows(self, index: torch.Tensor) -> "CompactTeacher":
         return CompactTeacher(self.input_ids[index], self.top_logprobs[index], self.top_ids[index])
 
-    def prefix(self, tokens: int) -> "CompactTeacher":
-        """Every row cut to its first `tokens` positions. A causal model's outputs there do not depend on the
-        rest of the row, so the teacher's values stay exact: the same compute then spreads over more rows."""
-        return CompactTeacher(self.input_ids[:, :tokens], self.top_logprobs[:, :tokens], self.top_ids[:, :tokens])
-
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
