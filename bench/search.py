@@ -186,7 +186,9 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
             wall = time.perf_counter() - start
             before, after = measure(search.genome(state), wall)
             before.update(seed=seed, start=state.start, trajectory=[state.history[0]["previous_fixed_kl"]]
-                          + [h["fixed_kl"] for h in state.history])
+                          + [h["fixed_kl"] for h in state.history],
+                          accepted=sum(h["accepted"] for h in state.history),
+                          paired_z=[h["paired_z"] for h in state.history])
             per_seed.append(before)
             if after is not None:
                 per_seed_after.append({**after, "seed": seed})
