@@ -127,26 +127,35 @@ def _refit_ppl(model, database, levels, ids, eval_windows, digest, batch_size: i
     return ppl, seconds
 
 
-def other_gqa_order_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size: int, root: str,
-                        cost_aware: bool) -> tuple[float, float]:
-    """(held-out uniform-50% ppl, build seconds) of the database built with `gqa_cost_aware=cost_aware` (the
-    setting the main database does not use), on the main database's calibration rows, windows and parameter
-    budget."""
+def uniform50_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size: int, root: str,
+                  config, desc: str) -> tuple[float, float]:
+    """(held-out uniform-50% ppl, build seconds) of a database built from `ids` with `config` under `root`."""
     from darwinlm.core.model.assembly import LiveAssembly
-    from darwinlm.core.database.store import DatabaseConfig, build_database
+    from darwinlm.core.database.store import build_database
     from darwinlm.core.evaluation.metrics import perplexity
 
     start = time.perf_counter()
-    database = build_database(model, ids, root, calibration_digest=calibration_digest,
-                              config=DatabaseConfig(storage_dtype="float16", gqa_cost_aware=cost_aware),
+    database = build_database(model, ids, root, calibration_digest=calibration_digest, config=config,
                               batch_size=batch_size, base_model_digest=digest, progress=True)
     build_s = time.perf_counter() - start
     levels = uniform_levels(database, 0.5)
     assembly = LiveAssembly(model, database, base_model_digest=digest)
     assembly.apply(levels)
-    ppl = perplexity(model, eval_windows, progress=True, desc=f"ppl gqa_cost_aware={cost_aware} 50%")
+    ppl = perplexity(model, eval_windows, progress=True, desc=desc)
     assembly.apply({key: 0 for key in levels})
     return ppl, build_s
+
+
+def other_gqa_order_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size: int, root: str,
+                        cost_aware: bool) -> tuple[float, float]:
+    """(held-out uniform-50% ppl, build seconds) of the database built with `gqa_cost_aware=cost_aware` (the
+    setting the main database does not use), on the main database's calibration rows, windows and parameter
+    budget."""
+    from darwinlm.core.database.store import DatabaseConfig
+
+    return uniform50_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size, root,
+                         DatabaseConfig(storage_dtype="float16", gqa_cost_aware=cost_aware),
+                         f"ppl gqa_cost_aware={cost_aware} 50%")
 
 
 def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: list[int], batch_size: int,
@@ -154,9 +163,7 @@ def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: lis
     """Uniform-50% held-out ppl and build seconds per calibration amount (rows of 512 tokens); a point already
     measured (`known`: {tokens: (ppl, build_s)}) is reused. A point whose build is predicted (from the last
     one, in proportion to the tokens) to take more than max_s seconds ends the curve, with a note."""
-    from darwinlm.core.model.assembly import LiveAssembly
-    from darwinlm.core.database.store import DatabaseConfig, build_database
-    from darwinlm.core.evaluation.metrics import perplexity
+    from darwinlm.core.database.store import DatabaseConfig
 
     curve, note, last = [], "", None  # last: (tokens, seconds) of the latest point, to predict the next
     for count in sorted(tokens):
@@ -168,18 +175,10 @@ def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: lis
         if predicted is not None and predicted > max_s:
             note = f"stopped before {count} tokens: predicted {predicted:.0f} s > {max_s:.0f} s from the last point"
             break
-        start = time.perf_counter()
         ids, calibration_digest = calibration_rows(split, tokenizer, count // 512, 512)
         with tempfile.TemporaryDirectory() as root:
-            database = build_database(model, ids, root, calibration_digest=calibration_digest,
-                                      config=DatabaseConfig(storage_dtype="float16"), batch_size=batch_size,
-                                      base_model_digest=digest, progress=True)
-            build_s = time.perf_counter() - start
-            levels = uniform_levels(database, 0.5)
-            assembly = LiveAssembly(model, database, base_model_digest=digest)
-            assembly.apply(levels)
-            ppl = perplexity(model, eval_windows, progress=True, desc=f"ppl uniform50 @ {count} tokens")
-            assembly.apply({key: 0 for key in levels})
+            ppl, build_s = uniform50_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size, root,
+                                         DatabaseConfig(storage_dtype="float16"), f"ppl uniform50 @ {count} tokens")
         curve.append({"tokens": count, "ppl_uniform50": ppl, "build_s": build_s})
         last = (count, build_s)
     return curve, note
