@@ -7,8 +7,9 @@ run (the build against the calibration forward passes alone), because absolute s
 machine; the load average around them is recorded. Also measured: the refit of the uniform-50% genome on
 propagated inputs (darwinlm.core.database.refit), with the database's units and with units reselected, the
 GQA-cost-aware greedy order against the plain one (DatabaseConfig.gqa_cost_aware: uniform-50% ppl of both, same
-rows, windows and parameter budget; the main database uses the default order), and the calibration curve (uniform-50% ppl and build seconds against
-calibration tokens). torch-pruning gets the same calibration rows as OBS.
+rows, windows and parameter budget; the main database uses the default order), and the calibration curve
+(uniform-50% ppl and build seconds against calibration tokens). torch-pruning gets the same calibration rows as
+OBS.
 """
 
 import argparse

@@ -126,17 +126,18 @@ def _saved_search_state(run_uri: str) -> SearchState | None:
 @task(name="evaluate-candidate", task_run_name="candidate-g{generation}-s{stage_index}-{index}")
 def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int,
                             stage_index: int, index: int, levels: list) -> list[float]:
-    """One candidate's short finetune and per-row fitness, wherever the task runner puts it (a Dask worker loads the
-    model, database and teacher on its first candidate and keeps them)."""
+    """One candidate's short finetune and per-row fitness, wherever the task runner puts it (a Dask worker loads
+    the model, database and teacher on its first candidate and keeps them)."""
     return _search(_config(config_values), run_uri, database_ref).evaluate_in_stage(generation, stage_index, levels)
 
 
 @task(name="select", task_run_name="select-g{generation}-s{stage_index}")
 def select_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int, stage_index: int,
                 candidates: list, distributed: bool = False) -> list:
-    """One finetune-and-select stage of one generation: [(fitness, levels, per-row fitness)] best first. `distributed`: each
-    candidate is its own task on the flow's task runner (Dask), else all run here, one after another. Not
-    persisted: the generation is the unit of resumption, and its rows are seeded, so a re-run selects the same."""
+    """One finetune-and-select stage of one generation: [(fitness, levels, per-row fitness)] best first.
+    `distributed`: each candidate is its own task on the flow's task runner (Dask), else all run here, one after
+    another. Not persisted: the generation is the unit of resumption, and its rows are seeded, so a re-run selects
+    the same."""
     if distributed:
         futures = [evaluate_candidate_task.submit(config_values, run_uri, database_ref, generation, stage_index,
                                                   index, list(levels)) for index, levels in enumerate(candidates)]
