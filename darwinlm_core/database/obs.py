@@ -198,7 +198,8 @@ def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[Prune
         if pruned.kept_units.numel() == 0:
             errors.append(1.0 if energy > 0 else 0.0)
             continue
-        if pruned.kept_units.numel() == n_units and torch.equal(pruned.weight, weight):
+        # levels are kept on the CPU (the database's storage) while the model may sit on a GPU
+        if pruned.kept_units.numel() == n_units and torch.equal(pruned.weight.to(weight.device), weight):
             errors.append(0.0)
             continue
         columns = unit_columns(pruned.kept_units, unit_size).to(weight.device)
