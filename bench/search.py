@@ -1,16 +1,20 @@
 """Search benchmark on SmolLM2: uniform, the informed start, one-shot and training-aware search over seeds, and
 torch-pruning peers, each before and after the same post-training, on the same held-out windows.
 
-    python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware]
+    python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
                            [--generations 30] [--offspring 6] [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept
 in bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). Every method gets the smollm2-demo preset's data: the same calibration rows (the database's, and
 the peers'), the same held-out windows, the same post-training rows and schedule. A searched method's row holds
 the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share of the uniform-to-dense gap in
-log-perplexity a method closes. `wall_s` is a method's own work; the database build and the fitness teacher,
+log-perplexity a method closes; `within_noise_*` says whether its ppl is within twice the noise of uniform's
+(uniform post-trained for a post-trained row), counting window standard errors and the spread over seeds. `wall_s` is a method's own work; the database build and the fitness teacher,
 shared by every darwinlm method of a target, are under `shared_s` (the database only when built by this run).
 `decision_noise` measures how many fitness rows one accept/reject decision needs (paired KL differences).
+Training-aware selection finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched`
+is one-shot search given, per seed, the wall time the training-aware search took (so more generations): the
+comparison at matched compute.
 """
 
 import argparse
@@ -26,7 +30,30 @@ from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
 from darwinlm.flows.offline import apply_offline_defaults
 
 METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
-SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware"}
+SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware",
+                  "oneshot_matched": "darwinlm_oneshot_matched"}
+
+
+def method_config(method: str, search, seed: int, trainaware_tokens: int):
+    """The preset's search for one method and seed: training-aware finetunes each candidate on
+    `trainaware_tokens` tokens at every stage (the preset's finetune lr and batch), one-shot on none."""
+    from darwinlm.core.search.evolution import StageConfig
+
+    tokens = trainaware_tokens if method == "trainaware" else 0
+    return replace(search, seed=seed, stages=tuple(StageConfig(stage.survivors, stage.fitness_tokens, tokens)
+                                                   for stage in search.stages))
+
+
+def run_for(search, seconds: float):
+    """Run `search` generation by generation until `seconds` of wall time, its start included, have passed
+    (the generation under way finishes): one-shot given what training-aware took, so compute is matched."""
+    start = time.perf_counter()
+    state = search.load_or_start()
+    while time.perf_counter() - start < seconds:
+        state = search.generation(state)
+        print(f"oneshot_matched: generation {state.generation}, {time.perf_counter() - start:.0f} of "
+              f"{seconds:.0f} s", flush=True)
+    return state
 
 
 def evaluate_row(model, data, teacher, tokenizer, config, params: int, wall_s: float) -> dict:
@@ -35,6 +62,7 @@ def evaluate_row(model, data, teacher, tokenizer, config, params: int, wall_s: f
 
     scores = evaluate(model, data, teacher)
     row = {"params": params, "ppl_sotu": scores["ppl_in_domain"], "ppl_moby": scores.get("ppl_out_of_domain"),
+           "ppl_sotu_se": scores["ppl_in_domain_se"], "ppl_moby_se": scores.get("ppl_out_of_domain_se"),
            "kl": scores["kl"], "wall_s": wall_s}
     row["zeroshot_acc"] = zero_shot_scores(model, tokenizer, data, config).get("zeroshot_acc")
     return row
@@ -43,11 +71,11 @@ def evaluate_row(model, data, teacher, tokenizer, config, params: int, wall_s: f
 def seed_mean(rows: list[dict]) -> dict:
     """The mean of each figure over seeds, with the spread (population sd) and the per-seed rows."""
     mean = {}
-    for key in (*METRICS, "wall_s"):
+    for key in (*METRICS, "ppl_sotu_se", "ppl_moby_se", "wall_s"):
         values = [row[key] for row in rows if row.get(key) is not None]
         if values:
             mean[key] = statistics.fmean(values)
-            if len(values) > 1 and key != "params":
+            if len(values) > 1 and key not in ("params", "ppl_sotu_se", "ppl_moby_se"):
                 mean[f"{key}_sd"] = statistics.pstdev(values)
     return {**mean, "seeds": rows}
 
@@ -60,6 +88,22 @@ def gap_closed(row: dict, uniform: dict, dense: dict) -> dict:
         if row.get(key) and uniform.get(key) and dense.get(key) and uniform[key] != dense[key]:
             closed[f"gap_closed_{text}"] = math.log(uniform[key] / row[key]) / math.log(uniform[key] / dense[key])
     return closed
+
+
+def within_noise(row: dict, uniform: dict) -> dict:
+    """`within_noise_<text>`: whether a held-out ppl differs from uniform's by less than twice the noise of the
+    difference. The noise counts both rows' standard errors over windows and, for a mean over seeds, the
+    standard error of that mean; taken as independent, which overstates it for two models on the same windows,
+    so a difference marked outside the noise is one."""
+    marks = {}
+    for text in ("sotu", "moby"):
+        key = f"ppl_{text}"
+        if row.get(key) is None or uniform.get(key) is None:
+            continue
+        variance = sum((r.get(f"{key}_se") or 0.0) ** 2 + r.get(f"{key}_sd", 0.0) ** 2 / len(r.get("seeds") or [0])
+                       for r in (row, uniform))
+        marks[f"within_noise_{text}"] = abs(row[key] - uniform[key]) < 2 * math.sqrt(variance)
+    return marks
 
 
 def candidate_eval_speedup(assembly, teacher, levels) -> float:
@@ -107,7 +151,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     from darwinlm.core.home import data_home
     from darwinlm.core.model.loading import load_model
     from darwinlm.core.pipeline import dense_eval_teacher, post_train, prepare_data
-    from darwinlm.core.search.evolution import Search, StageConfig
+    from darwinlm.core.search.evolution import Search
 
     config = load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": {
         "fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring},
@@ -173,20 +217,21 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
                                                             uniform.assignment())
     save()
 
+    trainaware_wall = {}  # seed → wall seconds of its training-aware search: the matched one-shot's budget
     for method in args.methods:
-        stages = config.search.stages
-        if method == "oneshot":
-            stages = tuple(StageConfig(s.survivors, s.fitness_tokens, 0) for s in stages)
         per_seed, per_seed_after = [], []
         for seed in args.seeds:
-            search_config = replace(config.search, stages=stages, seed=seed)
+            search_config = method_config(method, config.search, seed, args.trainaware_tokens)
             start = time.perf_counter()
             search = Search(assembly, fitness_teacher, data.train_ids, search_config, progress=True)
-            state = search.run()
+            state = run_for(search, trainaware_wall[seed]) if method == "oneshot_matched" else search.run()
             wall = time.perf_counter() - start
+            if method == "trainaware":
+                trainaware_wall[seed] = wall
             before, after = measure(search.genome(state), wall)
-            before.update(seed=seed, start=state.start, trajectory=[state.history[0]["previous_fixed_kl"]]
-                          + [h["fixed_kl"] for h in state.history],
+            before.update(seed=seed, start=state.start, generations=state.generation,
+                          finetune_tokens=[stage.finetune_tokens for stage in search_config.stages],
+                          trajectory=[state.history[0]["previous_fixed_kl"]] + [h["fixed_kl"] for h in state.history],
                           accepted=sum(h["accepted"] for h in state.history),
                           paired_z=[h["paired_z"] for h in state.history])
             per_seed.append(before)
@@ -199,6 +244,9 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     for name, row in rows.items():
         if isinstance(row, dict) and "ppl_sotu" in row and name != "dense":
             row.update(gap_closed(row, rows["uniform"], rows["dense"]))
+            if name != "uniform" and not name.startswith("uniform_"):
+                comparison = rows.get("uniform_posttrained") if name.endswith("_posttrained") else rows["uniform"]
+                row.update(within_noise(row, comparison or {}))
     save()
 
 
@@ -230,7 +278,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="0.5,0.3", help="fractions of block parameters removed")
     parser.add_argument("--seeds", default="0,1,2", help="search seeds (the database is shared by all)")
-    parser.add_argument("--methods", default="oneshot,trainaware", help="searches to run: oneshot, trainaware")
+    parser.add_argument("--methods", default="oneshot,trainaware", help="searches to run: oneshot, trainaware, "
+                        "oneshot_matched (one-shot given each seed's training-aware wall time; after trainaware)")
+    parser.add_argument("--trainaware-tokens", type=int, default=1024, help="finetune tokens per candidate and "
+                        "stage in training-aware selection (bench.trainaware's setting that ranked as well as one-shot)")
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--offspring", type=int, default=6)
     parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
@@ -246,6 +297,8 @@ def main() -> None:
     unknown = sorted(set(args.methods) - set(SEARCH_METHODS))
     if unknown:
         parser.error(f"unknown method {unknown[0]}: use {', '.join(SEARCH_METHODS)}")
+    if "oneshot_matched" in args.methods and "trainaware" not in args.methods[: args.methods.index("oneshot_matched")]:
+        parser.error("oneshot_matched needs trainaware before it in --methods (it is given trainaware's wall time)")
     origin, results = provenance(vars(args), args.seeds), {"targets": {}}
 
     def save() -> None:  # a long run keeps its rows as they arrive, outside bench/results
@@ -264,6 +317,7 @@ def _print(key: str, rows: dict) -> None:
     for name, row in rows.items():
         if isinstance(row, dict) and "ppl_sotu" in row:
             spread = f"±{row['ppl_sotu_sd']:.1f}" if "ppl_sotu_sd" in row else ""
+            spread += "  (within noise of uniform)" if row.get("within_noise_sotu") else ""
             print(f"{name:<36}{row['params']:>12,.0f}{row['ppl_sotu']:>10.2f}{row['ppl_moby'] or 0:>10.2f}"
                   f"{row['kl']:>8.3f}{row.get('gap_closed_sotu', 0):>10.3f}{row['wall_s']:>8.0f} {spread}")
 
