@@ -294,17 +294,30 @@ def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, 
 
 
 def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace, monkeypatch):
+    """Also the default post-training path, without the refit stage (tiny.yaml turns it on for the others)."""
+    import yaml
+
+    from darwinlm.core.config import PRESET_DIR
     from darwinlm.core.database.store import Database
     from darwinlm.core.search.genome import Budget
     from darwinlm.flows.compress import compress
     import darwinlm.tasks.stages as stages
 
+    preset = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    del preset["post_train"]["refit"]
+    (workspace / "no-refit.yaml").write_text(yaml.safe_dump(preset))
     monkeypatch.setattr(stages, "Search", lambda *a, **k: pytest.fail("no generation needs a live search"))
-    summary = compress(parameters(workspace).model_copy(update={"generations": 0, "start": "uniform"}))
+    monkeypatch.setattr(stages, "refit_genome", lambda *a, **k: pytest.fail("the refit is off by default"))
+    summary = compress(parameters(workspace).model_copy(update={
+        "generations": 0, "start": "uniform", "preset_file": str(workspace / "no-refit.yaml")}))
     genome = json.loads((Path(summary["run_uri"]) / "genome.json").read_text())
     database = Database.open(summary["database"]["uri"])
     uniform = Budget.from_database(database, fraction_removed=0.5, seq_len=32).uniform()
     assert genome["attn"] == list(uniform[0::2]) and genome["mlp"] == list(uniform[1::2])
+    assert not (Path(summary["run_uri"]) / "refit.json").exists()
+    metadata = json.loads((workspace / "store").joinpath(
+        summary["model_uri"].split("store/")[1], "darwinlm.json").read_text())
+    assert metadata["refit"] is False
 
 
 def _assert_prefect_artifacts(summary: dict) -> None:
