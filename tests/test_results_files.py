@@ -46,7 +46,13 @@ def results_file_problems(path: Path, bench_dir: Path) -> list[str]:
     if bench is None or not bench.is_file():
         return problems + [f"{path.name}: command {origin.get('command')!r} is not a bench"]
     patterns = key_patterns(bench.read_text())
-    for key in [path.stem, *(key for key in results if key != "provenance")]:
+    keys = [key for key in results if key != "provenance"]
+    named = re.search(r" --results[ =](\S+)", origin["command"])  # a bench told where to write (search-gemma)
+    if named is None:
+        keys.insert(0, path.stem)
+    elif named.group(1) != path.stem:
+        problems.append(f"{path.name}: its command wrote {named.group(1)}.json")
+    for key in keys:
         if not any(pattern.fullmatch(key) for pattern in patterns):
             problems.append(f"{path.name}: {bench.name} cannot write {key!r}")
     return problems
@@ -75,6 +81,11 @@ def test_the_check_catches_hand_edits(tmp_path):
     good = tmp_path / "speed.json"
     good.write_text(json.dumps({"ratio": 1.2, "tokens_a": 5, "provenance": origin}))
     assert results_file_problems(good, tmp_path / "bench") == []
+    renamed = tmp_path / "speed-long.json"  # a bench told where to write: the name is the command's, not the code's
+    for name, problems in (("speed-long", []), ("other", ["speed-long.json: its command wrote other.json"])):
+        command = f"{origin['command']} --results {name}"
+        renamed.write_text(json.dumps({"ratio": 1.2, "provenance": {**origin, "command": command}}))
+        assert results_file_problems(renamed, tmp_path / "bench") == problems
     merged = tmp_path / "speed.json"
     merged.write_text(json.dumps({"ratio": 1.2, "overhead_from_another_run": 0.1, "provenance": origin}))
     assert results_file_problems(merged, tmp_path / "bench") == ["speed.json: speed.py cannot write "
