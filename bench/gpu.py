@@ -5,8 +5,9 @@
 tests/test_gpu.py proves the CUDA path on a tiny model; this runs the real one with the published schedule (16
 offspring, 4 stages, 1k–8k fitness tokens and 10k–200k finetune tokens per candidate, 4096-token rows, bf16) for
 a few generations, and reports what a GPU user needs to plan a run: the database build against the calibration
-forward passes alone (a ratio, measured in the same run), seconds per search generation and the share of them spent
-outside forward/backward passes (assembling candidates), peak GPU memory, and held-out perplexity of dense, uniform and the short search.
+forward passes alone (a ratio, measured in the same run), seconds per search generation and the share of them
+spent outside forward/backward passes (assembling candidates), peak GPU memory, and held-out perplexity of
+dense, uniform and the short search.
 
 The row counts are cut from the preset's (256 calibration rows, 2048 post-training rows, ...) so that the run
 fits the default text, which gives about 700 rows of 4096 tokens, and a few minutes of GPU time; the resolved

@@ -281,7 +281,8 @@ def main() -> None:
     parser.add_argument("--methods", default="oneshot,trainaware", help="searches to run: oneshot, trainaware, "
                         "oneshot_matched (one-shot given each seed's training-aware wall time; after trainaware)")
     parser.add_argument("--trainaware-tokens", type=int, default=1024, help="finetune tokens per candidate and "
-                        "stage in training-aware selection (bench.trainaware's setting that ranked as well as one-shot)")
+                        "stage in training-aware selection (bench.trainaware's setting that ranked as well as "
+                        "one-shot)")
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--offspring", type=int, default=6)
     parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
