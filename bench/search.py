@@ -5,12 +5,14 @@ torch-pruning peers, each before and after the same post-training, on the same h
                            [--generations 30] [--offspring 6] [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept
-in bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). Every method gets the smollm2-demo preset's data: the same calibration rows (the database's, and
-the peers'), the same held-out windows, the same post-training rows and schedule. A searched method's row holds
-the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share of the uniform-to-dense gap in
-log-perplexity a method closes; `within_noise_*` says whether its ppl is within twice the noise of uniform's
-(uniform post-trained for a post-trained row), counting window standard errors and the spread over seeds. `wall_s` is a method's own work; the database build and the fitness teacher,
-shared by every darwinlm method of a target, are under `shared_s` (the database only when built by this run).
+in bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). `--results
+NAME` writes bench/results/NAME.json instead. Every method gets the smollm2-demo preset's data: the same
+calibration rows (the database's, and the peers'), the same held-out windows, the same post-training rows and
+schedule. A searched method's row holds the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the
+share of the uniform-to-dense gap in log-perplexity a method closes; `within_noise_*` says whether its ppl is within twice the noise of uniform's
+(uniform post-trained for a post-trained row), counting window standard errors and the spread over seeds.
+`wall_s` is a method's own work; the database build and the fitness teacher, shared by every darwinlm method of
+a target, are under `shared_s` (the database only when built by this run).
 `decision_noise` measures how many fitness rows one accept/reject decision needs (paired KL differences).
 Training-aware selection finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched`
 is one-shot search given, per seed, the wall time the training-aware search took (so more generations): the
@@ -193,7 +195,8 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
                                                                      data.calibration_ids))
         try:
             post_train(assembly, genome, data.post_train_ids, config, teacher=post_teacher, progress=True)
-            after = evaluate_row(model, data, eval_teacher, tokenizer, config, params, wall + time.perf_counter() - start)
+            post_s = time.perf_counter() - start
+            after = evaluate_row(model, data, eval_teacher, tokenizer, config, params, wall + post_s)
         finally:
             assembly.database = database
         return before, {**after, "refit": config.post_train.refit}
