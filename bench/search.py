@@ -4,19 +4,18 @@ torch-pruning peers, each before and after the same post-training, on the same h
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
                            [--generations 30] [--offspring 6] [--task-limit 0] [--skip-peer] [--skip-post-train]
 
-Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept
-in bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). `--results
-NAME` writes bench/results/NAME.json instead. Every method gets the smollm2-demo preset's data: the same
-calibration rows (the database's, and the peers'), the same held-out windows, the same post-training rows and
-schedule. A searched method's row holds the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the
-share of the uniform-to-dense gap in log-perplexity a method closes; `within_noise_*` says whether its ppl is within twice the noise of uniform's
-(uniform post-trained for a post-trained row), counting window standard errors and the spread over seeds.
-`wall_s` is a method's own work; the database build and the fitness teacher, shared by every darwinlm method of
-a target, are under `shared_s` (the database only when built by this run).
-`decision_noise` measures how many fitness rows one accept/reject decision needs (paired KL differences).
-Training-aware selection finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched`
-is one-shot search given, per seed, the wall time the training-aware search took (so more generations): the
-comparison at matched compute.
+Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
+bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). `--results NAME`
+writes bench/results/NAME.json instead. Every method gets the smollm2-demo preset's data: the same calibration
+rows (the database's, and the peers'), the same held-out windows, the same post-training rows and schedule. A
+searched method's row holds the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share of the
+uniform-to-dense gap in log-perplexity a method closes; `within_noise_*` says whether its ppl is within twice the
+noise of uniform's (uniform post-trained for a post-trained row), counting window standard errors and the spread
+over seeds. `wall_s` is a method's own work; the database build and the fitness teacher, shared by every darwinlm
+method of a target, are under `shared_s` (the database only when built by this run). `decision_noise` measures how
+many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection finetunes
+every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is one-shot search given, per
+seed, the wall time the training-aware search took (so more generations): the comparison at matched compute.
 """
 
 import argparse
