@@ -66,6 +66,38 @@ def write_partial(name: str, results: dict) -> Path:
     return _write_json(partial_path(name), results)
 
 
+def code_unchanged_since(commit: str, paths: tuple[str, ...], repository: Path = REPOSITORY) -> bool:
+    """Whether `paths` in the working tree are as they were at `commit` (False when git cannot tell, e.g. the
+    commit is not in this clone)."""
+    try:
+        return subprocess.run(["git", "diff", "--quiet", commit, "--", *paths], cwd=repository,
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def resumable_partial(name: str, run: dict, measured_by: tuple[str, ...],
+                      repository: Path = REPOSITORY) -> dict | None:
+    """The rows an earlier, stopped run of bench NAME saved (see write_partial) that this run can keep: None unless
+    that run had the same `run` (its JSON config) and the code at `measured_by` has not changed since its commit,
+    so its rows are what this run would measure. The partial holds `run`, `origin` (the earlier run's provenance,
+    for the results file to record) and the rows; why it is not kept is printed."""
+    path = partial_path(name)
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    commit = (earlier.get("origin") or {}).get("commit")
+    if earlier.get("run") != json.loads(json.dumps(run)):
+        reason = "a different configuration"
+    elif not commit or not code_unchanged_since(commit, measured_by, repository):
+        reason = f"code that has changed since ({', '.join(measured_by)} at {commit or 'an unknown commit'})"
+    else:
+        print(f"resuming from {path}: rows measured at {commit[:12]} on {earlier['origin'].get('date')}", flush=True)
+        return earlier
+    print(f"not resuming from {path}: it was measured with {reason}; starting afresh", flush=True)
+    return None
+
+
 def write_results(name: str, results: dict, goals: dict[str, str] | None = None, echo: bool = True, *,
                   origin: dict) -> Path:
     """Print scalar results beside their goals (nested values are left to the caller) and write

@@ -6,16 +6,19 @@ torch-pruning peers, each before and after the same post-training, on the same h
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
 bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). `--results NAME`
-writes bench/results/NAME.json instead. Every method gets the smollm2-demo preset's data: the same calibration
-rows (the database's, and the peers'), the same held-out windows, the same post-training rows and schedule. A
-searched method's row holds the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share of the
-uniform-to-dense gap in log-perplexity a method closes; `within_noise_*` says whether its ppl is within twice the
-noise of uniform's (uniform post-trained for a post-trained row), counting window standard errors and the spread
-over seeds. `wall_s` is a method's own work; the database build and the fitness teacher, shared by every darwinlm
-method of a target, are under `shared_s` (the database only when built by this run). `decision_noise` measures how
-many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection finetunes
-every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is one-shot search given, per
-seed, the wall time the training-aware search took (so more generations): the comparison at matched compute.
+writes bench/results/NAME.json instead. Rerun with the same arguments after a stop, it keeps the rows the stopped
+run had measured if the code that measures them (MEASURED_BY) is unchanged since; the results file then records
+that run's provenance as `resumed_rows_provenance`. Every method gets the smollm2-demo preset's data: the same
+calibration rows (the database's, and the peers'), the same held-out windows, the same post-training rows and
+schedule. A searched method's row holds the seed mean and `seeds`, its per-seed rows; `gap_closed_*` is the share
+of the uniform-to-dense gap in log-perplexity a method closes; `within_noise_*` says whether its ppl is within
+twice the noise of uniform's (uniform post-trained for a post-trained row), counting window standard errors and the
+spread over seeds. `wall_s` is a method's own work; the database build and the fitness teacher, shared by every
+darwinlm method of a target, are under `shared_s` (the database only when built by this run). `decision_noise`
+measures how many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection
+finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is one-shot search
+given, per seed, the wall time the training-aware search took (so more generations): the comparison at matched
+compute.
 """
 
 import argparse
@@ -26,11 +29,13 @@ from dataclasses import replace
 
 import torch
 
-from bench.results_file import provenance, write_partial, write_results
+from bench.results_file import provenance, resumable_partial, write_partial, write_results
 from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
 from darwinlm.flows.offline import apply_offline_defaults
 
 METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
+# What a row's figures depend on besides the arguments: a stopped run's rows are kept only if these are unchanged.
+MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/search.py", "bench/peer_torch_pruning.py")
 SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware",
                   "oneshot_matched": "darwinlm_oneshot_matched"}
 
@@ -166,16 +171,17 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
                              config=config.database).finished
     database = build_database(model, data.calibration_ids, base_uri, calibration_digest=data.calibration_digest,
                               config=config.database, progress=True)
-    shared["database"] = None if cached else time.perf_counter() - start
+    shared.setdefault("database", None if cached else time.perf_counter() - start)  # a resumed run's is cached
     start = time.perf_counter()
     fitness_teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
-    shared["fitness_teacher"] = time.perf_counter() - start
+    shared.setdefault("fitness_teacher", time.perf_counter() - start)
     eval_teacher = dense_eval_teacher(model, data, config.teacher_top_k)
     post_teacher = None if args.skip_post_train else compute_teacher(model, data.post_train_ids, config.teacher_top_k)
     rows["calibration_tokens"] = int(data.calibration_ids.numel())
     dense_params = database.manifest["dense_params"]
-    rows["dense"] = evaluate_row(model, data, eval_teacher, tokenizer, config, dense_params, 0.0)
-    save()
+    if "dense" not in rows:
+        rows["dense"] = evaluate_row(model, data, eval_teacher, tokenizer, config, dense_params, 0.0)
+        save()
 
     assembly = LiveAssembly(model, database)
 
@@ -200,6 +206,9 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
             assembly.database = database
         return before, {**after, "refit": config.post_train.refit}
 
+    def measured(name: str) -> bool:  # by this run, or by the stopped run it resumes
+        return name in rows and (args.skip_post_train or f"{name}_posttrained" in rows)
+
     def record(name: str, before: dict, after: dict | None) -> None:
         rows[name] = before
         if after is not None:
@@ -208,21 +217,32 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
 
     search = Search(assembly, fitness_teacher, data.train_ids, replace(config.search, start="informed"))
     budget = search.budget
-    start = time.perf_counter()
-    informed, _ = search.choose_start()
-    informed_s = time.perf_counter() - start
+    informed = None
+    if not (measured("informed_start") and "decision_noise" in rows):
+        start = time.perf_counter()
+        informed, _ = search.choose_start()
+        informed_s = time.perf_counter() - start
     uniform = Genome(budget.uniform(), database.digest)
-    record("uniform", *measure(uniform, 0.0))
-    record("informed_start", *measure(Genome(informed, database.digest), informed_s))
-    rows["decision_noise"] = decision_noise(search, informed)
-    rows["candidate_eval_speedup"] = candidate_eval_speedup(assembly, fitness_teacher.rows(torch.arange(4)),
-                                                            uniform.assignment())
+    if not measured("uniform"):
+        record("uniform", *measure(uniform, 0.0))
+    if informed is not None:
+        record("informed_start", *measure(Genome(informed, database.digest), informed_s))
+        rows["decision_noise"] = decision_noise(search, informed)
+    if "candidate_eval_speedup" not in rows:
+        rows["candidate_eval_speedup"] = candidate_eval_speedup(assembly, fitness_teacher.rows(torch.arange(4)),
+                                                                uniform.assignment())
     save()
 
     trainaware_wall = {}  # seed → wall seconds of its training-aware search: the matched one-shot's budget
     for method in args.methods:
-        per_seed, per_seed_after = [], []
+        name = SEARCH_METHODS[method]
+        per_seed = rows.get(name, {}).get("seeds", []) if measured(name) else []  # seeds a stopped run measured
+        per_seed_after = rows.get(f"{name}_posttrained", {}).get("seeds", []) if per_seed else []
         for seed in args.seeds:
+            measured_seed = next((row for row in per_seed if row["seed"] == seed), None)
+            if measured_seed is not None:
+                trainaware_wall.setdefault(seed, measured_seed["wall_s"])  # a search row's wall_s is its search's
+                continue
             search_config = method_config(method, config.search, seed, args.trainaware_tokens)
             start = time.perf_counter()
             search = Search(assembly, fitness_teacher, data.train_ids, search_config, progress=True)
@@ -239,10 +259,10 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
             per_seed.append(before)
             if after is not None:
                 per_seed_after.append({**after, "seed": seed})
-            record(SEARCH_METHODS[method], seed_mean(per_seed), seed_mean(per_seed_after) if after else None)
+            record(name, seed_mean(per_seed), seed_mean(per_seed_after) if after else None)
 
     if not args.skip_peer:
-        run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenizer, record)
+        run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenizer, record, measured)
     for name, row in rows.items():
         if isinstance(row, dict) and "ppl_sotu" in row and name != "dense":
             row.update(gap_closed(row, rows["uniform"], rows["dense"]))
@@ -252,7 +272,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     save()
 
 
-def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenizer, record) -> None:
+def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenizer, record, measured) -> None:
     """torch-pruning's Taylor pruning (uniform and global), on the same calibration rows as the database, then
     the same post-training as darwinlm (finetune with distillation from the same teacher rows)."""
     from bench.peer_torch_pruning import prune_taylor
@@ -260,6 +280,8 @@ def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenize
     from darwinlm.core.model.loading import load_model
 
     for scope, name in (("uniform", "tp_taylor_uniform"), ("global", "tp_global")):
+        if measured(name):
+            continue
         peer_model, _ = load_model(args.model)
         start = time.perf_counter()
         peer = prune_taylor(peer_model, data.calibration_ids, 1.0 - fraction, scope=scope)
@@ -302,16 +324,21 @@ def main() -> None:
         parser.error(f"unknown method {unknown[0]}: use {', '.join(SEARCH_METHODS)}")
     if "oneshot_matched" in args.methods and "trainaware" not in args.methods[: args.methods.index("oneshot_matched")]:
         parser.error("oneshot_matched needs trainaware before it in --methods (it is given trainaware's wall time)")
-    origin, results = provenance(vars(args), args.seeds), {"targets": {}}
+    origin = provenance(vars(args), args.seeds)
+    run = {"config": origin["config"]}
+    earlier = resumable_partial(args.results, run, MEASURED_BY)
+    results = {"targets": earlier["targets"] if earlier else {}}
+    first_origin = earlier["origin"] if earlier else origin
 
     def save() -> None:  # a long run keeps its rows as they arrive, outside bench/results
-        write_partial(args.results, results)
+        write_partial(args.results, {**results, "run": run, "origin": first_origin})
 
     for fraction in [float(t) for t in args.targets.split(",")]:
         rows = results["targets"].setdefault(str(fraction), {})
         run_target(fraction, args, rows, save)
         _print(str(fraction), rows)
-    write_results(args.results, results, echo=False, origin=origin)
+    resumed = {"resumed_rows_provenance": first_origin} if earlier else {}
+    write_results(args.results, {**results, **resumed}, echo=False, origin=origin)
 
 
 def _print(key: str, rows: dict) -> None:
