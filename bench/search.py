@@ -50,6 +50,15 @@ def method_config(method: str, search, seed: int, trainaware_tokens: int):
                                                    for stage in search.stages))
 
 
+def bench_preset(args, fraction: float):
+    """The smollm2-demo preset with this bench's model, teacher pool, search schedule and evaluation."""
+    from darwinlm.core.config import load_preset
+
+    return load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": {
+        "fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring},
+        "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
+
+
 def run_for(search, seconds: float):
     """Run `search` generation by generation until `seconds` of wall time, its start included, have passed
     (the generation under way finishes): one-shot given what training-aware took, so compute is matched."""
@@ -149,7 +158,6 @@ def decision_noise(search, parent, rows: int = 12, children: int = 6) -> dict:
 def run_target(fraction: float, args, rows: dict, save) -> None:
     """Fill `rows` (method → row) for one target, calling save() as rows arrive."""
     from darwinlm.core.model.assembly import LiveAssembly
-    from darwinlm.core.config import load_preset
     from darwinlm.core.database.store import DatabaseBuilder, build_database
     from darwinlm.core.database.refit import RefitDatabase, refit_genome
     from darwinlm.core.search.fitness import compute_teacher
@@ -159,9 +167,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
     from darwinlm.core.pipeline import dense_eval_teacher, post_train, prepare_data
     from darwinlm.core.search.evolution import Search
 
-    config = load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": {
-        "fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring},
-        "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
+    config = bench_preset(args, fraction)
     model, tokenizer = load_model(args.model)
     data = prepare_data(config, tokenizer)
     shared = rows.setdefault("shared_s", {})
