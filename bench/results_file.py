@@ -87,7 +87,9 @@ def resumable_partial(name: str, run: dict, measured_by: tuple[str, ...],
         return None
     earlier = json.loads(path.read_text())
     commit = (earlier.get("origin") or {}).get("commit")
-    if earlier.get("run") != json.loads(json.dumps(run)):
+    if "run" not in earlier:
+        reason = "an older bench that recorded no configuration"
+    elif earlier["run"] != json.loads(json.dumps(run)):
         reason = "a different configuration"
     elif not commit or not code_unchanged_since(commit, measured_by, repository):
         reason = f"code that has changed since ({', '.join(measured_by)} at {commit or 'an unknown commit'})"

@@ -58,6 +58,13 @@ def test_rows_measured_otherwise_are_dropped(repository, change, capsys):
     assert "not resuming" in capsys.readouterr().out
 
 
+def test_a_partial_from_an_older_bench_is_dropped(repository, capsys):
+    root, _ = repository
+    results_file.write_partial("long", {"targets": {"0.5": {"dense": {"ppl": 47.2}}}})  # no run, no origin
+    assert results_file.resumable_partial("long", RUN, ("measure.py",), root) is None
+    assert "recorded no configuration" in capsys.readouterr().out
+
+
 def test_nothing_to_resume_without_a_partial(repository):
     root, _ = repository
     assert results_file.resumable_partial("long", RUN, ("measure.py",), root) is None
