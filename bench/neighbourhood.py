@@ -16,7 +16,6 @@ counts, the confirmed rows, and the best neighbour's held-out ppl beside the res
 
 import argparse
 import math
-import statistics
 import time
 from types import SimpleNamespace
 
@@ -54,13 +53,6 @@ def swapped(levels: tuple[int, ...], move: tuple[int, int]) -> tuple[int, ...]:
     return tuple(changed)
 
 
-def paired(differences: torch.Tensor) -> tuple[float, float]:
-    """Mean of per-window differences and its z (mean over standard error)."""
-    values = differences.tolist()
-    mean, sd = statistics.fmean(values), statistics.stdev(values)
-    return mean, (mean / (sd / math.sqrt(len(values))) if sd else 0.0)
-
-
 def main() -> None:
     apply_offline_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,7 +75,7 @@ def main() -> None:
     from darwinlm.core.model.assembly import LiveAssembly
     from darwinlm.core.model.loading import load_model
     from darwinlm.core.pipeline import prepare_data
-    from darwinlm.core.search.evolution import Search
+    from darwinlm.core.search.evolution import Search, paired_z
     from darwinlm.core.search.fitness import compute_teacher
     from darwinlm.core.search.genome import Genome, module_keys
 
@@ -125,8 +117,9 @@ def main() -> None:
         nlls = held_out(swapped(result, move))
         row = {"raised": names[move[0]], "lowered": names[move[1]], "screen_kl_minus_result": screen_delta,
                **ppl(nlls)}
-        for text, values in nlls.items():
-            row[f"nll_minus_result_{text}"], row[f"z_{text}"] = paired(values - result_nlls[text])
+        for text, values in nlls.items():  # paired per window: windows differ far more than neighbours do
+            row[f"nll_minus_result_{text}"] = (values - result_nlls[text]).mean().item()
+            row[f"z_{text}"] = paired_z(values.tolist(), result_nlls[text].tolist())
         confirmed.append(row)
         print(f"{row['raised']:>8} +1 {row['lowered']:>8} -1  screen {screen_delta:+.4f}  "
               f"z SOTU {row['z_sotu']:+.2f}  z Moby {row['z_moby']:+.2f}", flush=True)
