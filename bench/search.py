@@ -2,7 +2,8 @@
 torch-pruning peers, each before and after the same post-training, on the same held-out windows.
 
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
-                           [--generations 30] [--offspring 6] [--task-limit 0] [--skip-peer] [--skip-post-train]
+                           [--generations 30] [--offspring 6] [--informed-every K]
+                           [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
 bench_partial, see bench.results_file.partial_path, so a stopped run changes no results file). `--results NAME`
@@ -54,8 +55,10 @@ def bench_preset(args, fraction: float):
     """The smollm2-demo preset with this bench's model, teacher pool, search schedule and evaluation."""
     from darwinlm.core.config import load_preset
 
-    return load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": {
-        "fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring},
+    search = {"fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring}
+    if args.informed_every is not None:
+        search["informed_every"] = args.informed_every
+    return load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": search,
         "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
 
 
@@ -261,7 +264,9 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
                           finetune_tokens=[stage.finetune_tokens for stage in search_config.stages],
                           trajectory=[state.history[0]["previous_fixed_kl"]] + [h["fixed_kl"] for h in state.history],
                           accepted=sum(h["accepted"] for h in state.history),
-                          paired_z=[h["paired_z"] for h in state.history])
+                          paired_z=[h["paired_z"] for h in state.history],
+                          informed_steps=[{"generation": h["generation"], **h["informed"]}
+                                          for h in state.history if "informed" in h])
             per_seed.append(before)
             if after is not None:
                 per_seed_after.append({**after, "seed": seed})
@@ -315,6 +320,8 @@ def main() -> None:
                         "one-shot)")
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--offspring", type=int, default=6)
+    parser.add_argument("--informed-every", type=int, default=None, help="an informed step every this many "
+                        "generations (0: none); default: the smollm2-demo preset's")
     parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
                         "the rows it selects on (a pool of 64 × 512 tokens)")
     parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")

@@ -77,6 +77,7 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     # in two generations of the tiny preset it can rise only by selection noise
     for key in ("acceptance_rate", "move_size", "paired_z", "stage0_best", "stage1_median"):
         assert len(client.get_metric_history(search_run.info.run_id, key)) == 2, key
+    assert len(client.get_metric_history(search_run.info.run_id, "informed_won")) == 1  # due in generation 1
     assert search_run.data.tags["start"] in ("uniform", "informed")
     artifacts = {a.path for a in client.list_artifacts(search_run.info.run_id)}
     assert {"kept_per_layer.png", "fitness_curve.png"} <= artifacts
@@ -289,7 +290,8 @@ def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, 
     with get_client(sync_client=True) as client:
         candidates = client.read_task_runs(task_run_filter=TaskRunFilter(
             name=TaskRunFilterName(like_="candidate-g")), limit=200)
-    assert len(candidates) == 2 * (4 + 3) and all(run.state.is_completed() for run in candidates)
+    # per generation 4 offspring, then 2 survivors + the parent; generation 1 adds its informed step
+    assert len(candidates) == 2 * (4 + 3) + 1 and all(run.state.is_completed() for run in candidates)
     assert (Path(summary["run_uri"]) / "teacher.safetensors").exists()
 
 

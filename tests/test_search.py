@@ -151,9 +151,10 @@ def test_paired_z_is_the_mean_difference_over_its_standard_error():
 
 
 def search_config(generations: int) -> SearchConfig:
+    # The informed step is due in generation 2: the one a killed run resumes at.
     return SearchConfig(fraction_removed=0.5, generations=generations, offspring=4, seed=3,
                         stages=(StageConfig(2, 32, 32), StageConfig(1, 64, 32)),
-                        finetune=FinetuneConfig(lr=1e-3, batch_size=2))
+                        finetune=FinetuneConfig(lr=1e-3, batch_size=2), start_calibration_tokens=32, informed_every=3)
 
 
 def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):
@@ -185,6 +186,10 @@ def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):
     assert resumed.load_or_start().generation == 2
     final = resumed.run()
     assert final.parent == uninterrupted.parent and final.generation == 3
+    def informed_steps(history):  # what each informed step proposed and whether it won, not how long it took
+        return [{k: v for k, v in h["informed"].items() if k != "wall_s"} for h in history if "informed" in h]
+
+    assert "informed" in final.history[2] and informed_steps(final.history) == informed_steps(uninterrupted.history)
     assert [h["best_fitness"] for h in final.history] == pytest.approx([h["best_fitness"] for h in uninterrupted.history])
     assert Budget.from_database(database, fraction_removed=0.5, seq_len=16).feasible(final.parent)
 
@@ -238,3 +243,42 @@ def test_move_size_follows_the_one_fifth_rule():
     assert adapt_move_size(3, 0.0, largest=6) == 2
     assert adapt_move_size(1, 0.0, largest=6) == 1
     assert adapt_move_size(3, 0.2, largest=6) == 3
+
+
+@pytest.mark.parametrize("informed_wins", [True, False])
+def test_the_informed_step_competes_in_the_last_stage_only(tiny_setup, monkeypatch, informed_wins):
+    model, database = tiny_setup
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
+                    SearchConfig(generations=2, offspring=3, stages=(StageConfig(2, 16), StageConfig(1, 48)),
+                                 start="uniform", start_calibration_tokens=16, informed_every=2))
+    parent = tuple(search.budget.uniform())
+    step = mutate(parent, search.budget, random.Random(7), max_switches=3)
+    monkeypatch.setattr(search, "informed_step", lambda levels, generation: step)
+    seen = []  # (generation's stage by row count, levels)
+
+    def fake_fitness(levels, teacher, train_rows):
+        seen.append((teacher.input_ids.shape[0], levels))
+        base = 0.5 if levels == step and informed_wins else 1.0 if levels == parent else 2.0
+        return [base + 0.01 * row for row in range(teacher.input_ids.shape[0])]
+
+    monkeypatch.setattr(search, "evaluate_rows", fake_fitness)
+    first = search.generation(search.load_or_start())
+    assert "informed" not in first.history[0] and all(levels != step for _, levels in seen)  # due every 2nd
+    second = search.generation(first)
+    assert (3, step) in seen and (1, step) not in seen  # the last stage's 3 rows, not the screening row
+    assert second.history[1]["informed"]["won"] == informed_wins == (tuple(second.parent) == step)
+    assert second.history[1]["informed"]["moved"] == sum(a != b for a, b in zip(step, parent))
+
+
+def test_the_informed_step_stays_near_the_parent_within_the_budget(tiny_setup):
+    model, database = tiny_setup
+    rows = random_token_rows(model.config.vocab_size, rows=12, seq_len=16)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
+                    SearchConfig(start_calibration_tokens=32, informed_every=1, informed_radius=1))
+    parent = mutate(search.budget.uniform(), search.budget, random.Random(1), max_switches=3)
+    step = search.informed_step(parent, 0)
+    assert search.budget.feasible(step) and max(abs(a - b) for a, b in zip(step, parent)) <= 1
+    assert search.informed_step(parent, 0) == step  # seeded rows, one-shot KL: a resumed run proposes the same
+    with pytest.raises(DarwinLMError, match="start_calibration_tokens"):
+        SearchConfig(informed_every=2, start_calibration_tokens=0)
