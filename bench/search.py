@@ -58,7 +58,8 @@ def bench_preset(args, fraction: float):
     search = {"fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring}
     if args.informed_every is not None:
         search["informed_every"] = args.informed_every
-    return load_preset("smollm2-demo", {"model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": search,
+    return load_preset("smollm2-demo", {
+        "model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": search,
         "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
 
 

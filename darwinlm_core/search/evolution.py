@@ -8,8 +8,10 @@ every candidate a short finetune, measuring its KL to the dense teacher on the s
 best `survivors`. The parent joins the last stage (elitism), so it is replaced only by a candidate that beats
 it on the same rows after the same finetune, by `accept_z` standard errors of their paired per-row difference:
 on SmolLM2 the KL difference of two neighbouring genomes swings by ~0.08 per 512-token row while a switch
-moves the mean by 0.005–0.05, so without that margin most replacements are row-draw luck. All candidates are
-assembled in one live model (LiveAssembly).
+moves the mean by 0.005–0.05, so without that margin most replacements are row-draw luck. With `informed_every`,
+every K-th generation also proposes an informed step (the start's DP re-solved around the parent with KL slopes
+measured at it), which joins the last stage beside the parent and replaces it only under the same rule. All
+candidates are assembled in one live model (LiveAssembly).
 
 The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
 generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
@@ -98,8 +100,8 @@ class SearchConfig:
                 or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size or self.informed_every < 0
                 or self.informed_radius < 1):
             raise DarwinLMError("search needs fixed_rows ≥ 1, 1 ≤ min_move_size ≤ move_size, "
-                                "start_calibration_tokens ≥ 0, start_radius ≥ 0, accept_z ≥ 0, informed_every ≥ 0 "
-                                "and informed_radius ≥ 1")
+                                "start_calibration_tokens ≥ 0, start_radius ≥ 0, accept_z ≥ 0, "
+                                "informed_every ≥ 0 and informed_radius ≥ 1")
         if self.informed_every and not self.start_calibration_tokens:
             raise DarwinLMError("informed_every needs KL slopes, but start_calibration_tokens is 0",
                                 "set search.start_calibration_tokens (1024 in smollm2-demo) or informed_every: 0")
@@ -312,14 +314,16 @@ class Search:
             move_size = max(self.config.min_move_size,
                             adapt_move_size(move_size, sum(recent) / len(recent), 2 * self.config.move_size))
         fixed_kl = self.fixed_kl(best)
+        informed_record = {} if informed is None else {"informed": {
+            "moved": sum(a != b for a, b in zip(informed, parent)), "won": accepted and best == informed,
+            "wall_s": informed_s}}
         record = {"generation": state.generation, "best_fitness": best_fitness, "fixed_kl": fixed_kl,
                   "paired_z": z_score, "challenger_fitness": scored[0][0],
                   "previous_fixed_kl": state.parent_fixed_kl,
                   "accepted": accepted, "acceptance_rate": sum(recent) / len(recent), "move_size": state.move_size,
                   "median_fitness": stages[-1]["median"], "stages": stages,
                   "kept": self.budget.cost(best), "evaluations": sum(s["candidates"] for s in stages),
-                  **({"informed": {"moved": sum(a != b for a, b in zip(informed, parent)), "won": accepted and best == informed,
-                                   "wall_s": informed_s}} if informed is not None else {}),
+                  **informed_record,
                   "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
         return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
                            _encode_rng(rng.getstate()), state.history + [record], move_size=move_size,

@@ -1,0 +1,22 @@
+"""bench.search's schedule: the smollm2-demo preset with the bench's arguments laid over it."""
+
+from types import SimpleNamespace
+
+import pytest
+
+# bench is not a dependency of the suite (tests never import it); like test_peer, skip where it is absent
+search_bench = pytest.importorskip("bench.search")
+
+
+def arguments(**overrides) -> SimpleNamespace:
+    values = dict(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0, informed_every=None)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_the_informed_step_interval_comes_from_the_arguments_else_from_the_preset():
+    from darwinlm.core.config import load_preset
+
+    preset = load_preset("smollm2-demo").search
+    given = search_bench.bench_preset(arguments(informed_every=5), 0.3).search
+    assert (given.informed_every, given.fraction_removed, given.generations) == (5, 0.3, 20)
+    assert search_bench.bench_preset(arguments(), 0.5).search.informed_every == preset.informed_every
