@@ -2,7 +2,7 @@
 torch-pruning peers, each before and after the same post-training, on the same held-out windows.
 
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
-                           [--generations 30] [--offspring 6] [--informed-every K]
+                           [--match trainaware] [--generations 30] [--offspring 6] [--informed-every K]
                            [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
@@ -17,9 +17,10 @@ twice the noise of uniform's (uniform post-trained for a post-trained row), coun
 spread over seeds. `wall_s` is a method's own work; the database build and the fitness teacher, shared by every
 darwinlm method of a target, are under `shared_s` (the database only when built by this run). `decision_noise`
 measures how many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection
-finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is one-shot search
-given, per seed, the wall time the training-aware search took (so more generations): the comparison at matched
-compute.
+finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is plain one-shot search
+(no informed steps) given, per seed, the wall time the `--match` method's search took (so more generations): the
+comparison at matched compute, against training-aware search (the default) or against one-shot search with
+`--informed-every` steps (`--match oneshot`).
 """
 
 import argparse
@@ -43,12 +44,14 @@ SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaw
 
 def method_config(method: str, search, seed: int, trainaware_tokens: int):
     """The preset's search for one method and seed: training-aware finetunes each candidate on
-    `trainaware_tokens` tokens at every stage (the preset's finetune lr and batch), one-shot on none."""
+    `trainaware_tokens` tokens at every stage (the preset's finetune lr and batch), one-shot on none. The matched
+    one-shot is the plain search, without informed steps, whatever its reference ran."""
     from darwinlm.core.search.evolution import StageConfig
 
     tokens = trainaware_tokens if method == "trainaware" else 0
-    return replace(search, seed=seed, stages=tuple(StageConfig(stage.survivors, stage.fitness_tokens, tokens)
-                                                   for stage in search.stages))
+    informed_every = 0 if method == "oneshot_matched" else search.informed_every
+    return replace(search, seed=seed, informed_every=informed_every,
+                   stages=tuple(StageConfig(stage.survivors, stage.fitness_tokens, tokens) for stage in search.stages))
 
 
 def bench_preset(args, fraction: float):
@@ -243,7 +246,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
                                                                 uniform.assignment())
     save()
 
-    trainaware_wall = {}  # seed → wall seconds of its training-aware search: the matched one-shot's budget
+    matched_wall = {}  # seed → wall seconds of the --match method's search: the matched one-shot's budget
     for method in args.methods:
         name = SEARCH_METHODS[method]
         per_seed = rows.get(name, {}).get("seeds", []) if measured(name) else []  # seeds a stopped run measured
@@ -251,15 +254,16 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
         for seed in args.seeds:
             measured_seed = next((row for row in per_seed if row["seed"] == seed), None)
             if measured_seed is not None:
-                trainaware_wall.setdefault(seed, measured_seed["wall_s"])  # a search row's wall_s is its search's
+                if method == args.match:  # a search row's wall_s is its search's
+                    matched_wall.setdefault(seed, measured_seed["wall_s"])
                 continue
             search_config = method_config(method, config.search, seed, args.trainaware_tokens)
             start = time.perf_counter()
             search = Search(assembly, fitness_teacher, data.train_ids, search_config, progress=True)
-            state = run_for(search, trainaware_wall[seed]) if method == "oneshot_matched" else search.run()
+            state = run_for(search, matched_wall[seed]) if method == "oneshot_matched" else search.run()
             wall = time.perf_counter() - start
-            if method == "trainaware":
-                trainaware_wall[seed] = wall
+            if method == args.match:
+                matched_wall[seed] = wall
             before, after = measure(search.genome(state), wall)
             before.update(seed=seed, start=state.start, generations=state.generation,
                           finetune_tokens=[stage.finetune_tokens for stage in search_config.stages],
@@ -309,13 +313,15 @@ def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenize
         del peer_model
 
 
-def main() -> None:
-    apply_offline_defaults()
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="0.5,0.3", help="fractions of block parameters removed")
     parser.add_argument("--seeds", default="0,1,2", help="search seeds (the database is shared by all)")
     parser.add_argument("--methods", default="oneshot,trainaware", help="searches to run: oneshot, trainaware, "
-                        "oneshot_matched (one-shot given each seed's training-aware wall time; after trainaware)")
+                        "oneshot_matched (plain one-shot given each seed's wall time of the --match method, "
+                        "listed before it)")
+    parser.add_argument("--match", default="trainaware", choices=("trainaware", "oneshot"),
+                        help="the method whose per-seed wall time oneshot_matched is given")
     parser.add_argument("--trainaware-tokens", type=int, default=1024, help="finetune tokens per candidate and "
                         "stage in training-aware selection (bench.trainaware's setting that ranked as well as "
                         "one-shot)")
@@ -330,14 +336,21 @@ def main() -> None:
     parser.add_argument("--skip-post-train", action="store_true")
     parser.add_argument("--model", default="smollm2", help="smollm2, or a folder (e.g. Gemma: see bench/gemma.py)")
     parser.add_argument("--results", default="search", help="results name: bench/results/NAME.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
     args.methods = [method for method in args.methods.split(",") if method]
     unknown = sorted(set(args.methods) - set(SEARCH_METHODS))
     if unknown:
         parser.error(f"unknown method {unknown[0]}: use {', '.join(SEARCH_METHODS)}")
-    if "oneshot_matched" in args.methods and "trainaware" not in args.methods[: args.methods.index("oneshot_matched")]:
-        parser.error("oneshot_matched needs trainaware before it in --methods (it is given trainaware's wall time)")
+    if "oneshot_matched" in args.methods and args.match not in args.methods[: args.methods.index("oneshot_matched")]:
+        parser.error(f"oneshot_matched needs {args.match} before it in --methods (it is given {args.match}'s wall "
+                     f"time; --match names another)")
+    return args
+
+
+def main() -> None:
+    apply_offline_defaults()
+    args = parse_arguments()
     origin = provenance(vars(args), args.seeds)
     run = {"config": origin["config"]}
     earlier = resumable_partial(args.results, run, MEASURED_BY)

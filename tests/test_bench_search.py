@@ -20,3 +20,20 @@ def test_the_informed_step_interval_comes_from_the_arguments_else_from_the_prese
     given = search_bench.bench_preset(arguments(informed_every=5), 0.3).search
     assert (given.informed_every, given.fraction_removed, given.generations) == (5, 0.3, 20)
     assert search_bench.bench_preset(arguments(), 0.5).search.informed_every == preset.informed_every
+
+
+def test_the_matched_one_shot_is_the_plain_search_whatever_its_reference_ran():
+    search = search_bench.bench_preset(arguments(informed_every=5), 0.5).search
+    assert search_bench.method_config("oneshot", search, 1, 1024).informed_every == 5
+    matched = search_bench.method_config("oneshot_matched", search, 1, 1024)
+    assert (matched.informed_every, matched.seed) == (0, 1)
+    assert all(stage.finetune_tokens == 0 for stage in matched.stages)
+
+
+def test_the_matched_one_shot_needs_its_reference_method_run_before_it(capsys):
+    args = search_bench.parse_arguments(["--methods", "oneshot,oneshot_matched", "--match", "oneshot"])
+    assert (args.methods, args.match) == (["oneshot", "oneshot_matched"], "oneshot")
+    with pytest.raises(SystemExit) as stopped:
+        search_bench.parse_arguments(["--methods", "oneshot,oneshot_matched"])  # --match is trainaware by default
+    assert stopped.value.code == 2
+    assert "oneshot_matched needs trainaware before it" in capsys.readouterr().err
