@@ -3,6 +3,7 @@ torch-pruning peers, each before and after the same post-training, on the same h
 
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
                            [--match trainaware] [--generations 30] [--offspring 6] [--informed-every K]
+                           [--confirm-tokens N]
                            [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
@@ -61,6 +62,8 @@ def bench_preset(args, fraction: float):
     search = {"fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring}
     if args.informed_every is not None:
         search["informed_every"] = args.informed_every
+    if args.confirm_tokens is not None:
+        search["confirm_tokens"] = args.confirm_tokens
     return load_preset("smollm2-demo", {
         "model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": search,
         "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
@@ -271,7 +274,9 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
                           accepted=sum(h["accepted"] for h in state.history),
                           paired_z=[h["paired_z"] for h in state.history],
                           informed_steps=[{"generation": h["generation"], **h["informed"]}
-                                          for h in state.history if "informed" in h])
+                                          for h in state.history if "informed" in h],
+                          confirmations=[{"generation": h["generation"], **h["confirmation"]}
+                                         for h in state.history if "confirmation" in h])
             per_seed.append(before)
             if after is not None:
                 per_seed_after.append({**after, "seed": seed})
@@ -329,6 +334,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--offspring", type=int, default=6)
     parser.add_argument("--informed-every", type=int, default=None, help="an informed step every this many "
                         "generations (0: none); default: the smollm2-demo preset's")
+    parser.add_argument("--confirm-tokens", type=int, default=None, help="confirm each replacement of the parent "
+                        "on this many more tokens (0: none); default: the smollm2-demo preset's")
     parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
                         "the rows it selects on (a pool of 64 × 512 tokens)")
     parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")

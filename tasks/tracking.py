@@ -120,7 +120,7 @@ def flat_params(values: dict, prefix: str = "") -> dict:
 def generation_metrics(record: dict) -> dict:
     """A search generation's record as MLflow metrics: the parent's fixed-row KL (the trajectory), acceptance
     rate, move size, the paired z of the best challenger against the parent (how clear the decision was), whether
-    an informed step won, and the best and median candidate of every selection stage."""
+    an informed step won, whether a confirmation upheld a replacement, and the best and median candidate of every selection stage."""
     metrics = {key: record[key] for key in ("fixed_kl", "best_fitness", "acceptance_rate", "move_size", "kept",
                                             "evaluations", "wall_s", "compute_s") if key in record}
     if record.get("paired_z") is not None and abs(record["paired_z"]) != float("inf"):
@@ -128,6 +128,8 @@ def generation_metrics(record: dict) -> dict:
     if "informed" in record:  # a generation with an informed step: did it win, and how far did it move
         metrics["informed_won"] = float(record["informed"]["won"])
         metrics["informed_moved"] = record["informed"]["moved"]
+    if "confirmation" in record:  # a challenger cleared the last stage: did more rows uphold it
+        metrics["confirmation_upheld"] = float(record["confirmation"]["upheld"])
     for index, stage in enumerate(record.get("stages", [])):
         metrics[f"stage{index}_best"], metrics[f"stage{index}_median"] = stage["best"], stage["median"]
     return metrics

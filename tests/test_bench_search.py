@@ -9,7 +9,8 @@ search_bench = pytest.importorskip("bench.search")
 
 
 def arguments(**overrides) -> SimpleNamespace:
-    values = dict(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0, informed_every=None)
+    values = dict(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0, informed_every=None,
+                  confirm_tokens=None)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -20,6 +21,14 @@ def test_the_informed_step_interval_comes_from_the_arguments_else_from_the_prese
     given = search_bench.bench_preset(arguments(informed_every=5), 0.3).search
     assert (given.informed_every, given.fraction_removed, given.generations) == (5, 0.3, 20)
     assert search_bench.bench_preset(arguments(), 0.5).search.informed_every == preset.informed_every
+
+
+def test_the_confirmation_comes_from_the_arguments_else_from_the_preset():
+    from darwinlm.core.config import load_preset
+
+    assert search_bench.bench_preset(arguments(confirm_tokens=1536), 0.5).search.confirm_tokens == 1536
+    assert (search_bench.bench_preset(arguments(), 0.5).search.confirm_tokens
+            == load_preset("smollm2-demo").search.confirm_tokens)
 
 
 def test_the_matched_one_shot_is_the_plain_search_whatever_its_reference_ran():

@@ -151,10 +151,12 @@ def test_paired_z_is_the_mean_difference_over_its_standard_error():
 
 
 def search_config(generations: int) -> SearchConfig:
-    # The informed step is due in generation 2: the one a killed run resumes at.
+    # The informed step is due in generation 2: the one a killed run resumes at. Replacements are confirmed on
+    # 2 more rows, drawn by seed too.
     return SearchConfig(fraction_removed=0.5, generations=generations, offspring=4, seed=3,
                         stages=(StageConfig(2, 32, 32), StageConfig(1, 64, 32)),
-                        finetune=FinetuneConfig(lr=1e-3, batch_size=2), start_calibration_tokens=32, informed_every=3)
+                        finetune=FinetuneConfig(lr=1e-3, batch_size=2), start_calibration_tokens=32, informed_every=3,
+                        confirm_tokens=32)
 
 
 def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):
@@ -190,6 +192,7 @@ def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):
         return [{k: v for k, v in h["informed"].items() if k != "wall_s"} for h in history if "informed" in h]
 
     assert "informed" in final.history[2] and informed_steps(final.history) == informed_steps(uninterrupted.history)
+    assert [h.get("confirmation") for h in final.history] == [h.get("confirmation") for h in uninterrupted.history]
     assert [h["best_fitness"] for h in final.history] == pytest.approx([h["best_fitness"] for h in uninterrupted.history])
     assert Budget.from_database(database, fraction_removed=0.5, seq_len=16).feasible(final.parent)
 
@@ -282,3 +285,46 @@ def test_the_informed_step_stays_near_the_parent_within_the_budget(tiny_setup):
     assert search.informed_step(parent, 0) == step  # seeded rows, one-shot KL: a resumed run proposes the same
     with pytest.raises(DarwinLMError, match="start_calibration_tokens"):
         SearchConfig(informed_every=2, start_calibration_tokens=0)
+
+
+@pytest.mark.parametrize("upheld", [True, False])
+def test_a_replacement_is_confirmed_on_rows_the_last_stage_did_not_use(tiny_setup, monkeypatch, upheld):
+    _, database = tiny_setup
+    model = tiny_model("llama", num_hidden_layers=4)  # the module's model may have been finetuned by now
+    rows = random_token_rows(model.config.vocab_size, rows=12, seq_len=16)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
+                    SearchConfig(generations=1, offspring=3, stages=(StageConfig(2, 16), StageConfig(1, 48)),
+                                 start="uniform", confirm_tokens=80))
+    parent = tuple(search.budget.uniform())
+    confirm_rows = []
+
+    def fake_fitness(levels, teacher, train_rows):  # every child beats the parent on the stages' 1 and 3 rows
+        count = teacher.input_ids.shape[0]
+        if count == 5:  # the confirmation's 80 tokens (the fixed rows are 4)
+            confirm_rows.append([next(i for i, row in enumerate(rows) if torch.equal(row, kept))
+                                 for kept in teacher.input_ids])
+            child = 0.5 if upheld else 2.0
+        else:
+            child = 0.5
+        return [(1.0 if levels == parent else child) + 0.01 * row * (levels == parent) for row in range(count)]
+
+    monkeypatch.setattr(search, "evaluate_rows", fake_fitness)
+    state = search.generation(search.load_or_start())
+    record = state.history[0]
+    assert record["paired_z"] < -1 and record["confirmation"]["rows"] == 5
+    assert record["confirmation"]["upheld"] == upheld == record["accepted"] == (tuple(state.parent) != parent)
+    last_stage_rows = set(search.stage_row_indices(0, 1)[0].tolist())
+    assert len(confirm_rows) == 2 and confirm_rows[0] == confirm_rows[1]  # challenger and parent on the same rows
+    assert not set(confirm_rows[0]) & last_stage_rows and min(confirm_rows[0]) >= search.config.fixed_rows
+
+
+def test_a_confirmation_the_pool_cannot_hold_is_refused_with_the_fix(tiny_setup):
+    _, database = tiny_setup
+    model = tiny_model("llama", num_hidden_layers=4)
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
+                    SearchConfig(offspring=2, stages=(StageConfig(1, 48),), start="uniform", confirm_tokens=32))
+    with pytest.raises(DarwinLMError, match="confirm_tokens"):  # 4 rows to select on: 3 for the stage, 1 left
+        search.confirm(0, search.budget.uniform(), search.budget.uniform())
+    with pytest.raises(DarwinLMError, match="confirm_tokens"):
+        SearchConfig(confirm_tokens=-1)

@@ -10,8 +10,9 @@ it on the same rows after the same finetune, by `accept_z` standard errors of th
 on SmolLM2 the KL difference of two neighbouring genomes swings by ~0.08 per 512-token row while a switch
 moves the mean by 0.005–0.05, so without that margin most replacements are row-draw luck. With `informed_every`,
 every K-th generation also proposes an informed step (the start's DP re-solved around the parent with KL slopes
-measured at it), which joins the last stage beside the parent and replaces it only under the same rule. All
-candidates are assembled in one live model (LiveAssembly).
+measured at it), which joins the last stage beside the parent and replaces it only under the same rule. With
+`confirm_tokens`, a challenger that clears that rule is measured again beside the parent on as many more rows,
+and must still clear it on all of them. All candidates are assembled in one live model (LiveAssembly).
 
 The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
 generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
@@ -82,6 +83,11 @@ class SearchConfig:
     # so it must win selection like any offspring.
     informed_every: int = 0
     informed_radius: int = 1
+    # > 0: a challenger that clears accept_z on the last stage's rows is measured, with the parent, on this many
+    # more tokens of rows the stage did not use, and replaces the parent only if it still clears accept_z on all
+    # of them. A few rows let a worse genome through often (a 1-z margin on 3 rows is passed by luck about one
+    # time in six); the extra rows are spent only on the generations that would move the parent.
+    confirm_tokens: int = 0
 
     def __post_init__(self):
         survivors = [stage.survivors for stage in self.stages]
@@ -98,10 +104,10 @@ class SearchConfig:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
         if (self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0
                 or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size or self.informed_every < 0
-                or self.informed_radius < 1):
+                or self.informed_radius < 1 or self.confirm_tokens < 0):
             raise DarwinLMError("search needs fixed_rows ≥ 1, 1 ≤ min_move_size ≤ move_size, "
                                 "start_calibration_tokens ≥ 0, start_radius ≥ 0, accept_z ≥ 0, "
-                                "informed_every ≥ 0 and informed_radius ≥ 1")
+                                "informed_every ≥ 0, informed_radius ≥ 1 and confirm_tokens ≥ 0")
         if self.informed_every and not self.start_calibration_tokens:
             raise DarwinLMError("informed_every needs KL slopes, but start_calibration_tokens is 0",
                                 "set search.start_calibration_tokens (1024 in smollm2-demo) or informed_every: 0")
@@ -251,19 +257,44 @@ class Search:
         self.compute_s += time.perf_counter() - start
         return per_row
 
-    def stage_rows(self, generation: int, stage_index: int) -> tuple[CompactTeacher, torch.Tensor | None]:
-        """The fitness rows (and finetune rows, if the stage trains) of one stage of one generation, drawn
-        from a generator seeded by (seed, generation, stage): the same wherever and whenever it is asked."""
+    def stage_row_indices(self, generation: int, stage_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Indices of the fitness rows in the teacher pool (and of the finetune rows in the training pool, if the
+        stage trains) of one stage of one generation, drawn from a generator seeded by (seed, generation,
+        stage): the same wherever and whenever it is asked."""
         stage = self.config.stages[stage_index]
-        seq_len = self.teacher_pool.input_ids.shape[1]
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, stage_index))
-        teacher = self.teacher_pool.rows(_rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
-                                               seq_len, generator, self.config.fixed_rows))
+        fitness = _rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
+                        self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
         train = None
         if stage.finetune_tokens:
-            train = self.train_pool[_rows(self.train_pool.shape[0], stage.finetune_tokens,
-                                          self.train_pool.shape[1], generator)]
-        return teacher, train
+            train = _rows(self.train_pool.shape[0], stage.finetune_tokens, self.train_pool.shape[1], generator)
+        return fitness, train
+
+    def stage_rows(self, generation: int, stage_index: int) -> tuple[CompactTeacher, torch.Tensor | None]:
+        """The teacher rows and finetune rows (None if the stage does not train) of one stage of one generation."""
+        fitness, train = self.stage_row_indices(generation, stage_index)
+        return self.teacher_pool.rows(fitness), None if train is None else self.train_pool[train]
+
+    def confirm(self, generation: int, challenger: tuple[int, ...], parent: tuple[int, ...]
+                ) -> tuple[list[float], list[float]]:
+        """Per-row fitness of the challenger and the parent on confirm_tokens of rows that the last stage of
+        this generation did not use (drawn from a generator seeded by (seed, generation, −3)), after the last
+        stage's finetune: more paired rows for a decision that would replace the parent."""
+        last = len(self.config.stages) - 1
+        used, train_rows = self.stage_row_indices(generation, last)
+        pool, seq_len = self.teacher_pool.input_ids.shape
+        count = -(-self.config.confirm_tokens // seq_len)
+        generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, -3))
+        used = set(used.tolist())
+        drawn = torch.randperm(pool - self.config.fixed_rows, generator=generator) + self.config.fixed_rows
+        unused = [row for row in drawn.tolist() if row not in used]
+        if len(unused) < count:
+            raise DarwinLMError(f"confirming a decision needs {count} rows of {seq_len} tokens beside the last "
+                                f"stage's {len(used)}, but the pool has {len(unused)} more to select on",
+                                "lower search.confirm_tokens or raise data.fitness_rows")
+        teacher = self.teacher_pool.rows(torch.tensor(unused[:count]))
+        train = None if train_rows is None else self.train_pool[train_rows]
+        return self.evaluate_rows(challenger, teacher, train), self.evaluate_rows(parent, teacher, train)
 
     def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> list[float]:
         """One candidate's per-row fitness in one stage (what a distributed worker computes)."""
@@ -306,6 +337,12 @@ class Search:
         parent_fitness, _, parent_rows = next(entry for entry in scored if entry[1] == parent)
         z_score = paired_z(best_rows, parent_rows)
         accepted = best != parent and (z_score is None or z_score <= -self.config.accept_z)
+        confirmation = {}
+        if accepted and self.config.confirm_tokens:
+            more_best, more_parent = self.confirm(state.generation, best, parent)
+            confirmed_z = paired_z(best_rows + more_best, parent_rows + more_parent)
+            accepted = confirmed_z is None or confirmed_z <= -self.config.accept_z
+            confirmation = {"confirmation": {"rows": len(more_best), "paired_z": confirmed_z, "upheld": accepted}}
         if not accepted:
             best_fitness, best = parent_fitness, parent
         recent = [h["accepted"] for h in state.history[-(SUCCESS_WINDOW - 1):]] + [accepted]
@@ -323,7 +360,7 @@ class Search:
                   "accepted": accepted, "acceptance_rate": sum(recent) / len(recent), "move_size": state.move_size,
                   "median_fitness": stages[-1]["median"], "stages": stages,
                   "kept": self.budget.cost(best), "evaluations": sum(s["candidates"] for s in stages),
-                  **informed_record,
+                  **informed_record, **confirmation,
                   "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
         return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
                            _encode_rng(rng.getstate()), state.history + [record], move_size=move_size,
