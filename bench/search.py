@@ -19,9 +19,9 @@ spread over seeds. `wall_s` is a method's own work; the database build and the f
 darwinlm method of a target, are under `shared_s` (the database only when built by this run). `decision_noise`
 measures how many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection
 finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is plain one-shot search
-(no informed steps) given, per seed, the wall time the `--match` method's search took (so more generations): the
-comparison at matched compute, against training-aware search (the default) or against one-shot search with
-`--informed-every` steps (`--match oneshot`).
+(no informed steps, no confirmation) given, per seed, the wall time the `--match` method's search took (so more
+generations): the comparison at matched compute, against training-aware search (the default) or against one-shot
+search with `--informed-every` steps or `--confirm-tokens` (`--match oneshot`).
 """
 
 import argparse
@@ -46,12 +46,13 @@ SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaw
 def method_config(method: str, search, seed: int, trainaware_tokens: int):
     """The preset's search for one method and seed: training-aware finetunes each candidate on
     `trainaware_tokens` tokens at every stage (the preset's finetune lr and batch), one-shot on none. The matched
-    one-shot is the plain search, without informed steps, whatever its reference ran."""
+    one-shot is the plain search, without informed steps or confirmation, whatever its reference ran."""
     from darwinlm.core.search.evolution import StageConfig
 
     tokens = trainaware_tokens if method == "trainaware" else 0
-    informed_every = 0 if method == "oneshot_matched" else search.informed_every
-    return replace(search, seed=seed, informed_every=informed_every,
+    plain = method == "oneshot_matched"
+    return replace(search, seed=seed, informed_every=0 if plain else search.informed_every,
+                   confirm_tokens=0 if plain else search.confirm_tokens,
                    stages=tuple(StageConfig(stage.survivors, stage.fitness_tokens, tokens) for stage in search.stages))
 
 

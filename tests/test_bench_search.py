@@ -32,10 +32,11 @@ def test_the_confirmation_comes_from_the_arguments_else_from_the_preset():
 
 
 def test_the_matched_one_shot_is_the_plain_search_whatever_its_reference_ran():
-    search = search_bench.bench_preset(arguments(informed_every=5), 0.5).search
-    assert search_bench.method_config("oneshot", search, 1, 1024).informed_every == 5
+    search = search_bench.bench_preset(arguments(informed_every=5, confirm_tokens=1536), 0.5).search
+    reference = search_bench.method_config("oneshot", search, 1, 1024)
+    assert (reference.informed_every, reference.confirm_tokens) == (5, 1536)
     matched = search_bench.method_config("oneshot_matched", search, 1, 1024)
-    assert (matched.informed_every, matched.seed) == (0, 1)
+    assert (matched.informed_every, matched.confirm_tokens, matched.seed) == (0, 0, 1)
     assert all(stage.finetune_tokens == 0 for stage in matched.stages)
 
 
