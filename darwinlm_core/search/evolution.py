@@ -80,13 +80,16 @@ class SearchConfig:
     # at the parent on start_calibration_tokens. Mutation finds moves one switch at a time; this proposal moves
     # most modules at once along measured slopes. On SmolLM2 at 50%, repeated unselected steps from the
     # search's result reached 0.80 of uniform's perplexity in one seed and made it worse at first in another,
-    # so it must win selection like any offspring.
+    # so it must win selection like any offspring. Off by default: at matched wall time plain search did as well
+    # or better (bench/results/search-informed-matched.json).
     informed_every: int = 0
     informed_radius: int = 1
     # > 0: a challenger that clears accept_z on the last stage's rows is measured, with the parent, on this many
     # more tokens of rows the stage did not use, and replaces the parent only if it still clears accept_z on all
     # of them. A few rows let a worse genome through often (a 1-z margin on 3 rows is passed by luck about one
-    # time in six); the extra rows are spent only on the generations that would move the parent.
+    # time in six); the extra rows are spent only on the generations that would move the parent. Off by
+    # default: on SmolLM2 at 50% it cut replacements by half and ended worse than plain search given the same
+    # time (bench/results/search-confirmed.json).
     confirm_tokens: int = 0
 
     def __post_init__(self):
