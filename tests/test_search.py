@@ -322,9 +322,9 @@ def test_a_confirmation_the_pool_cannot_hold_is_refused_with_the_fix(tiny_setup)
     _, database = tiny_setup
     model = tiny_model("llama", num_hidden_layers=4)
     rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
-    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows,
-                    SearchConfig(offspring=2, stages=(StageConfig(1, 48),), start="uniform", confirm_tokens=32))
+    teacher = compute_teacher(model, rows, top_k=32)
     with pytest.raises(DarwinLMError, match="confirm_tokens"):  # 4 rows to select on: 3 for the stage, 1 left
-        search.confirm(0, search.budget.uniform(), search.budget.uniform())
+        Search(LiveAssembly(model, database), teacher, rows,
+               SearchConfig(offspring=2, stages=(StageConfig(1, 48),), start="uniform", confirm_tokens=32))
     with pytest.raises(DarwinLMError, match="confirm_tokens"):
         SearchConfig(confirm_tokens=-1)

@@ -87,7 +87,7 @@ class SearchConfig:
     # > 0: a challenger that clears accept_z on the last stage's rows is measured, with the parent, on this many
     # more tokens of rows the stage did not use, and replaces the parent only if it still clears accept_z on all
     # of them. A few rows let a worse genome through often (a 1-z margin on 3 rows is passed by luck about one
-    # time in six); the extra rows are spent only on the generations that would move the parent. Off by
+    # time in five); the extra rows are spent only on the generations that would move the parent. Off by
     # default: on SmolLM2 at 50% it cut replacements by half and ended worse than plain search given the same
     # time (bench/results/search-confirmed.json).
     confirm_tokens: int = 0
@@ -177,6 +177,13 @@ class Search:
             raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
                                 f"{config.fixed_rows} of them are kept fixed", "raise data.fitness_rows")
         self.fixed_teacher = teacher_pool.rows(torch.arange(config.fixed_rows))
+        if config.confirm_tokens:  # refused now, not at the first replacement a generation would confirm
+            seq_len = teacher_pool.input_ids.shape[1]
+            wanted = -(-config.stages[-1].fitness_tokens // seq_len) + -(-config.confirm_tokens // seq_len)
+            if wanted > teacher_pool.input_ids.shape[0] - config.fixed_rows:
+                raise DarwinLMError(f"confirming a decision needs {wanted} rows of {seq_len} tokens with the last "
+                                    f"stage's, but the pool has {teacher_pool.input_ids.shape[0] - config.fixed_rows}"
+                                    " to select on", "lower search.confirm_tokens or raise data.fitness_rows")
         self._fixed_kl: dict[tuple[int, ...], float] = {}
 
     def fixed_kl(self, levels) -> float:
@@ -290,11 +297,7 @@ class Search:
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, -3))
         used = set(used.tolist())
         drawn = torch.randperm(pool - self.config.fixed_rows, generator=generator) + self.config.fixed_rows
-        unused = [row for row in drawn.tolist() if row not in used]
-        if len(unused) < count:
-            raise DarwinLMError(f"confirming a decision needs {count} rows of {seq_len} tokens beside the last "
-                                f"stage's {len(used)}, but the pool has {len(unused)} more to select on",
-                                "lower search.confirm_tokens or raise data.fitness_rows")
+        unused = [row for row in drawn.tolist() if row not in used]  # enough: checked when the search was made
         teacher = self.teacher_pool.rows(torch.tensor(unused[:count]))
         train = None if train_rows is None else self.train_pool[train_rows]
         return self.evaluate_rows(challenger, teacher, train), self.evaluate_rows(parent, teacher, train)
