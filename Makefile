@@ -29,6 +29,7 @@ bench: setup
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot,oneshot_matched --match oneshot --generations 20 --informed-every 5 --skip-peer --skip-post-train --results search-informed-matched   # ~65 min: informed steps vs plain search at matched wall time
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot,oneshot_matched --match oneshot --generations 30 --informed-every 0 --confirm-tokens 3072 --skip-peer --skip-post-train --results search-confirmed   # ~45 min: each replacement confirmed on 6 more rows vs plain search at matched wall time
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --generations 4 --offspring 4 --fitness-rows 36 --skip-peer --skip-post-train --results search-demo   # ~10 min: the smollm2-demo preset's own search (make demo's), against uniform
+	.venv/bin/python -m bench.search --targets 0.5 --seeds 0 --methods oneshot --generations 80 --informed-every 0 --skip-peer --skip-post-train --results search-long   # ~20 min: where one seed's plain search stands after 80 generations
 	.venv/bin/python -m bench.neighbourhood             # ~55 min: better genomes one level swap from a search's result?
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods trainaware,oneshot_matched --generations 6 --skip-peer --results search-matched   # ~75 min: training-aware vs one-shot at matched wall time
 	.venv/bin/pip install -q -r requirements/gemma.txt -c requirements/constraints.txt
