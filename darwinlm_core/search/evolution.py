@@ -291,11 +291,11 @@ class Search:
         this generation did not use (drawn from a generator seeded by (seed, generation, −3)), after the last
         stage's finetune: more paired rows for a decision that would replace the parent."""
         last = len(self.config.stages) - 1
-        used, train_rows = self.stage_row_indices(generation, last)
+        last_stage_rows, train_rows = self.stage_row_indices(generation, last)
         pool, seq_len = self.teacher_pool.input_ids.shape
         count = -(-self.config.confirm_tokens // seq_len)
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, -3))
-        used = set(used.tolist())
+        used = set(last_stage_rows.tolist())
         drawn = torch.randperm(pool - self.config.fixed_rows, generator=generator) + self.config.fixed_rows
         unused = [row for row in drawn.tolist() if row not in used]  # enough: checked when the search was made
         teacher = self.teacher_pool.rows(torch.tensor(unused[:count]))
