@@ -3,7 +3,7 @@ torch-pruning peers, each before and after the same post-training, on the same h
 
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
                            [--match trainaware] [--generations 30] [--offspring 6] [--informed-every K]
-                           [--confirm-tokens N]
+                           [--confirm-tokens N] [--accept-z Z]
                            [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
@@ -19,9 +19,9 @@ spread over seeds. `wall_s` is a method's own work; the database build and the f
 darwinlm method of a target, are under `shared_s` (the database only when built by this run). `decision_noise`
 measures how many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection
 finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is plain one-shot search
-(no informed steps, no confirmation) given, per seed, the wall time the `--match` method's search took (so more
+(no informed steps, no confirmation, the preset's `accept_z`) given, per seed, the wall time the `--match` method's search took (so more
 generations): the comparison at matched compute, against training-aware search (the default) or against one-shot
-search with `--informed-every` steps or `--confirm-tokens` (`--match oneshot`).
+search with `--informed-every` steps, `--confirm-tokens` or another `--accept-z` (`--match oneshot`).
 """
 
 import argparse
@@ -39,6 +39,9 @@ from darwinlm.flows.offline import apply_offline_defaults
 METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
 # What a row's figures depend on besides the arguments: a stopped run's rows are kept only if these are unchanged.
 MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/search.py", "bench/peer_torch_pruning.py")
+# search settings an argument may set, else the preset's (a namespace without them, like bench.neighbourhood's, keeps
+# the preset's)
+SEARCH_KNOBS = ("informed_every", "confirm_tokens", "accept_z")
 SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware",
                   "oneshot_matched": "darwinlm_oneshot_matched"}
 
@@ -46,13 +49,16 @@ SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaw
 def method_config(method: str, search, seed: int, trainaware_tokens: int):
     """The preset's search for one method and seed: training-aware finetunes each candidate on
     `trainaware_tokens` tokens at every stage (the preset's finetune lr and batch), one-shot on none. The matched
-    one-shot is the plain search, without informed steps or confirmation, whatever its reference ran."""
+    one-shot is the plain search, without informed steps or confirmation and with the preset's acceptance
+    margin, whatever its reference ran."""
+    from darwinlm.core.config import load_preset
     from darwinlm.core.search.evolution import StageConfig
 
     tokens = trainaware_tokens if method == "trainaware" else 0
-    plain = method == "oneshot_matched"
-    return replace(search, seed=seed, informed_every=0 if plain else search.informed_every,
-                   confirm_tokens=0 if plain else search.confirm_tokens,
+    if method == "oneshot_matched":
+        preset = load_preset("smollm2-demo").search
+        search = replace(search, informed_every=0, confirm_tokens=0, accept_z=preset.accept_z)
+    return replace(search, seed=seed,
                    stages=tuple(StageConfig(stage.survivors, stage.fitness_tokens, tokens) for stage in search.stages))
 
 
@@ -61,10 +67,7 @@ def bench_preset(args, fraction: float):
     from darwinlm.core.config import load_preset
 
     search = {"fraction_removed": fraction, "generations": args.generations, "offspring": args.offspring}
-    if args.informed_every is not None:
-        search["informed_every"] = args.informed_every
-    if args.confirm_tokens is not None:
-        search["confirm_tokens"] = args.confirm_tokens
+    search.update({knob: getattr(args, knob) for knob in SEARCH_KNOBS if getattr(args, knob, None) is not None})
     return load_preset("smollm2-demo", {
         "model": args.model, "data": {"fitness_rows": args.fitness_rows}, "search": search,
         "evaluate": {"task_limit": args.task_limit or None, "tasks": "local" if args.task_limit else ""}})
@@ -337,6 +340,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         "generations (0: none); default: the smollm2-demo preset's")
     parser.add_argument("--confirm-tokens", type=int, default=None, help="confirm each replacement of the parent "
                         "on this many more tokens (0: none); default: the smollm2-demo preset's")
+    parser.add_argument("--accept-z", type=float, default=None, help="replace the parent only when a challenger "
+                        "beats it by this many paired standard errors; default: the smollm2-demo preset's")
     parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
                         "the rows it selects on (a pool of 64 × 512 tokens)")
     parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")

@@ -10,7 +10,7 @@ search_bench = pytest.importorskip("bench.search")
 
 def arguments(**overrides) -> SimpleNamespace:
     values = dict(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0, informed_every=None,
-                  confirm_tokens=None)
+                  confirm_tokens=None, accept_z=None)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -31,12 +31,30 @@ def test_the_confirmation_comes_from_the_arguments_else_from_the_preset():
             == load_preset("smollm2-demo").search.confirm_tokens)
 
 
+def test_the_acceptance_margin_comes_from_the_arguments_else_from_the_preset():
+    from darwinlm.core.config import load_preset
+
+    assert search_bench.bench_preset(arguments(accept_z=0.5), 0.5).search.accept_z == 0.5
+    assert search_bench.bench_preset(arguments(), 0.5).search.accept_z == load_preset("smollm2-demo").search.accept_z
+
+
+def test_a_namespace_without_the_search_settings_gets_the_preset_s():
+    from darwinlm.core.config import load_preset
+
+    bare = SimpleNamespace(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0)
+    assert search_bench.bench_preset(bare, 0.5).search == search_bench.bench_preset(arguments(), 0.5).search
+    assert search_bench.bench_preset(bare, 0.5).search.accept_z == load_preset("smollm2-demo").search.accept_z
+
+
 def test_the_matched_one_shot_is_the_plain_search_whatever_its_reference_ran():
-    search = search_bench.bench_preset(arguments(informed_every=5, confirm_tokens=1536), 0.5).search
+    from darwinlm.core.config import load_preset
+
+    search = search_bench.bench_preset(arguments(informed_every=5, confirm_tokens=1536, accept_z=0.25), 0.5).search
     reference = search_bench.method_config("oneshot", search, 1, 1024)
-    assert (reference.informed_every, reference.confirm_tokens) == (5, 1536)
+    assert (reference.informed_every, reference.confirm_tokens, reference.accept_z) == (5, 1536, 0.25)
     matched = search_bench.method_config("oneshot_matched", search, 1, 1024)
     assert (matched.informed_every, matched.confirm_tokens, matched.seed) == (0, 0, 1)
+    assert matched.accept_z == load_preset("smollm2-demo").search.accept_z
     assert all(stage.finetune_tokens == 0 for stage in matched.stages)
 
 
