@@ -2,7 +2,7 @@
 torch-pruning peers, each before and after the same post-training, on the same held-out windows.
 
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
-                           [--match trainaware] [--generations 30] [--offspring 6] [--informed-every K]
+                           [--match trainaware] [--generations G] [--offspring K] [--informed-every K]
                            [--confirm-tokens N] [--accept-z Z]
                            [--task-limit 0] [--skip-peer] [--skip-post-train]
 
@@ -323,6 +323,8 @@ def run_peers(args, config, data, fraction, eval_teacher, post_teacher, tokenize
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    from darwinlm.core.config import load_preset
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="0.5,0.3", help="fractions of block parameters removed")
     parser.add_argument("--seeds", default="0,1,2", help="search seeds (the database is shared by all)")
@@ -334,16 +336,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trainaware-tokens", type=int, default=1024, help="finetune tokens per candidate and "
                         "stage in training-aware selection (bench.trainaware's setting that ranked as well as "
                         "one-shot)")
-    parser.add_argument("--generations", type=int, default=30)
-    parser.add_argument("--offspring", type=int, default=6)
+    # the schedule defaults to make demo's own (the smollm2-demo preset), so a plain run measures what users get
+    demo = load_preset("smollm2-demo")
+    parser.add_argument("--generations", type=int, default=demo.search.generations)
+    parser.add_argument("--offspring", type=int, default=demo.search.offspring)
     parser.add_argument("--informed-every", type=int, default=None, help="an informed step every this many "
                         "generations (0: none); default: the smollm2-demo preset's")
     parser.add_argument("--confirm-tokens", type=int, default=None, help="confirm each replacement of the parent "
                         "on this many more tokens (0: none); default: the smollm2-demo preset's")
     parser.add_argument("--accept-z", type=float, default=None, help="replace the parent only when a challenger "
                         "beats it by this many paired standard errors; default: the smollm2-demo preset's")
-    parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool: the search's fixed rows + "
-                        "the rows it selects on (a pool of 64 × 512 tokens)")
+    parser.add_argument("--fitness-rows", type=int, default=demo.data.fitness_rows, help="teacher pool: the "
+                        "search's fixed rows + the rows it selects on")
     parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-post-train", action="store_true")

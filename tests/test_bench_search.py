@@ -65,3 +65,13 @@ def test_the_matched_one_shot_needs_its_reference_method_run_before_it(capsys):
         search_bench.parse_arguments(["--methods", "oneshot,oneshot_matched"])  # --match is trainaware by default
     assert stopped.value.code == 2
     assert "oneshot_matched needs trainaware before it" in capsys.readouterr().err
+
+
+def test_the_schedule_defaults_to_the_demo_preset_s():
+    from darwinlm.core.config import load_preset
+
+    demo = load_preset("smollm2-demo")
+    args = search_bench.parse_arguments([])
+    assert (args.generations, args.offspring, args.fitness_rows) == (demo.search.generations, demo.search.offspring,
+                                                                     demo.data.fitness_rows)
+    assert search_bench.bench_preset(args, 0.5).search == demo.search
