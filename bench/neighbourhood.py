@@ -79,9 +79,9 @@ def main() -> None:
     from darwinlm.core.search.fitness import compute_teacher
     from darwinlm.core.search.genome import Genome, module_keys
 
-    config = bench_preset(SimpleNamespace(model=args.model, fitness_rows=args.fitness_rows, task_limit=0,
-                                          generations=args.generations, offspring=args.offspring),
-                                          args.fraction)
+    schedule = SimpleNamespace(model=args.model, fitness_rows=args.fitness_rows, task_limit=0,
+                               generations=args.generations, offspring=args.offspring)
+    config = bench_preset(schedule, args.fraction)
     model, tokenizer = load_model(args.model)
     data = prepare_data(config, tokenizer)
     database = build_database(model, data.calibration_ids, str(data_home() / "databases"),

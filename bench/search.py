@@ -19,9 +19,10 @@ spread over seeds. `wall_s` is a method's own work; the database build and the f
 darwinlm method of a target, are under `shared_s` (the database only when built by this run). `decision_noise`
 measures how many fitness rows one accept/reject decision needs (paired KL differences). Training-aware selection
 finetunes every candidate on `--trainaware-tokens` tokens at each stage; `oneshot_matched` is plain one-shot search
-(no informed steps, no confirmation, the preset's `accept_z`) given, per seed, the wall time the `--match` method's search took (so more
-generations): the comparison at matched compute, against training-aware search (the default) or against one-shot
-search with `--informed-every` steps, `--confirm-tokens` or another `--accept-z` (`--match oneshot`).
+(no informed steps, no confirmation, the preset's `accept_z`) given, per seed, the wall time the `--match` method's
+search took (so more generations): the comparison at matched compute, against training-aware search (the default)
+or against one-shot search with `--informed-every` steps, `--confirm-tokens` or another `--accept-z`
+(`--match oneshot`). The schedule (generations, offspring, fitness rows) defaults to the smollm2-demo preset's.
 """
 
 import argparse
