@@ -56,9 +56,9 @@ def method_config(method: str, search, seed: int, trainaware_tokens: int):
     from darwinlm.core.search.evolution import StageConfig
 
     tokens = trainaware_tokens if method == "trainaware" else 0
-    if method == "oneshot_matched":
+    if method == "oneshot_matched":  # every knob an argument may set goes back to the preset's
         preset = load_preset("smollm2-demo").search
-        search = replace(search, informed_every=0, confirm_tokens=0, accept_z=preset.accept_z)
+        search = replace(search, **{knob: getattr(preset, knob) for knob in SEARCH_KNOBS})
     return replace(search, seed=seed,
                    stages=tuple(StageConfig(stage.survivors, stage.fitness_tokens, tokens) for stage in search.stages))
 
