@@ -143,13 +143,16 @@ def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> lis
     removed = torch.zeros(d_in, dtype=torch.bool, **on)
     a_terms, b_terms, u_terms = torch.zeros(d_out, batch, **on), torch.zeros(batch, d_in, **on), torch.zeros(batch, d_in, **on)
     pending = 0
+    # The flushes' products go to buffers allocated once: a fresh d_in² tensor per flush is served by new pages
+    # from the OS, and faulting them in cost as much as the products themselves. Same products, same bits.
+    weight_update, hinv_update, squares = torch.empty_like(weight), torch.empty_like(hinv), torch.empty_like(weight)
 
     def flush():
         nonlocal pending
-        weight.sub_(a_terms[:, :pending] @ b_terms[:pending])
-        hinv.sub_(u_terms[:pending].T @ u_terms[:pending])
+        weight.sub_(torch.mm(a_terms[:, :pending], b_terms[:pending], out=weight_update))
+        hinv.sub_(torch.mm(u_terms[:pending].T, u_terms[:pending], out=hinv_update))
         pending = 0
-        return (weight * weight).sum(0), hinv.diagonal().clone()
+        return torch.mul(weight, weight, out=squares).sum(0), hinv.diagonal().clone()
 
     column_norms, diagonal = flush()
     results = []
@@ -186,11 +189,17 @@ def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[Prune
 
     weight: (d_out, d_in) dense; hessian: (d_in, d_in) undamped. The relative error ‖WX − ŴX‖² / ‖WX‖² is
     what makes errors of different modules comparable (an informed start sums them across the model); a
-    level with everything removed has relative error 1. Computed once per level, as a dense matmul.
+    level with everything removed has relative error 1.
+
+    With Ŵ the level's kept columns K, ‖ΔW‖²_H = tr(W H Wᵀ) − 2·Σ Ŵ ∘ (W H)[:, K] + tr(Ŵ H[K, K] Ŵᵀ): W H is
+    the product the energy needs anyway, so a level costs a product over its kept columns only (k² instead of
+    d_in² per output row, under a third of the work over ten levels: the build is CPU-bound on 2 cores). In
+    float64 the cancellation costs ~1e-16 / error in relative accuracy, far below any difference that matters.
     """
     hessian = hessian.double()
     dense = weight.double()
-    energy = float(((dense @ hessian) * dense).sum())
+    weighted = dense @ hessian  # W H, (d_out, d_in)
+    energy = float((weighted * dense).sum())
     errors = []
     n_units = weight.shape[1] // unit_size
     for pruned in levels:
@@ -203,9 +212,11 @@ def level_errors(weight: torch.Tensor, hessian: torch.Tensor, levels: list[Prune
             errors.append(0.0)
             continue
         columns = unit_columns(pruned.kept_units, unit_size).to(weight.device)
-        delta = dense.clone()
-        delta[:, columns] -= pruned.weight.to(delta)
-        errors.append(float(((delta @ hessian) * delta).sum()) / energy if energy > 0 else 0.0)
+        kept = pruned.weight.to(dense)
+        cross = float((kept * weighted[:, columns]).sum())
+        quadratic = float(((kept @ hessian[columns][:, columns]) * kept).sum())
+        error = max(energy - 2 * cross + quadratic, 0.0)  # rounding may leave a tiny negative at a zero error
+        errors.append(error / energy if energy > 0 else 0.0)
     return errors, energy
 
 
