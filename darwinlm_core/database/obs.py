@@ -144,7 +144,8 @@ def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> lis
     a_terms, b_terms, u_terms = torch.zeros(d_out, batch, **on), torch.zeros(batch, d_in, **on), torch.zeros(batch, d_in, **on)
     pending = 0
     # The flushes' products go to buffers allocated once: a fresh d_in² tensor per flush is served by new pages
-    # from the OS, and faulting them in cost as much as the products themselves. Same products, same bits.
+    # from the OS, and faulting them in cost a fifth of the greedy (0.77 → 0.61 s on a SmolLM2 MLP layer).
+    # Same products, same bits.
     weight_update, hinv_update = torch.empty_like(weight), torch.empty_like(hinv)
 
     def flush():
