@@ -125,7 +125,9 @@ def latency_budget(generations: int, fraction: float) -> dict:
             "latency_kept_params_fraction": assembly.kept_params() / database.manifest["dense_params"]}
 
 
-GEMMA_SEARCH = "search-gemma"  # bench.search --model "$(python -m bench.gemma)" --targets 0.5 --results search-gemma
+GEMMA_SEARCH = "search-gemma"
+GEMMA_COMMAND = ('python -m bench.search --model "$(python -m bench.gemma)" --targets 0.5 --seeds 0 --methods oneshot '
+                 f"--results {GEMMA_SEARCH}")  # as the Makefile runs it
 
 
 def gemma_rows() -> dict:
@@ -135,8 +137,7 @@ def gemma_rows() -> dict:
     source = json.loads(path.read_text()) if path.exists() else {}
     rows = source.get("targets", {}).get("0.5")
     if rows is None or "provenance" not in source:
-        return {"gemma": None, "gemma_note": f"run python -m bench.search --model \"$(python -m bench.gemma)\" "
-                                            f"--targets 0.5 --results {GEMMA_SEARCH}, then bench.scale"}
+        return {"gemma": None, "gemma_note": f"run {GEMMA_COMMAND}, then bench.scale"}
     # a combined file names where each part came from: that run's own provenance travels with its rows
     return {"gemma": rows, "gemma_source": f"bench/results/{GEMMA_SEARCH}.json",
             "gemma_provenance": source["provenance"]}
