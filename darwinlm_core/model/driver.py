@@ -31,8 +31,10 @@ class BlockDriver:
     block's submodules (to collect Hessians, say) fire during `advance()`.
     """
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8):
-        """input_ids: (n_rows, seq_len) int64, no padding."""
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
+                 block_kwargs: list[dict] | None = None):
+        """input_ids: (n_rows, seq_len) int64, no padding. block_kwargs: the `block_kwargs` of a driver of the same
+        model over rows of the same length, to skip recording them again (a batch-1 pass through every block)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (n_rows, seq_len), got shape {tuple(input_ids.shape)}")
         self.model = model
@@ -42,7 +44,7 @@ class BlockDriver:
         self.position = 0
         device = next(model.parameters()).device
         with torch.no_grad():
-            self._block_kwargs = record_block_kwargs(model, self.spec, input_ids.shape[1], device)
+            self.block_kwargs = block_kwargs or record_block_kwargs(model, self.spec, input_ids.shape[1], device)
             self.hidden = _capture_block0_inputs(model, self.blocks, input_ids.to(device), batch_size)
 
     @property
@@ -54,12 +56,20 @@ class BlockDriver:
         """Run block `position` over `hidden` (in place, batch by batch) and move to the next block."""
         if self.position >= self.num_blocks:
             raise IndexError("the driver has already run every block")
-        block, kwargs = self.blocks[self.position], self._block_kwargs[self.position]
-        for start in range(0, self.hidden.shape[0], self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            output = block(self.hidden[rows], **kwargs)
-            self.hidden[rows] = output[0] if isinstance(output, tuple) else output
+        self.run_block(self.position, self.hidden, out=self.hidden)
         self.position += 1
+
+    @torch.no_grad()
+    def run_block(self, index: int, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Block `index` over `hidden` (n_rows, seq_len, d), batch by batch, into `out` (default: a new tensor;
+        `hidden` itself is fine, since each batch is read before it is written). Touches no driver state."""
+        out = torch.empty_like(hidden) if out is None else out
+        block, kwargs = self.blocks[index], self.block_kwargs[index]
+        for start in range(0, hidden.shape[0], self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            output = block(hidden[rows], **kwargs)
+            out[rows] = output[0] if isinstance(output, tuple) else output
+        return out
 
     @torch.no_grad()
     def observe(self, stop_at: nn.Module | None = None) -> None:
@@ -71,7 +81,7 @@ class BlockDriver:
         """
         if self.position >= self.num_blocks:
             raise IndexError("the driver has already run every block")
-        block, kwargs = self.blocks[self.position], self._block_kwargs[self.position]
+        block, kwargs = self.blocks[self.position], self.block_kwargs[self.position]
         handle = None if stop_at is None else stop_at.register_forward_pre_hook(_raise_stop)
         try:
             for start in range(0, self.hidden.shape[0], self.batch_size):
@@ -93,11 +103,13 @@ class BlockDriver:
     def logits(self) -> torch.Tensor:
         """Final norm and LM head over the last block's outputs: (n_rows, seq_len, vocab). Runs remaining blocks."""
         hidden = self.run_to_end()
-        norm = self.model.get_submodule(self.spec.final_norm)
-        head = self.model.get_submodule(self.spec.lm_head)
-        return torch.cat(
-            [head(norm(hidden[s : s + self.batch_size])) for s in range(0, hidden.shape[0], self.batch_size)]
-        )
+        return torch.cat([self.head_logits(hidden[s : s + self.batch_size])
+                          for s in range(0, hidden.shape[0], self.batch_size)])
+
+    @torch.no_grad()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head over last-block outputs of one batch: (rows, seq_len, hidden) → (..., vocab)."""
+        return self.model.get_submodule(self.spec.lm_head)(self.model.get_submodule(self.spec.final_norm)(hidden))
 
 
 def _raise_stop(*_):

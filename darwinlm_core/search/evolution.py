@@ -38,8 +38,9 @@ from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
 from darwinlm.core.search.fitness import CompactTeacher, kl_per_row
-from darwinlm.core.search.genome import BUDGET_KINDS, Budget, Genome, adapt_move_size, offspring
+from darwinlm.core.search.genome import BUDGET_KINDS, Budget, Genome, adapt_move_size, module_keys, offspring
 from darwinlm.core.search.latency import load_or_measure
+from darwinlm.core.search.prefix import PrefixReuse
 from darwinlm.core.search.start import allocate, database_errors, kl_weights
 
 START_KINDS = ("best", "informed", "uniform")
@@ -175,6 +176,7 @@ class Search:
         self.database_digest = database.digest
         self.compute_s = 0.0  # time inside forward/backward passes, for the overhead figure
         self._dirty = True  # live weights may differ from what the database gives (training, fresh model)
+        self.prefix = PrefixReuse(assembly.model, [layer for layer, _ in module_keys(database)], config.batch_size)
         if teacher_pool.input_ids.shape[0] <= config.fixed_rows:
             raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
                                 f"{config.fixed_rows} of them are kept fixed", "raise data.fitness_rows")
@@ -263,9 +265,11 @@ class Search:
         if train_rows is not None and train_rows.numel():
             finetune(self.assembly.model, train_rows, self.config.finetune)
             self._dirty = True
+            self.prefix.forget()  # the weights are no longer the levels' alone
+            per_row = kl_per_row(self.assembly.model, teacher, self.config.batch_size)
         else:
             self._dirty = False
-        per_row = kl_per_row(self.assembly.model, teacher, self.config.batch_size)
+            per_row = self.prefix.kl_per_row(levels, teacher)
         self.compute_s += time.perf_counter() - start
         return per_row
 
@@ -314,7 +318,10 @@ class Search:
         rows. Returns all of them as (fitness, candidate, per-row KL), best first; the caller keeps the
         survivors."""
         teacher, train = self.stage_rows(generation, stage_index)
-        return rank(candidates, [self.evaluate_rows(tuple(c), teacher, train) for c in candidates])
+        per_row = {}
+        for index in self.prefix.evaluation_order(candidates):  # any order gives the same figures
+            per_row[index] = self.evaluate_rows(tuple(candidates[index]), teacher, train)
+        return rank(candidates, [per_row[index] for index in range(len(candidates))])
 
     def generation(self, state: SearchState, select=None) -> SearchState:
         """One generation: mutate, select through the stages, return the next state. `select` (default

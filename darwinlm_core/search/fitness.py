@@ -7,6 +7,7 @@ This never exceeds the exact KL (coarsening a distribution pair can only lose di
 the tail carries no mass; with k in the hundreds it is within 1e-3 of exact on real models.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,14 +77,19 @@ def kl_sum(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher
 
 
 @torch.no_grad()
-def kl_per_row(model, teacher: CompactTeacher, batch_size: int = 4) -> list[float]:
+def kl_per_row(model, teacher: CompactTeacher, batch_size: int = 4,
+               logits_of: Callable[[slice], torch.Tensor] | None = None) -> list[float]:
     """Mean bucketed KL(dense ‖ model) per token of each of the teacher's rows: a comparison of two models on
-    the same rows rests on their paired per-row differences."""
+    the same rows rests on their paired per-row differences. `logits_of(rows)`: the logits of one batch of the
+    teacher's rows, if not from the model's forward pass (a caller that has the last block's outputs)."""
     per_row = []
     device = next(model.parameters()).device
     for start in range(0, teacher.input_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        logits = model(teacher.input_ids[rows].to(device), use_cache=False).logits
+        if logits_of is None:
+            logits = model(teacher.input_ids[rows].to(device), use_cache=False).logits
+        else:
+            logits = logits_of(rows)
         kl = kl_per_position(logits, teacher.top_logprobs[rows].to(device), teacher.top_ids[rows].to(device))
         per_row.extend(kl.mean(-1).tolist())
     return per_row
