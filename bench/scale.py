@@ -1,12 +1,14 @@
-"""Scale benchmark on SmolLM2: serial vs 2-worker Dask generations, and a latency budget's predicted vs
-measured speedup.
+"""Scale benchmark on SmolLM2: serial vs 2-worker Dask generations, a latency budget's predicted vs measured
+speedup, and the search's prefix reuse against full forward passes.
 
-    python -m bench.scale [--generations 4] [--latency-generations 8]
+    python -m bench.scale [--generations 4] [--latency-generations 8] [--prefix-generations 4]
 
 Writes bench/results/scale.json: dask_generation_speedup (median serial generation time ÷ median 2-worker
 generation time, same config and seed, so the same candidates), latency_budget_speedup_predicted (from the
 stored per-module latency table) and latency_budget_speedup_measured (prefill of the dense vs the searched
-model, interleaved, medians), and gemma: the bench.search rows at 50% on Gemma-3-270M, read from
+model, interleaved, medians), prefix_reuse_speedup (the smollm2-demo search's wall time with full forward
+passes ÷ with the prefix reuse, medians of two runs each; prefix_reuse_same_search: both end identically), and
+gemma: the bench.search rows at 50% on Gemma-3-270M, read from
 bench/results/search-gemma.json (run that first: see gemma_rows).
 """
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -125,6 +128,35 @@ def latency_budget(generations: int, fraction: float) -> dict:
             "latency_kept_params_fraction": assembly.kept_params() / database.manifest["dense_params"]}
 
 
+def prefix_reuse(generations: int) -> dict:
+    """The smollm2-demo search (informed start included) for `generations` generations, with its prefix reuse
+    and with full forward passes only, twice each in the order full, reuse, reuse, full (so warm-up and drift
+    fall on both): median wall times, whether both ended on the same parent with the same history, and the
+    share of block runs the reuse kept."""
+    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.search.evolution import Search
+    from darwinlm.core.search.fitness import compute_teacher
+
+    config, model, data, database = _demo_setup(generations)
+    teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
+    walls, outcomes, kept = {"full": [], "reuse": []}, {}, []
+    for mode in ("full", "reuse", "reuse", "full"):
+        search = Search(LiveAssembly(model, database), teacher, data.train_ids, config.search, progress=True)
+        if mode == "full":
+            search.prefix.verified = False  # every measurement a full forward pass
+        start = time.perf_counter()
+        state = search.run()
+        walls[mode].append(time.perf_counter() - start)
+        outcomes.setdefault(mode, (state.parent, [(h["best_fitness"], h["fixed_kl"]) for h in state.history]))
+        if mode == "reuse":
+            kept.append(search.prefix.reused_blocks / (search.prefix.reused_blocks + search.prefix.run_blocks))
+        print(f"prefix reuse: {mode} search {walls[mode][-1]:.1f} s", flush=True)
+    return {"prefix_reuse_speedup": statistics.median(walls["full"]) / statistics.median(walls["reuse"]),
+            "prefix_reuse_search_s": {mode: statistics.median(values) for mode, values in walls.items()},
+            "prefix_reuse_same_search": outcomes["full"] == outcomes["reuse"],
+            "prefix_reuse_blocks_kept_fraction": kept[0], "prefix_reuse_generations": generations}
+
+
 GEMMA_SEARCH = "search-gemma"
 GEMMA_COMMAND = ('python -m bench.search --model "$(python -m bench.gemma)" --targets 0.5 --seeds 0 --methods oneshot '
                  f"--results {GEMMA_SEARCH}")  # as the Makefile runs it
@@ -149,13 +181,18 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="generations per Dask/serial run")
     parser.add_argument("--latency-generations", type=int, default=8)
     parser.add_argument("--latency-fraction", type=float, default=0.5, help="share of module latency removed")
+    parser.add_argument("--prefix-generations", type=int, default=4,
+                        help="generations of each of the four searches timing the prefix reuse")
     args = parser.parse_args()
     origin = provenance(config=vars(args), seeds=[0])
     results = gemma_rows()
     results.update(latency_budget(args.latency_generations, args.latency_fraction))
     write_partial("scale", results)
+    results.update(prefix_reuse(args.prefix_generations))
+    write_partial("scale", results)
     results.update(dask_generations(args.generations))
-    write_results("scale", results, goals={"dask_same_genome": "True"}, origin=origin)
+    write_results("scale", results, goals={"dask_same_genome": "True", "prefix_reuse_same_search": "True"},
+                  origin=origin)
 
 
 if __name__ == "__main__":
