@@ -140,8 +140,9 @@ def prefix_reuse(generations: int) -> dict:
     config, model, data, database = _demo_setup(generations)
     teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
     walls, outcomes, kept = {"full": [], "reuse": []}, {}, []
+    assembly = LiveAssembly(model, database)  # one for all four: a search leaves the model pruned
     for mode in ("full", "reuse", "reuse", "full"):
-        search = Search(LiveAssembly(model, database), teacher, data.train_ids, config.search, progress=True)
+        search = Search(assembly, teacher, data.train_ids, config.search, progress=True)
         if mode == "full":
             search.prefix.verified = False  # every measurement a full forward pass
         start = time.perf_counter()
