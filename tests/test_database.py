@@ -340,23 +340,30 @@ def test_builder_resumes_at_any_layer_in_a_new_process_and_refuses_gaps(tmp_path
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_upper_triangle_hessian_is_the_full_product_bit_for_bit(threads):
-    """The accumulator computes only the upper triangle (in column blocks) and mirrors it: the same bits as a
-    full Σ xᵀx, at SmolLM2's widths too, so databases built before and after it are identical."""
+def test_upper_triangle_hessian_is_the_full_product(threads):
+    """The accumulator computes only the upper triangle (in column blocks) and mirrors it. At SmolLM2's widths
+    and a real batch (8 × 512 rows): the full Σ xᵀx bit for bit on one thread; on two, MKL may split a block's
+    row reduction differently from the full product's, so only to float32 rounding."""
     from darwinlm.core.database.hessians import HessianAccumulator
 
     generator, previous = torch.Generator().manual_seed(0), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for width in (64, 576, 1536):
+        for width, rows in ((64, 300), (576, 300), (1536, 300), (576, 4096), (1536, 4096)):
             accumulator, full, tokens = HessianAccumulator(width), torch.zeros(width, width), 0
-            for _ in range(3):
-                batch = torch.randn(2, 300, width, generator=generator) * torch.rand(width, generator=generator)
-                rows = batch.reshape(-1, width)
+            for _ in range(2):
+                batch = torch.randn(rows // 512 or 1, min(rows, 512), width, generator=generator)
+                batch = batch * torch.rand(width, generator=generator)
+                flat = batch.reshape(-1, width)
                 accumulator.add(batch)
-                full.addmm_(rows.T, rows)
-                tokens += rows.shape[0]
-            assert torch.equal(accumulator.hessian(), full * (2.0 / tokens)), width
+                full.addmm_(flat.T, flat)
+                tokens += flat.shape[0]
+            expected = full * (2.0 / tokens)
+            if threads == 1:
+                assert torch.equal(accumulator.hessian(), expected), (width, rows)
+            else:
+                # a rounding of the largest entries (a lost block, say, would be off by whole entries)
+                assert (accumulator.hessian() - expected).abs().max() <= 1e-6 * expected.abs().max(), (width, rows)
     finally:
         torch.set_num_threads(previous)
 

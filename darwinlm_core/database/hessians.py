@@ -16,8 +16,10 @@ class HessianAccumulator:
     """Running Σ xᵀx over tokens of one linear's input; `hessian()` gives 2/n Σ xᵀx, (d_in, d_in) float32.
 
     Only the upper triangle is accumulated, in column blocks of about `block` inputs (block i × columns ≥ i):
-    with 3 blocks that is 2/3 of the multiply-adds. Each entry is still one dot product over the same rows,
-    so the result matches a full `addmm` bit for bit on the BLAS measured here (tests check it).
+    with 3 blocks that is 2/3 of the multiply-adds. Each entry is still one dot product over the same rows:
+    on one thread that is a full `addmm`'s result bit for bit; on several, MKL splits the reduction over a
+    batch's rows by output shape, so entries can differ from a full product by a rounding (~2e-7 relative at a
+    4096-row batch on 2 threads, measured). Tests check both. Databases are reproducible for one thread count.
     """
 
     def __init__(self, d_in: int, device=None, block: int = 512):
