@@ -25,7 +25,7 @@ from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.database.hessians import collect_block_hessians
-from darwinlm.core.database.obs import ParamsFreed, PrunedWeights, greedy_prune, inverse_hessian, level_errors
+from darwinlm.core.database.obs import ParamsFreed, PrunedWeights, prune_ladder
 from darwinlm.core.database.structure import GQA_MODES, MODULE_KINDS, ModuleShape, level_ladder, module_shapes
 
 # 2: each level records its relative output error and each module its output energy (the informed start)
@@ -113,10 +113,11 @@ def greedy_params_freed(shape: ModuleShape, config: DatabaseConfig) -> ParamsFre
     return None
 
 
-def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig) -> list[PrunedWeights]:
-    ladder = level_ladder(shape.n_units, config.level_steps)
-    return greedy_prune(weight, inverse_hessian(hessian, config.relative_damping), shape.unit_size, ladder,
-                        greedy_params_freed(shape, config))
+def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig
+                  ) -> tuple[list[PrunedWeights], list[float], float]:
+    """(levels, their relative errors, output energy) of one module: see `prune_ladder`."""
+    return prune_ladder(weight, hessian, shape.unit_size, level_ladder(shape.n_units, config.level_steps),
+                        config.relative_damping, greedy_params_freed(shape, config))
 
 
 def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], errors: list[float],
@@ -228,12 +229,8 @@ class DatabaseBuilder:
         """{kind: (levels, errors, energy)} of one layer; run in the worker thread when overlapping, with the
         caller's thread count (OpenMP's is per thread), so both paths compute the same bits."""
         torch.set_num_threads(threads)
-        pruned = {}
-        for kind in MODULE_KINDS:
-            shape = self.shapes[layer][kind]
-            levels = _prune_module(weights[kind], hessians[kind], shape, self.config)
-            pruned[kind] = (levels, *level_errors(weights[kind], hessians[kind], levels, shape.unit_size))
-        return pruned
+        return {kind: _prune_module(weights[kind], hessians[kind], self.shapes[layer][kind], self.config)
+                for kind in MODULE_KINDS}
 
     def finish(self) -> "Database":
         """Write the manifest (last: the database exists once it does) and open the database."""
