@@ -385,7 +385,9 @@ def test_overlapped_build_writes_the_bytes_of_a_sequential_one(tmp_path, monkeyp
     monkeypatch.setattr(database_module, "_prune_module", lambda *args: (
         events.append(("prune", threading.current_thread().name)), original_prune(*args))[1])
     monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (
-        events.append(("write", uri.rsplit("/", 2)[-2] + "/" + uri.rsplit("/", 1)[-1])), original_write(uri, data)))
+        events.append(("write", uri.rsplit("/", 2)[-2] + "/" + uri.rsplit("/", 1)[-1])),
+        writers.append((uri.rsplit("/", 1)[-1], threading.current_thread().name)), original_write(uri, data)))
+    writers = []
     handles = [block.register_forward_pre_hook(lambda *_, i=i: events.append(("walk", i)))
                for i, block in enumerate(model.model.layers)]
     overlapped = build_database(model, CALIBRATION, str(tmp_path / "overlapped"), calibration_digest="c",
@@ -397,6 +399,9 @@ def test_overlapped_build_writes_the_bytes_of_a_sequential_one(tmp_path, monkeyp
     # it did overlap: layers 0 and 1 were pruned in the worker, and block 1 was walked before layer 0 was written
     assert [name.startswith("darwinlm-obs") for kind, name in events if kind == "prune"] == [True] * 4 + [False] * 2
     assert events.index(("walk", 1)) < events.index(("write", "000/layer.json"))
+    # and the worker wrote what it pruned (shards, then the record), the last layer's in the caller
+    layer_writes = [name.startswith("darwinlm-obs") for uri, name in writers if uri != "manifest.json"]
+    assert layer_writes == [True] * (len(layer_writes) // 3 * 2) + [False] * (len(layer_writes) // 3)
 
 
 def test_a_crash_in_an_overlapped_build_leaves_whole_layers_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):

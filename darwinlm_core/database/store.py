@@ -192,18 +192,13 @@ class DatabaseBuilder:
         if self.overlap and layer + 1 < self.num_layers and not self.layer_done(layer + 1):
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwinlm-obs")
-            pruning = self._worker.submit(self._prune_layer, layer, weights, hessians, torch.get_num_threads())
+            pruning = self._worker.submit(self._prune_and_write, layer, weights, hessians, torch.get_num_threads())
             try:
                 self._ahead = (layer + 1, self._collect(layer + 1))
             finally:
-                pruned = pruning.result()  # waits (and re-raises) even if the walk ahead failed
-        else:
-            pruned = self._prune_layer(layer, weights, hessians, torch.get_num_threads())
-        dtype = DTYPES[self.config.storage_dtype]
-        modules = [_write_module(self.root, layer, self.shapes[layer][kind], *pruned[kind], dtype=dtype)
-                   for kind in MODULE_KINDS]
-        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
-        return modules
+                modules = pruning.result()  # waits (and re-raises) even if the walk ahead failed
+            return modules
+        return self._prune_and_write(layer, weights, hessians, torch.get_num_threads())
 
     def _hessians(self, layer: int) -> dict[str, torch.Tensor]:
         """{kind: H} of `layer`: collected ahead by the previous build_layer, or by walking there now."""
@@ -225,12 +220,20 @@ class DatabaseBuilder:
             self._driver.advance()
         return {kind: accumulators[kind].hessian() for kind in MODULE_KINDS}
 
-    def _prune_layer(self, layer: int, weights: dict, hessians: dict, threads: int) -> dict:
-        """{kind: (levels, errors, energy)} of one layer; run in the worker thread when overlapping, with the
-        caller's thread count (OpenMP's is per thread), so both paths compute the same bits."""
+    def _prune_and_write(self, layer: int, weights: dict, hessians: dict, threads: int) -> list[dict]:
+        """Prune both modules of `layer` and write their shards, then layer.json; returns its records. Runs in the
+        worker thread when overlapping (the shard writes, encoding and hashing, then overlap the walk too), with
+        the caller's thread count (OpenMP's is per thread: the inverse's and energy's bits depend on it), so both
+        paths compute the same bits."""
         torch.set_num_threads(threads)
-        return {kind: _prune_module(weights[kind], hessians[kind], self.shapes[layer][kind], self.config)
-                for kind in MODULE_KINDS}
+        dtype = DTYPES[self.config.storage_dtype]
+        modules = []
+        for kind in MODULE_KINDS:
+            shape = self.shapes[layer][kind]
+            pruned = _prune_module(weights[kind], hessians[kind], shape, self.config)
+            modules.append(_write_module(self.root, layer, shape, *pruned, dtype=dtype))
+        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
+        return modules
 
     def finish(self) -> "Database":
         """Write the manifest (last: the database exists once it does) and open the database."""
