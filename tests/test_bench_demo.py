@@ -1,0 +1,33 @@
+"""bench.demo times a compression, never a resume: it runs into its own store, emptied first."""
+
+import json
+import sys
+
+import pytest
+
+demo_bench = pytest.importorskip("bench.demo")  # bench is not a dependency of the suite
+
+
+def test_the_demo_bench_compresses_from_an_empty_store_of_its_own(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    stale = home / "bench-demo" / "runs" / "finished-run" / "genome.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # what a previous measurement leaves: resuming from it would cost nothing
+    monkeypatch.setenv("DARWINLM_HOME", str(home))
+    monkeypatch.setattr(demo_bench, "write_results", lambda name, results, **_: written.update(results))
+    monkeypatch.setattr(sys, "argv", ["bench.demo"])
+    calls, written = [], {}
+
+    def compress(argv):
+        store = argv[argv.index("--store") + 1]
+        calls.append((argv[:3], store, stale.exists()))
+        table = {key: 1 for key in ("wall_s", "dense", "pruned", "evaluation_labels", "kept_block_fraction",
+                                    "model_uri", "mlflow_run_id")}
+        with open(argv[argv.index("--results") + 1], "w") as results:
+            json.dump(table, results)
+        return 0
+
+    monkeypatch.setattr("darwinlm.flows.cli.main", compress)
+    demo_bench.main()
+    assert calls == [(["compress", "--preset", "smollm2-demo"], str(home / "bench-demo"), False)]
+    assert written["wall_s"] == 1
