@@ -102,7 +102,9 @@ def main() -> None:
         return {f"ppl_{text}": math.exp(values.mean().item()) for text, values in nlls.items()}
 
     start = time.perf_counter()
-    moves = swaps(result, search.budget)
+    # in level order, as the search measures a stage: consecutive neighbours then share the longest run of
+    # unchanged blocks, which the search's prefix reuse does not recompute (same KL either way)
+    moves = sorted(swaps(result, search.budget), key=lambda move: swapped(result, move))
     screen = teacher.rows(torch.arange(config.search.fixed_rows, config.search.fixed_rows + args.screen_rows))
     result_kl = search.evaluate(result, screen, None)
     screened = []
