@@ -18,7 +18,7 @@ from darwinlm.core.data.tokens import tokenize_blocks
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.evaluation.metrics import perplexity_with_se
 from darwinlm.core.search.finetune import finetune
-from darwinlm.core.search.fitness import CompactTeacher, compute_teacher, kl_per_token
+from darwinlm.core.search.fitness import CompactTeacher, compute_teacher, kl_per_position, teacher_top_k
 from darwinlm.core.search.genome import Genome
 
 
@@ -85,13 +85,49 @@ def post_train(assembly: LiveAssembly, genome: Genome, rows: torch.Tensor, confi
 def evaluate(model, data: PreparedData, eval_teacher: CompactTeacher | None, batch_size: int = 4,
              progress: bool = False) -> dict[str, float]:
     """Held-out perplexity per evaluation set (`ppl_<set>`) with its standard error over windows
-    (`ppl_<set>_se`), and KL to the dense model on the in-domain windows."""
-    results = {}
-    for name, windows in data.eval_windows.items():
-        results[f"ppl_{name}"], results[f"ppl_{name}_se"] = perplexity_with_se(
-            model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {name}")
+    (`ppl_<set>_se`), and KL to the dense model on the in-domain windows (from the same forward pass as their
+    perplexity)."""
+    kl_rows: list[float] = []
+    if eval_teacher is not None and not torch.equal(eval_teacher.input_ids, next(iter(data.eval_windows.values()))):
+        raise ValueError("eval_teacher is not of the first evaluation set's windows (see dense_eval_teacher)")
+
+    def kl_of(rows: slice, logits: torch.Tensor) -> None:
+        teacher = eval_teacher.rows(torch.arange(rows.start, rows.stop))
+        kl = kl_per_position(logits, teacher.top_logprobs.to(logits.device), teacher.top_ids.to(logits.device))
+        kl_rows.extend(kl.mean(-1).tolist())
+
+    results = _perplexities(model, data, batch_size, progress, kl_of if eval_teacher is not None else None)
     if eval_teacher is not None:
-        results["kl"] = kl_per_token(model, eval_teacher, batch_size)
+        results["kl"] = sum(kl_rows) / len(kl_rows)
+    return results
+
+
+def evaluate_dense(model, data: PreparedData, top_k: int, batch_size: int = 4, progress: bool = False
+                   ) -> tuple[dict[str, float], CompactTeacher]:
+    """`evaluate` of the dense model with the teacher it is scored against, made from the same forward pass as
+    the in-domain perplexity: the teacher `dense_eval_teacher` gives, without a pass of its own. Its KL, to its
+    own compact form, is 0, and is measured like any other."""
+    first = next(iter(data.eval_windows.values()))
+    top_logprobs, top_ids, kl_rows = [], [], []
+
+    def keep_teacher(_rows: slice, logits: torch.Tensor) -> None:
+        values, ids = teacher_top_k(logits, top_k)
+        top_logprobs.append(values)
+        top_ids.append(ids)
+        kl_rows.extend(kl_per_position(logits, values.to(logits.device), ids.to(logits.device)).mean(-1).tolist())
+
+    results = _perplexities(model, data, batch_size, progress, keep_teacher)
+    results["kl"] = sum(kl_rows) / len(kl_rows)
+    return results, CompactTeacher(first, torch.cat(top_logprobs), torch.cat(top_ids))
+
+
+def _perplexities(model, data: PreparedData, batch_size: int, progress: bool, on_first_logits) -> dict[str, float]:
+    """ppl_<set> and ppl_<set>_se of every evaluation set; `on_first_logits` sees the first set's logits."""
+    results = {}
+    for index, (name, windows) in enumerate(data.eval_windows.items()):
+        results[f"ppl_{name}"], results[f"ppl_{name}_se"] = perplexity_with_se(
+            model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {name}",
+            on_logits=on_first_logits if index == 0 else None)
     return results
 
 

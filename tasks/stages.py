@@ -20,7 +20,7 @@ from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
 from darwinlm.core.search.genome import Budget, Genome
 from darwinlm.core.export.model_card import write_model_card
 from darwinlm.core.model.loading import load_config, load_model
-from darwinlm.core.pipeline import dense_eval_teacher, evaluate, post_train, prepare_data
+from darwinlm.core.pipeline import evaluate, evaluate_dense, post_train, prepare_data
 from darwinlm.core.search.evolution import Search, SearchState, rank
 from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, GgufRef, ModelRef, RefitRef
 from darwinlm.tasks.stored import LiveObjects, built_unless_marked, read_json, stored_or_computed, write_json
@@ -298,12 +298,12 @@ def _evaluate(config: CompressConfig, model_ref: ModelRef) -> dict:
     from transformers import AutoModelForCausalLM
 
     dense, tokenizer, data = _dense_model_and_data(config)
-    teacher = dense_eval_teacher(dense, data, config.teacher_top_k)
     pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref.uri)).eval()
     pruned = pruned.to(next(dense.parameters()).device)
     results = {}
+    dense_row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True)
     for name, model in (("dense", dense), ("pruned", pruned)):
-        row = evaluate(model, data, teacher, progress=True)
+        row = dense_row if model is dense else evaluate(model, data, teacher, progress=True)
         row["params"] = sum(p.numel() for p in model.parameters())
         row.update(zero_shot_scores(model, tokenizer, data, config))
         results[name] = row

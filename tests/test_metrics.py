@@ -89,3 +89,34 @@ def test_pipeline_evaluation_records_perplexity_standard_errors(model):
     for name, ids in eval_windows.items():
         assert (results[f"ppl_{name}"], results[f"ppl_{name}_se"]) == pytest.approx(perplexity_with_se(model, ids))
         assert 0 < results[f"ppl_{name}_se"] < results[f"ppl_{name}"]
+
+
+def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate_passes_figures(model):
+    """evaluate_dense makes the KL teacher from its in-domain perplexity pass, and evaluate takes the KL from
+    the same pass as the in-domain perplexity: one forward per window set, the figures of separate passes."""
+    from darwinlm.core.pipeline import dense_eval_teacher, evaluate_dense
+    from darwinlm.core.search.fitness import kl_per_token
+
+    eval_windows = {"in_domain": windows(5, seed=1), "out_of_domain": windows(3, seed=2)}
+    empty = torch.zeros(0, 16, dtype=torch.long)
+    data = PreparedData(split=None, calibration_ids=empty, fitness_ids=empty, train_ids=empty,
+                        post_train_ids=empty, eval_windows=eval_windows)
+    student = tiny_model("llama", seed=9).eval()
+    forwards = []
+    handles = [m.register_forward_hook(lambda _m, args, _out: forwards.append(args[0].shape[0]))
+               for m in (model.model.embed_tokens, student.model.embed_tokens)]
+    dense_row, teacher = evaluate_dense(model, data, top_k=8)
+    student_row = evaluate(student, data, teacher)
+    for handle in handles:
+        handle.remove()
+    assert sum(forwards) == 2 * (5 + 3)  # each window once per model
+
+    separate = dense_eval_teacher(model, data, 8)
+    assert torch.equal(teacher.input_ids, separate.input_ids) and torch.equal(teacher.top_ids, separate.top_ids)
+    assert torch.equal(teacher.top_logprobs, separate.top_logprobs)
+    assert dense_row["kl"] == 0.0
+    assert dense_row["ppl_in_domain"] == perplexity_with_se(model, eval_windows["in_domain"])[0]
+    assert student_row["kl"] == kl_per_token(student, separate) > 0
+    assert student_row["ppl_out_of_domain"] == perplexity_with_se(student, eval_windows["out_of_domain"])[0]
+    with pytest.raises(ValueError, match="first evaluation set"):
+        evaluate(student, data, separate.rows(torch.arange(4)))

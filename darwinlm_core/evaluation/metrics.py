@@ -2,6 +2,7 @@
 difference between two estimates is within noise."""
 
 import math
+from collections.abc import Callable
 from typing import Sequence
 
 import torch
@@ -23,7 +24,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
 
 @torch.no_grad()
 def perplexity_with_se(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
-                       desc: str = "ppl") -> tuple[float, float]:
+                       desc: str = "ppl", on_logits: "LogitsCallback | None" = None) -> tuple[float, float]:
     """(perplexity, its standard error) over `windows`, (n_windows, seq_len) int64.
 
     The windows are the independent samples: each one's mean next-token NLL is a draw, the perplexity is
@@ -31,20 +32,28 @@ def perplexity_with_se(model, windows: torch.Tensor, batch_size: int = 4, progre
     its standard error is the delta method's ppl · SE(mean NLL). Tokens within a window are not independent,
     so a per-token SE would be too small. NaN with a single window (no spread to measure).
     """
-    nll = window_nlls(model, windows, batch_size, progress, desc)
+    nll = window_nlls(model, windows, batch_size, progress, desc, on_logits)
     ppl = math.exp(nll.mean().item())
     return ppl, ppl * standard_error(nll.tolist())
 
 
+LogitsCallback = Callable[[slice, torch.Tensor], None]  # (rows of the batch, its logits (rows, seq_len, vocab))
+
+
 @torch.no_grad()
 def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
-                desc: str = "ppl") -> torch.Tensor:
-    """Mean next-token NLL of each window of `windows` (n_windows, seq_len) int64 → (n_windows,) float64."""
+                desc: str = "ppl", on_logits: LogitsCallback | None = None) -> torch.Tensor:
+    """Mean next-token NLL of each window of `windows` (n_windows, seq_len) int64 → (n_windows,) float64.
+    `on_logits(rows, logits)` sees each batch's logits too: a KL or a teacher on the same windows then needs
+    no forward pass of its own."""
     device = next(model.parameters()).device
     means = []
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, unit="batch"):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        full = model(ids, use_cache=False).logits
+        if on_logits is not None:
+            on_logits(slice(start, start + ids.shape[0]), full)
+        logits = full[:, :-1].float()
         labels = ids[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         means.append(nll.view(labels.shape).double().mean(dim=1).cpu())

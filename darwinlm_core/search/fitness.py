@@ -48,11 +48,18 @@ def compute_teacher(model, input_ids: torch.Tensor, top_k: int, batch_size: int 
     values, ids = [], []
     device = next(model.parameters()).device
     for start in range(0, input_ids.shape[0], batch_size):
-        logits = model(input_ids[start : start + batch_size].to(device), use_cache=False).logits.float()
-        top = torch.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-        values.append(top.values.cpu())  # the pool stays in host memory; batches go to the device as needed
-        ids.append(top.indices.to(torch.int32).cpu())
+        top_logprobs, top_ids = teacher_top_k(model(input_ids[start : start + batch_size].to(device),
+                                                    use_cache=False).logits, top_k)
+        values.append(top_logprobs)
+        ids.append(top_ids)
     return CompactTeacher(input_ids, torch.cat(values), torch.cat(ids))
+
+
+def teacher_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's compact teacher: (top-k log-probs float32, their ids int32), (rows, seq_len, k) each, on the
+    CPU (the pool stays in host memory; batches go to the device as needed)."""
+    top = torch.log_softmax(logits.float(), dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+    return top.values.cpu(), top.indices.to(torch.int32).cpu()
 
 
 def _log1mexp(log_mass: torch.Tensor) -> torch.Tensor:
