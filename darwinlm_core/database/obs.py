@@ -121,7 +121,8 @@ def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> Pr
     return PrunedWeights(int(removed.sum()), kept.cpu(), weight[:, columns].cpu())  # snapshots live on the CPU
 
 
-def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed | None = None) -> list[PrunedWeights]:
+def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed | None = None
+                  ) -> tuple[list[PrunedWeights], list[float]]:
     n_units = weight.shape[1] // unit_size
     removed = torch.zeros(n_units, dtype=torch.bool, device=weight.device)
     results, damped_at, damped = [], [], 0.0
@@ -152,7 +153,8 @@ def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed 
     return results, _damped_or_skipped(damped_at, results)
 
 
-def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128) -> list[PrunedWeights]:
+def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128
+                   ) -> tuple[list[PrunedWeights], list[float]]:
     """Single-column units with lazily applied downdates.
 
     Between flushes, the true matrices are  W = weight − A·B  and  Hinv = hinv − UᵀU  with k pending rank-1
@@ -226,8 +228,10 @@ def prune_ladder(weight: torch.Tensor, hessian: torch.Tensor, unit_size: int, sn
                                  params_freed)
     dense = weight.double()
     energy = float(((dense @ hessian.double()) * dense).sum())
-    # D is what `dampen` adds to the diagonal; taken as a difference so that it is dampen's own, in float64
-    added = dampen(hessian.double(), relative_damping).diagonal() - hessian.double().diagonal()
+    # D, what `dampen` adds to the diagonal: 1 where an input was always zero, then λ · mean of that lifted diagonal
+    diagonal = hessian.diagonal().double()
+    dead = diagonal == 0
+    added = dead.double() + relative_damping * torch.where(dead, 1.0, diagonal).mean()
     column_damping = (dense.square() * added.to(dense.device)).reshape(dense.shape[0], -1, unit_size).sum((0, 2))
     errors = []
     for pruned, damped_error in zip(levels, damped):
