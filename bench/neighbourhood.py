@@ -1,13 +1,13 @@
 """Neighbourhood benchmark on SmolLM2: is the one-shot search's result a local optimum, or does a genome one
 level swap away have lower held-out perplexity?
 
-    python -m bench.neighbourhood [--fraction 0.5] [--seed 0] [--generations 30] [--offspring 6]
+    python -m bench.neighbourhood [--fraction 0.5] [--seed 0] [--generations G] [--offspring 6]
                                   [--screen-rows 2] [--confirm 24]
 
-Runs the one-shot search of bench.search (the same preset, schedule and seed), then takes every genome one
-budget-neutral swap from its result: one module a level more pruned and another of the same cost class (a step
-within a quarter of the first's) a level less, kept when it meets the budget; that is the search's smallest move.
-Each neighbour is screened by its KL to the dense model on `--screen-rows` selection rows, the same rows for
+Runs the one-shot search of bench.search (the same preset, schedule and seed; G defaults to the preset's),
+then takes every genome one budget-neutral swap from its result: one module a level more pruned and another of
+the same cost class (a step within a quarter of the first's) a level less, kept when it meets the budget; that
+is the search's smallest move. Each neighbour is screened by its KL to the dense model on `--screen-rows` selection rows, the same rows for
 all, as a difference to the result's. The `--confirm` best are measured on the held-out windows (SOTU and
 Moby-Dick, 40 of 512 tokens each), which no search step has seen: per text, the paired per-window NLL difference
 to the result gives a z (negative: better than the result). Writes bench/results/neighbourhood.json with the
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.5, help="fraction of block parameters removed")
     parser.add_argument("--seed", type=int, default=0, help="search seed")
-    parser.add_argument("--generations", type=int, default=30)
+    parser.add_argument("--generations", type=int, help="default: the smollm2-demo preset's")
     parser.add_argument("--offspring", type=int, default=6)
     parser.add_argument("--fitness-rows", type=int, default=68, help="teacher pool, as bench.search")
     parser.add_argument("--screen-rows", type=int, default=2, help="selection rows of 512 tokens per neighbour")
@@ -67,6 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.screen_rows < 1 or args.confirm < 1:
         parser.error("--screen-rows and --confirm must be at least 1")
+    if args.generations is None:  # the result a user of the preset gets, not an older, shorter schedule's
+        from darwinlm.core.config import load_preset
+
+        args.generations = load_preset("smollm2-demo").search.generations
     origin = provenance(vars(args), [args.seed])
 
     from darwinlm.core.database.store import build_database
