@@ -42,7 +42,7 @@ METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
 MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/search.py", "bench/peer_torch_pruning.py")
 # search settings an argument may set, else the preset's (a namespace without them, like bench.neighbourhood's, keeps
 # the preset's)
-SEARCH_KNOBS = ("informed_every", "confirm_tokens", "accept_z")
+SEARCH_KNOBS = ("informed_every", "confirm_tokens", "accept_z", "surrogate_screen")
 SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware",
                   "oneshot_matched": "darwinlm_oneshot_matched"}
 
@@ -347,6 +347,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         "on this many more tokens (0: none); default: the smollm2-demo preset's")
     parser.add_argument("--accept-z", type=float, default=None, help="replace the parent only when a challenger "
                         "beats it by this many paired standard errors; default: the smollm2-demo preset's")
+    parser.add_argument("--surrogate-screen", type=int, default=None, help="draw this many times the offspring "
+                        "and keep those the slope-weighted errors predict best (1: none); default: the preset's")
     parser.add_argument("--fitness-rows", type=int, default=demo.data.fitness_rows, help="teacher pool: the "
                         "search's fixed rows + the rows it selects on")
     parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")

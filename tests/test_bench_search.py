@@ -10,7 +10,7 @@ search_bench = pytest.importorskip("bench.search")
 
 def arguments(**overrides) -> SimpleNamespace:
     values = dict(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0, informed_every=None,
-                  confirm_tokens=None, accept_z=None)
+                  confirm_tokens=None, accept_z=None, surrogate_screen=None)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -36,6 +36,14 @@ def test_the_acceptance_margin_comes_from_the_arguments_else_from_the_preset():
 
     assert search_bench.bench_preset(arguments(accept_z=0.5), 0.5).search.accept_z == 0.5
     assert search_bench.bench_preset(arguments(), 0.5).search.accept_z == load_preset("smollm2-demo").search.accept_z
+
+
+def test_the_surrogate_screen_comes_from_the_arguments_else_from_the_preset():
+    from darwinlm.core.config import load_preset
+
+    assert search_bench.bench_preset(arguments(surrogate_screen=4), 0.5).search.surrogate_screen == 4
+    assert (search_bench.bench_preset(arguments(), 0.5).search.surrogate_screen
+            == load_preset("smollm2-demo").search.surrogate_screen)
 
 
 def test_a_namespace_without_the_search_settings_gets_the_preset_s():

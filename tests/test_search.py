@@ -150,13 +150,41 @@ def test_paired_z_is_the_mean_difference_over_its_standard_error():
     assert paired_z([1.0, 1.0], [2.0, 2.0]) == float("-inf")
 
 
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_surrogate_screening_keeps_the_mutants_predicted_to_lose_least(tiny_setup, monkeypatch, calibrated):
+    _, database = tiny_setup
+    model = tiny_model("llama", num_hidden_layers=4)  # the module's model may have been finetuned by now
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    config = SearchConfig(generations=1, offspring=3, stages=(StageConfig(3, 16), StageConfig(1, 32)), seed=5,
+                          start="uniform",
+                          surrogate_screen=4, start_calibration_tokens=16 if calibrated else 0)
+    search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows, config)
+    state = search.load_or_start()
+    assert (state.surrogate_weights is not None) == calibrated  # measured once, kept for a resumed run
+    parent = tuple(state.parent)
+    weights = state.surrogate_weights or [1.0] * len(parent)
+
+    def predicted(child):  # written out: Σ wᵢ·Δerrorᵢ
+        return sum(w * (e[c] - e[p]) for w, e, c, p in zip(weights, search.errors, child, parent))
+
+    drawn = offspring(parent, 12, search.budget, random.Random(5), max_switches=config.move_size)
+    screened = []
+    monkeypatch.setattr(search, "evaluate_rows", lambda levels, teacher, train: (
+        screened.append(levels) if teacher.input_ids.shape[0] == 1 else None) or [1.0] * teacher.input_ids.shape[0])
+    search.generation(state)
+    kept = screened  # the first stage's: every offspring, on one row
+    assert sorted(kept) == sorted(sorted(drawn, key=predicted)[:3])
+    assert max(map(predicted, kept)) <= min(predicted(child) for child in drawn if child not in kept)
+    assert len({predicted(child) for child in drawn}) > 3  # the prediction does tell these mutants apart
+
+
 def search_config(generations: int) -> SearchConfig:
     # The informed step is due in generation 2: the one a killed run resumes at. Replacements are confirmed on
-    # 2 more rows, drawn by seed too.
+    # 2 more rows, drawn by seed too; offspring are screened by the surrogate, whose slopes the state keeps.
     return SearchConfig(fraction_removed=0.5, generations=generations, offspring=4, seed=3,
                         stages=(StageConfig(2, 32, 32), StageConfig(1, 64, 32)),
                         finetune=FinetuneConfig(lr=1e-3, batch_size=2), start_calibration_tokens=32, informed_every=3,
-                        confirm_tokens=32)
+                        confirm_tokens=32, surrogate_screen=2)
 
 
 def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):

@@ -11,8 +11,9 @@ on SmolLM2 the KL difference of two neighbouring genomes swings by ~0.08 per 512
 moves the mean by 0.005–0.05, so without that margin most replacements are row-draw luck. With `informed_every`,
 every K-th generation also proposes an informed step (the start's DP re-solved around the parent with KL slopes
 measured at it), which joins the last stage beside the parent and replaces it only under the same rule. With
-`confirm_tokens`, a challenger that clears that rule is measured again beside the parent on as many more rows,
-and must still clear it on all of them. All candidates are assembled in one live model (LiveAssembly).
+`surrogate_screen` K > 1, K·offspring mutants are drawn and the offspring kept are those whose slope-weighted
+stored errors predict the least KL increase. With `confirm_tokens`, a challenger that clears that rule is
+measured again beside the parent on as many more rows, and must still clear it on all of them. All candidates are assembled in one live model (LiveAssembly).
 
 The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
 generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
@@ -94,6 +95,11 @@ class SearchConfig:
     # default: on SmolLM2 at 50% it cut replacements by half and ended worse than plain search given the same
     # time (bench/results/search-confirmed.json).
     confirm_tokens: int = 0
+    # > 1: each generation draws this many times `offspring` mutants and keeps the `offspring` whose predicted
+    # KL change is least: Σ wᵢ·(errorᵢ(child) − errorᵢ(parent)), the informed start's slope-weighted stored
+    # errors (weights 1 without start_calibration_tokens). Free: no forward pass. Selection still judges every
+    # kept mutant on rows; the prediction only spends the stage-1 screening on mutants more likely to help.
+    surrogate_screen: int = 1
 
     def __post_init__(self):
         survivors = [stage.survivors for stage in self.stages]
@@ -110,10 +116,11 @@ class SearchConfig:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
         if (self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0
                 or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size or self.informed_every < 0
-                or self.informed_radius < 1 or self.confirm_tokens < 0):
+                or self.informed_radius < 1 or self.confirm_tokens < 0 or self.surrogate_screen < 1):
             raise DarwinLMError("search needs fixed_rows ≥ 1, 1 ≤ min_move_size ≤ move_size, "
                                 "start_calibration_tokens ≥ 0, start_radius ≥ 0, accept_z ≥ 0, "
-                                "informed_every ≥ 0, informed_radius ≥ 1 and confirm_tokens ≥ 0")
+                                "informed_every ≥ 0, informed_radius ≥ 1, confirm_tokens ≥ 0 and "
+                                "surrogate_screen ≥ 1")
         if self.informed_every and not self.start_calibration_tokens:
             raise DarwinLMError("informed_every needs KL slopes, but start_calibration_tokens is 0",
                                 "set search.start_calibration_tokens (1024 in smollm2-demo) or informed_every: 0")
@@ -139,6 +146,8 @@ class SearchState:
     move_size: int = 3
     parent_fixed_kl: float | None = None  # the parent's KL on the fixed rows
     start: dict = field(default_factory=dict)  # how the first parent was chosen, and the KL of each option
+    # per-module weights of the stored errors (KL slopes at uniform, or None: all 1), for surrogate_screen
+    surrogate_weights: list[float] | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -189,6 +198,7 @@ class Search:
                                     f"stage's, but the pool has {teacher_pool.input_ids.shape[0] - config.fixed_rows}"
                                     " to select on", "lower search.confirm_tokens or raise data.fitness_rows")
         self._fixed_kl: dict[tuple[int, ...], float] = {}
+        self._uniform_slopes: list[float] | None = None
 
     def fixed_kl(self, levels) -> float:
         """KL of `levels` (no finetune) on the fixed rows; remembered, since the parent is asked often."""
@@ -203,7 +213,7 @@ class Search:
         uniform = self.budget.uniform()
         if self.config.start == "uniform":
             return uniform, {"chosen": "uniform"}
-        weights = self.slopes(uniform, -1) if self.config.start_calibration_tokens else None
+        weights = self.uniform_slopes()
         informed = allocate(self.budget, self.errors, weights, around=uniform, radius=self.config.start_radius)
         if self.config.start == "informed":
             return informed, {"chosen": "informed", "calibrated": weights is not None}
@@ -211,6 +221,19 @@ class Search:
                   "calibrated": weights is not None}
         record["chosen"] = "informed" if record["informed_kl"] < record["uniform_kl"] else "uniform"
         return (informed if record["chosen"] == "informed" else uniform), record
+
+    def uniform_slopes(self) -> list[float] | None:
+        """The KL slopes at the uniform genome (None without start_calibration_tokens): the informed start's
+        weights and the surrogate's; measured once."""
+        if self._uniform_slopes is None and self.config.start_calibration_tokens:
+            self._uniform_slopes = self.slopes(self.budget.uniform(), -1)
+        return self._uniform_slopes
+
+    def predicted_change(self, parent: tuple[int, ...], child: tuple[int, ...], weights: list[float] | None) -> float:
+        """The surrogate: Σ wᵢ·(errorᵢ(child) − errorᵢ(parent)) over the modules that differ (weights None: 1)."""
+        weights = weights or [1.0] * len(parent)
+        return sum(weights[index] * (self.errors[index][now] - self.errors[index][before])
+                   for index, (now, before) in enumerate(zip(child, parent)) if now != before)
 
     @cached_property
     def errors(self) -> list[list[float]]:
@@ -240,9 +263,10 @@ class Search:
     def _initial_state(self) -> SearchState:
         rng = random.Random(self.config.seed)
         parent, start = self.choose_start()
+        weights = self.uniform_slopes() if self.config.surrogate_screen > 1 else None
         return SearchState(self.config.digest, self.database_digest, 0, list(parent), None,
                            _encode_rng(rng.getstate()), [], move_size=self.config.move_size,
-                           parent_fixed_kl=self.fixed_kl(parent), start=start)
+                           parent_fixed_kl=self.fixed_kl(parent), start=start, surrogate_weights=weights)
 
     def load_or_start(self) -> SearchState:
         if self.state_uri is None or not storage.exists(self.state_uri):
@@ -331,7 +355,11 @@ class Search:
         rng = random.Random()
         rng.setstate(_decode_rng(state.rng_state))
         parent = tuple(state.parent)
-        candidates = offspring(parent, self.config.offspring, self.budget, rng, max_switches=state.move_size)
+        candidates = offspring(parent, self.config.offspring * self.config.surrogate_screen, self.budget, rng,
+                               max_switches=state.move_size)
+        if self.config.surrogate_screen > 1:  # stable: equal predictions keep the draw's order
+            candidates = sorted(candidates, key=lambda child: self.predicted_change(
+                parent, child, state.surrogate_weights))[: self.config.offspring]
         informed, informed_s = None, 0.0
         if self.informed_due(state.generation):
             informed_start = time.perf_counter()
@@ -379,7 +407,7 @@ class Search:
                   "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
         return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
                            _encode_rng(rng.getstate()), state.history + [record], move_size=move_size,
-                           parent_fixed_kl=fixed_kl, start=state.start)
+                           parent_fixed_kl=fixed_kl, start=state.start, surrogate_weights=state.surrogate_weights)
 
     def save(self, state: SearchState) -> None:
         if self.state_uri is not None:
