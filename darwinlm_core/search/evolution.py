@@ -13,7 +13,8 @@ every K-th generation also proposes an informed step (the start's DP re-solved a
 measured at it), which joins the last stage beside the parent and replaces it only under the same rule. With
 `surrogate_screen` K > 1, K·offspring mutants are drawn and the offspring kept are those whose slope-weighted
 stored errors predict the least KL increase. With `confirm_tokens`, a challenger that clears that rule is
-measured again beside the parent on as many more rows, and must still clear it on all of them. All candidates are assembled in one live model (LiveAssembly).
+measured again beside the parent on as many more rows, and must still clear it on all of them. All candidates
+are assembled in one live model (LiveAssembly).
 
 The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
 generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
