@@ -4,14 +4,14 @@ level swap away have lower held-out perplexity?
     python -m bench.neighbourhood [--fraction 0.5] [--seed 0] [--generations G] [--offspring 6]
                                   [--screen-rows 2] [--confirm 24]
 
-Runs the one-shot search of bench.search (the same preset, schedule and seed; G defaults to the preset's),
-then takes every genome one budget-neutral swap from its result: one module a level more pruned and another of
-the same cost class (a step within a quarter of the first's) a level less, kept when it meets the budget; that
-is the search's smallest move. Each neighbour is screened by its KL to the dense model on `--screen-rows` selection rows, the same rows for
-all, as a difference to the result's. The `--confirm` best are measured on the held-out windows (SOTU and
-Moby-Dick, 40 of 512 tokens each), which no search step has seen: per text, the paired per-window NLL difference
-to the result gives a z (negative: better than the result). Writes bench/results/neighbourhood.json with the
-counts, the confirmed rows, and the best neighbour's held-out ppl beside the result's and uniform's.
+Runs the one-shot search of bench.search (the same preset, schedule and seed; G defaults to the preset's), then
+takes every genome one budget-neutral swap from its result: one module a level more pruned and another of the same
+cost class (a step within a quarter of the first's) a level less, kept when it meets the budget; that is the
+search's smallest move. Each neighbour is screened by its KL to the dense model on `--screen-rows` selection rows,
+the same rows for all, as a difference to the result's. The `--confirm` best are measured on the held-out windows
+(SOTU and Moby-Dick, 40 of 512 tokens each), which no search step has seen: per text, the paired per-window NLL
+difference to the result gives a z (negative: better than the result). Writes bench/results/neighbourhood.json with
+the counts, the confirmed rows, and the best neighbour's held-out ppl beside the result's and uniform's.
 """
 
 import argparse
