@@ -156,8 +156,7 @@ def test_surrogate_screening_keeps_the_mutants_predicted_to_lose_least(tiny_setu
     model = tiny_model("llama", num_hidden_layers=4)  # the module's model may have been finetuned by now
     rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
     config = SearchConfig(generations=1, offspring=3, stages=(StageConfig(3, 16), StageConfig(1, 32)), seed=5,
-                          start="uniform",
-                          surrogate_screen=4, start_calibration_tokens=16 if calibrated else 0)
+                          start="uniform", surrogate_screen=4, start_calibration_tokens=16 if calibrated else 0)
     search = Search(LiveAssembly(model, database), compute_teacher(model, rows, top_k=32), rows, config)
     state = search.load_or_start()
     assert (state.surrogate_weights is not None) == calibrated  # measured once, kept for a resumed run
@@ -168,11 +167,10 @@ def test_surrogate_screening_keeps_the_mutants_predicted_to_lose_least(tiny_setu
         return sum(w * (e[c] - e[p]) for w, e, c, p in zip(weights, search.errors, child, parent))
 
     drawn = offspring(parent, 12, search.budget, random.Random(5), max_switches=config.move_size)
-    screened = []
+    kept = []  # what the first stage measures (every offspring, on its one row)
     monkeypatch.setattr(search, "evaluate_rows", lambda levels, teacher, train: (
-        screened.append(levels) if teacher.input_ids.shape[0] == 1 else None) or [1.0] * teacher.input_ids.shape[0])
+        kept.append(levels) if teacher.input_ids.shape[0] == 1 else None) or [1.0] * teacher.input_ids.shape[0])
     search.generation(state)
-    kept = screened  # the first stage's: every offspring, on one row
     assert sorted(kept) == sorted(sorted(drawn, key=predicted)[:3])
     assert max(map(predicted, kept)) <= min(predicted(child) for child in drawn if child not in kept)
     assert len({predicted(child) for child in drawn}) > 3  # the prediction does tell these mutants apart
