@@ -5,13 +5,15 @@
 Prints a table and writes bench/results/database.json, with provenance. Speeds are ratios measured in this one
 run (the build against the calibration forward passes alone), because absolute seconds drift on a shared
 machine; the load average around them is recorded. Also measured: the refit of the uniform-50% genome on
-propagated inputs (darwinlm.core.database.refit), with the database's units and with units reselected, the
-GQA-cost-aware greedy order against the plain one (DatabaseConfig.gqa_cost_aware: uniform-50% ppl of both, same
-rows, windows and parameter budget; the main database uses the default order), and the calibration curve
-(uniform-50% ppl and build seconds against calibration tokens). The refit is measured on uniform 50% and on the
-genome of a short one-shot search (`--search-generations`), on both held-out texts (SOTU and Moby-Dick:
-`*_moby` keys), and the uniform-50% refit again on `--refit-rows` calibration rows. torch-pruning gets the same
-calibration rows as OBS.
+propagated inputs (darwinlm.core.database.refit), with the database's units and with units reselected; its
+dense-weight curve (`--refit-weights`: ppl per weight on 16 training-split blocks, which choose the weight that
+every other refit here uses and `refit_dense_weight` records, on the first 16 calibration rows, and on both
+held-out texts); the GQA-cost-aware greedy order against the plain one (DatabaseConfig.gqa_cost_aware:
+uniform-50% ppl of both, same rows, windows and parameter budget; the main database uses the default order), and
+the calibration curve (uniform-50% ppl and build seconds against calibration tokens). The refit is measured on
+uniform 50% and on the genome of a short one-shot search (`--search-generations`), on both held-out texts
+(SOTU and Moby-Dick: `*_moby` keys), and the uniform-50% refit again on `--refit-rows` calibration rows.
+torch-pruning gets the same calibration rows as OBS.
 """
 
 import argparse
@@ -113,7 +115,7 @@ def _magnitude_model(model, database, levels) -> None:
 
 
 def _refit_ppl(model, database, levels, ids, windows: dict, digest, batch_size: int,
-               reselect: bool) -> tuple[dict, float]:
+               reselect: bool, dense_weight: float) -> tuple[dict, float]:
     """({text: held-out ppl} of the refitted genome, refit seconds): the dense model is refitted, assembled,
     measured on each text of `windows` and set back to dense."""
     from darwinlm.core.model.assembly import LiveAssembly
@@ -121,11 +123,11 @@ def _refit_ppl(model, database, levels, ids, windows: dict, digest, batch_size: 
 
     start = time.perf_counter()
     refit = refit_genome(model, database, levels, ids, batch_size=batch_size, reselect=reselect,
-                         base_model_digest=digest)
+                         dense_weight=dense_weight, base_model_digest=digest)
     seconds = time.perf_counter() - start
     assembly = LiveAssembly(model, RefitDatabase(database, refit), base_model_digest=digest)
     assembly.apply(levels)
-    ppl = held_out_ppl(model, windows, f"refit{' reselect' if reselect else ''} 50%")
+    ppl = held_out_ppl(model, windows, f"refit{' reselect' if reselect else ''} w={dense_weight}")
     assembly.apply({key: 0 for key in levels})
     return ppl, seconds
 
@@ -231,6 +233,8 @@ def _parse_args():
     parser.add_argument("--refit-rows", type=int, default=256,
                         help="calibration rows of a second uniform-50%% refit, to show whether more text helps it "
                              "(0 to skip)")
+    parser.add_argument("--refit-weights", default="0,0.15,0.3,0.5,1",
+                        help="dense weights of the uniform-50%% refit's curve ('' to measure the default alone)")
     parser.add_argument("--curve-max-s", type=float, default=900.0,
                         help="end the curve before a point predicted to build for longer than this")
     return parser.parse_args()
@@ -244,8 +248,10 @@ def main() -> None:
     from darwinlm.core.database.store import DatabaseConfig, build_database, model_digest
     from darwinlm.core.evaluation.metrics import perplexity
     from darwinlm.core.model.loading import load_model
+    from darwinlm.core.config import PostTrainConfig
 
     args = _parse_args()
+    shipped_weight = PostTrainConfig().refit_dense_weight  # measured too, whatever the curve's points
     origin = provenance(vars(args), {"calibration_sample": 0})  # at the start: the commit that ran
     model, tokenizer = load_model("smollm2")
     split = default_split()
@@ -279,18 +285,33 @@ def main() -> None:
         assembly.apply({key: 0 for key in levels})
         ppl_dense_both = held_out_ppl(model, refit_windows, "dense")
         ppl_dense = ppl_dense_both["sotu"]
-        ppl_refit, refit_s = _refit_ppl(model, database, levels, ids, refit_windows, digest, args.batch_size, False)
-        ppl_reselect, _ = _refit_ppl(model, database, levels, ids, refit_windows, digest, args.batch_size, True)
+        # The dense weight's curve. The refit's own calibration rows cannot choose the weight (their ppl keeps
+        # falling as the pull overfits them), nor can held-out text: 16 blocks of the training split, which
+        # neither the database nor the refit saw, choose it, and every refit after the curve uses the choice.
+        validation = tokenize_blocks(split.training, tokenizer, 512, max_blocks=16)
+        curve_windows = {**refit_windows, "calibration": ids[:16], "validation": validation}
+        refit_curve = []
+        for dense_weight in sorted({float(w) for w in args.refit_weights.split(",") if w} | {shipped_weight}):
+            ppl, seconds = _refit_ppl(model, database, levels, ids, curve_windows, digest, args.batch_size, False,
+                                      dense_weight)
+            refit_curve.append({"dense_weight": dense_weight, "ppl_calibration": ppl["calibration"],
+                                "ppl_validation": ppl["validation"], "ppl_sotu": ppl["sotu"],
+                                "ppl_moby": ppl["moby"], "refit_s": seconds})
+        chosen = min(refit_curve, key=lambda point: point["ppl_validation"])
+        weight = chosen["dense_weight"]
+        ppl_refit, refit_s = {"sotu": chosen["ppl_sotu"], "moby": chosen["ppl_moby"]}, chosen["refit_s"]
+        ppl_reselect, _ = _refit_ppl(model, database, levels, ids, refit_windows, digest, args.batch_size, True,
+                                     weight)
         if args.refit_rows:  # the same database and genome, refitted on more calibration text than it was built on
             more_ids, _ = calibration_rows(split, tokenizer, args.refit_rows, 512)
             ppl_refit_more, _ = _refit_ppl(model, database, levels, more_ids, refit_windows, digest, args.batch_size,
-                                           False)
+                                           False, weight)
         searched = searched_levels(model, database, split, tokenizer, digest, args.search_generations)
         assembly.apply(searched)
         ppl_searched = held_out_ppl(model, refit_windows, "searched 50%")
         assembly.apply({key: 0 for key in searched})
         ppl_searched_refit, _ = _refit_ppl(model, database, searched, ids, refit_windows, digest, args.batch_size,
-                                           False)
+                                           False, weight)
         main_cost_aware = database.config.gqa_cost_aware  # the shipped default; the other order is built to compare
         ppl_other, other_build_s = other_gqa_order_ppl(model, ids, calibration_digest, eval_windows, digest,
                                                        args.batch_size, root, not main_cost_aware)
@@ -310,6 +331,8 @@ def main() -> None:
         "obs_vs_magnitude_pairs": len(ratios),
         "ppl_dense": ppl_dense, "ppl_uniform50_obs": ppl_obs, "ppl_uniform50_magnitude": ppl_magnitude,
         "ppl_uniform50_torch_pruning": None,
+        "refit_dense_weight": weight, "refit_dense_weight_shipped": shipped_weight,
+        "refit_dense_weight_curve": refit_curve,
         "ppl_uniform50_refit": ppl_refit["sotu"], "refit_ppl_ratio_uniform50": ppl_refit["sotu"] / ppl_obs,
         "ppl_searched50": ppl_searched["sotu"], "ppl_searched50_refit": ppl_searched_refit["sotu"],
         "refit_ppl_ratio_searched50": ppl_searched_refit["sotu"] / ppl_searched["sotu"],

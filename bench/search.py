@@ -208,7 +208,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
 
     def measure(genome: Genome, wall: float) -> tuple[dict, dict | None]:
         """The genome as selected (database weights), then as the compress flow finishes it: refitted on
-        propagated inputs when the preset says so (post_train.refit), then post-trained."""
+        propagated inputs as the preset says (post_train.refit, refit_dense_weight), then post-trained."""
         params = budget.cost(genome.levels)
         assembly.apply(genome.assignment(), rebuild=True)
         before = evaluate_row(model, data, eval_teacher, tokenizer, config, params, wall)
@@ -217,8 +217,9 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
         start = time.perf_counter()
         if config.post_train.refit:
             assembly.apply({key: 0 for key in genome.assignment()}, rebuild=True)  # the refit starts dense
-            assembly.database = RefitDatabase(database, refit_genome(model, database, genome.assignment(),
-                                                                     data.calibration_ids))
+            assembly.database = RefitDatabase(database, refit_genome(
+                model, database, genome.assignment(), data.calibration_ids,
+                dense_weight=config.post_train.refit_dense_weight))
         try:
             post_train(assembly, genome, data.post_train_ids, config, teacher=post_teacher, progress=True)
             post_s = time.perf_counter() - start

@@ -44,11 +44,18 @@ class DataConfig:
 class PostTrainConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(lr=5e-5, warmup_fraction=0.1,
                                                                             cosine=True, distill_weight=0.5))
-    # Before finetuning, refit the winner's OBS weights on inputs propagated through its pruned layers
-    # (darwinlm.core.database.refit). Off by default, by measurement (bench/results/database.json): on the
-    # plain greedy order it lowered uniform-50% held-out ppl on SmolLM2 to 0.886×, but on the GQA-aware order,
-    # now the default, it raises it (1.054× at uniform 50%, 1.047× on a searched genome).
-    refit: bool = False
+    # Before finetuning, refit the winner's OBS weights on inputs propagated through its pruned layers, towards
+    # a target pulled `refit_dense_weight` of the way to the dense model's own module outputs
+    # (darwinlm.core.database.refit). On by default, by measurement (bench/results/database.json, SmolLM2,
+    # uniform 50%): the weight was chosen on the calibration rows the refit fits (its `refit_dense_weight_curve`);
+    # with no pull (0) the refit raised held-out ppl on SOTU, and the full pull (1) is far worse than none.
+    refit: bool = True
+    refit_dense_weight: float = 0.3
+
+    def __post_init__(self):
+        if not 0.0 <= self.refit_dense_weight <= 1.0:
+            raise DarwinLMError(f"post_train: refit_dense_weight {self.refit_dense_weight} is outside [0, 1]",
+                                "use 0 for the propagated target, 1 for the dense model's outputs, or a blend")
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ class GenomeRef(Ref):
 
 class RefitRef(Ref):
     """The winner's refitted weights (refit.safetensors), and the mean relative output error of its modules on
-    the propagated calibration inputs with the database's weights and with the refitted ones."""
+    the propagated calibration inputs, against the refit's target (see post_train.refit_dense_weight), with the
+    database's weights and with the refitted ones."""
 
     uri: str
     error_before: float

@@ -203,8 +203,9 @@ def _winner(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
 
 @task(name="refit", **IO_RETRIES)
 def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, genome_ref: GenomeRef) -> RefitRef | None:
-    """Refit the winner's weights on inputs propagated through its pruned layers (config `post_train.refit`);
-    the artifact is refit.safetensors, written whole. None when the config turns the refit off."""
+    """Refit the winner's weights on inputs propagated through its pruned layers, pulled towards the dense
+    model's outputs by `post_train.refit_dense_weight` (config `post_train.refit`); the artifact is
+    refit.safetensors, written whole. None when the config turns the refit off."""
     config = _config(config_values)
     if not config.post_train.refit:
         return None
@@ -214,7 +215,8 @@ def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, gen
         model, tokenizer, data = _dense_model_and_data(config)
         database = Database.open(database_ref.uri)
         genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
-        result = refit_genome(model, database, genome.assignment(), data.calibration_ids)
+        result = refit_genome(model, database, genome.assignment(), data.calibration_ids,
+                              dense_weight=config.post_train.refit_dense_weight)
         storage.write_bytes(uri, result.to_bytes())
         errors = list(result.errors.values())
         return RefitRef(uri=uri, error_before=sum(before for before, _ in errors) / max(1, len(errors)),

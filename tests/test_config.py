@@ -1,5 +1,7 @@
 """Presets: every shipped preset validates and names its command; bad presets fail with one clear line."""
 
+from pathlib import Path
+
 import pytest
 
 from darwinlm.core.config import PRESET_DIR, config_from_dict, load_preset, preset_names
@@ -35,6 +37,7 @@ def test_paper_preset_is_the_published_schedule():
     ("data: {seq_len: 32, fitness_rows: 1}\nsearch:\n  stages:\n    - {survivors: 1, fitness_tokens: 640}\n",
      "fitness tokens"),
     ("database: {gqa_mode: rows}\n", "unknown gqa_mode"),
+    ("post_train: {refit_dense_weight: 1.5}\n", r"refit_dense_weight 1.5 is outside \[0, 1\]"),
     ("search: {a: [\n", "not valid YAML"),
 ])
 def test_malformed_presets_fail_clearly(tmp_path, content, message):
@@ -87,3 +90,16 @@ def test_gqa_cost_aware_off_keeps_run_names_and_on_changes_them():
     assert config.digest == hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
     aware = load_preset("smollm2-demo")  # on by default
     assert aware.database.gqa_cost_aware and aware.digest != config.digest
+
+
+def test_the_shipped_refit_dense_weight_is_the_one_bench_database_chose():
+    """Presets follow measurements: bench.database picks the refit's dense weight on validation text; the
+    default must be that pick (rerun the bench after changing the refit, then set the default from it)."""
+    import json
+
+    from darwinlm.core.config import PostTrainConfig
+
+    results = json.loads((Path(__file__).parents[1] / "bench" / "results" / "database.json").read_text())
+    if "refit_dense_weight" not in results:
+        pytest.skip("database.json predates the dense-weight curve")
+    assert PostTrainConfig().refit_dense_weight == results["refit_dense_weight"]
