@@ -129,10 +129,10 @@ class InputMoments:
     in the dense model, row for row, also G = 2/n Σ x_d xᵀ and D = 2/n Σ x_d x_dᵀ.
     """
 
-    def __init__(self, d_in: int, dense_inputs: torch.Tensor | None = None):
-        self.propagated = HessianAccumulator(d_in)
+    def __init__(self, d_in: int, dense_inputs: torch.Tensor | None = None, device=None):
+        self.propagated = HessianAccumulator(d_in, device)
         self.dense_inputs = dense_inputs
-        self.cross_sum = None if dense_inputs is None else torch.zeros(d_in, d_in)
+        self.cross_sum = None if dense_inputs is None else torch.zeros(d_in, d_in, device=device)
         self.offset = 0
 
     def add(self, inputs: torch.Tensor) -> None:
@@ -160,7 +160,7 @@ class InputMoments:
         """D (H without dense inputs)."""
         if self.dense_inputs is None:
             return self.hessian()
-        accumulator = HessianAccumulator(self.dense_inputs.shape[1])
+        accumulator = HessianAccumulator(self.dense_inputs.shape[1], self.dense_inputs.device)
         accumulator.add(self.dense_inputs)
         return accumulator.hessian()
 
@@ -176,7 +176,7 @@ class InputMoments:
 @contextmanager
 def collect_input_moments(linear: nn.Linear, dense_inputs: torch.Tensor | None = None):
     """While open, every forward of `linear` adds its inputs to the yielded InputMoments."""
-    moments = InputMoments(linear.in_features, dense_inputs)
+    moments = InputMoments(linear.in_features, dense_inputs, linear.weight.device)
     handle = linear.register_forward_pre_hook(lambda _m, args: moments.add(args[0]))
     try:
         yield moments
