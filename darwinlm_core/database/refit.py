@@ -148,28 +148,19 @@ class InputMoments:
     def hessian(self) -> torch.Tensor:
         return self.propagated.hessian()
 
-    def cross(self) -> torch.Tensor:
-        """G (H without dense inputs)."""
-        if self.cross_sum is None:
-            return self.hessian()
-        if self.offset != self.dense_inputs.shape[0]:
-            raise RuntimeError(f"{self.offset} propagated tokens against {self.dense_inputs.shape[0]} dense ones")
-        return self.cross_sum * (2.0 / self.offset)
-
-    def dense_hessian(self) -> torch.Tensor:
-        """D (H without dense inputs)."""
-        if self.dense_inputs is None:
-            return self.hessian()
-        accumulator = HessianAccumulator(self.dense_inputs.shape[1], self.dense_inputs.device)
-        accumulator.add(self.dense_inputs)
-        return accumulator.hessian()
-
     def blended(self, dense_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(H, G_w, D_w) in float64 for target inputs t = x + w (x_d − x): G_w = 2/n Σ t xᵀ, D_w = 2/n Σ t tᵀ."""
         h = self.hessian().double()
         if dense_weight == 0:
             return h, h, h
-        g, d, w = self.cross().double(), self.dense_hessian().double(), dense_weight
+        if self.cross_sum is None:
+            raise RuntimeError("a dense weight above 0 needs the dense inputs")
+        if self.offset != self.dense_inputs.shape[0]:
+            raise RuntimeError(f"{self.offset} propagated tokens against {self.dense_inputs.shape[0]} dense ones")
+        g = self.cross_sum.double() * (2.0 / self.offset)
+        dense = HessianAccumulator(self.dense_inputs.shape[1], self.dense_inputs.device)
+        dense.add(self.dense_inputs)
+        d, w = dense.hessian().double(), dense_weight
         return h, (1 - w) * h + w * g, (1 - w) ** 2 * h + w * (1 - w) * (g + g.T) + w**2 * d
 
 
