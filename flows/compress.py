@@ -6,7 +6,9 @@
 
 Each stage's artifact lives under the run root on the store (a path or fsspec URI); the run root is named by
 the config digest and the base model, so running the same compression again resumes it (or does nothing
-when it finished). Parameters are a pydantic model, so the Prefect UI renders them as a form.
+when it finished). What depends only on the dense model and the rows (the database, the teachers, the dense
+model's evaluation) is addressed by content on the store instead, so runs that differ only in search or
+post-training settings share it. Parameters are a pydantic model, so the Prefect UI renders them as a form.
 """
 
 import json
@@ -100,7 +102,7 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
 
 
 def _run_stages(parameters, config, values, store, run_uri, started, logger) -> dict:
-    data = prepare_data_task(values, run_uri)
+    data = prepare_data_task(values, run_uri, store)
     tracker = Tracker()
     lineage = {"base_model": config.model, "base_model_digest": data.base_model_digest,
                "split_digest": data.split_digest, "config_digest": config.digest}

@@ -19,6 +19,9 @@ class DataRef(Ref):
     split_digest: str
     calibration_digest: str
     base_model_digest: str
+    # The store the run belongs to: the dense model's teachers and evaluation there are shared by every run of
+    # the same model and rows (other seeds, fractions, schedules). None in a run prepared before they were.
+    store_uri: str | None = None
 
 
 class DatabasePlan(Ref):

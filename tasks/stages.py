@@ -5,6 +5,9 @@ file that plays that role) last, and returns references — never tensors. A tas
 returns it without work (darwinlm.tasks.stored).
 """
 
+import dataclasses
+import json
+
 import torch
 from prefect import get_run_logger, task
 
@@ -46,14 +49,51 @@ live_objects = LiveObjects()
 
 
 @task(name="prepare-data", **IO_RETRIES)
-def prepare_data_task(config_values: dict, run_uri: str) -> DataRef:
-    """Record the data split and its digests for the run (tokenization itself is redone where needed)."""
+def prepare_data_task(config_values: dict, run_uri: str, store_uri: str | None = None) -> DataRef:
+    """Record the data split and its digests for the run (tokenization itself is redone where needed), and
+    the store whose shared dense-model artifacts it uses."""
     def record() -> DataRef:
         model, tokenizer, data = _dense_model_and_data(_config(config_values))
         return DataRef(split=data.split.describe(), split_digest=data.split.digest,
-                       calibration_digest=data.calibration_digest, base_model_digest=model_digest(model))
+                       calibration_digest=data.calibration_digest, base_model_digest=model_digest(model),
+                       store_uri=store_uri)
 
     return stored_or_computed(storage.join(run_uri, "data.json"), record, DataRef)
+
+
+def _run_data(run_uri: str) -> DataRef:
+    """The run's data record (prepare_data_task writes it before any later stage runs)."""
+    return DataRef.model_validate(read_json(storage.join(run_uri, "data.json")))
+
+
+def _dense_work_key(config: CompressConfig, data_ref: DataRef, model, inputs: dict) -> str:
+    """Names work of the dense model by all its result depends on: the model's weights, the precision and
+    kind of device it ran in, and `inputs` (JSON: tensors as their digests)."""
+    values = {"model": data_ref.base_model_digest, "dtype": config.dtype,
+              "device": next(model.parameters()).device.type, **inputs}
+    return storage.sha256(json.dumps(values, sort_keys=True).encode())[:16]
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    return storage.sha256(json.dumps(list(ids.shape)).encode() + ids.numpy().tobytes())
+
+
+def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run_local: str | None
+             ) -> CompactTeacher:
+    """The dense `model`'s compact teacher on the rows `ids`: stored once per model, rows, top-k, dtype and
+    device kind under the store's teachers/, where every run that needs it reads it. A run prepared before
+    teachers were shared keeps its own at `run_local` under the run root (None: not stored)."""
+    data_ref = _run_data(run_uri)
+    uri = storage.join(run_uri, run_local) if run_local else None
+    if data_ref.store_uri is not None:
+        key = _dense_work_key(config, data_ref, model, {"rows": _ids_digest(ids), "top_k": config.teacher_top_k})
+        uri = storage.join(data_ref.store_uri, "teachers", f"{key}.safetensors")
+    if uri is not None and storage.exists(uri):
+        return CompactTeacher.from_bytes(storage.read_bytes(uri))
+    teacher = compute_teacher(model, ids, config.teacher_top_k)
+    if uri is not None:
+        storage.write_bytes(uri, teacher.to_bytes())
+    return teacher
 
 
 def _database_root(config: CompressConfig, store_uri: str, data_ref: DataRef) -> str:
@@ -102,15 +142,10 @@ def database_finish_task(config_values: dict, store_uri: str, data_ref: DataRef,
 
 def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> Search:
     """The live search of a run in this process (a flow process, or a Dask worker that keeps it between
-    candidates). The teacher is computed once per run and stored, so workers read it instead."""
+    candidates). The teacher is stored (once per dense model and rows, see _teacher), so workers read it."""
     def search() -> Search:
         model, tokenizer, data = _dense_model_and_data(config)
-        teacher_uri = storage.join(run_uri, "teacher.safetensors")
-        if storage.exists(teacher_uri):
-            teacher = CompactTeacher.from_bytes(storage.read_bytes(teacher_uri))
-        else:
-            teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)  # dense, before pruning
-            storage.write_bytes(teacher_uri, teacher.to_bytes())
+        teacher = _teacher(config, run_uri, model, data.fitness_ids, "teacher.safetensors")  # dense: before pruning
         assembly = LiveAssembly(model, Database.open(database_ref.uri))
         return Search(assembly, teacher, data.train_ids, config.search,
                       state_uri=storage.join(run_uri, "search_state.json"))
@@ -233,16 +268,16 @@ def post_train_task(config_values: dict, run_uri: str, database_ref: DatabaseRef
     and export it; the export is the artifact (its config.json is written last)."""
     model_uri = storage.join(run_uri, "model")
     built_unless_marked(storage.join(model_uri, "config.json"), lambda: _post_train_and_export(
-        _config(config_values), database_ref, genome_ref, refit_ref, model_uri))
+        _config(config_values), run_uri, database_ref, genome_ref, refit_ref, model_uri))
     return ModelRef(uri=model_uri)
 
 
-def _post_train_and_export(config: CompressConfig, database_ref: DatabaseRef, genome_ref: GenomeRef,
+def _post_train_and_export(config: CompressConfig, run_uri: str, database_ref: DatabaseRef, genome_ref: GenomeRef,
                            refit_ref: RefitRef | None, model_uri: str) -> None:
     model, tokenizer, data = _dense_model_and_data(config)
     teacher = None
     if config.post_train.finetune.distill_weight > 0:
-        teacher = compute_teacher(model, data.post_train_ids, config.teacher_top_k)
+        teacher = _teacher(config, run_uri, model, data.post_train_ids, None)
     database = Database.open(database_ref.uri)
     if refit_ref is not None:  # the chosen levels load the refitted weights; the digest stays the database's
         database = RefitDatabase(database, RefitResult.from_bytes(storage.read_bytes(refit_ref.uri)))
@@ -290,25 +325,23 @@ def evaluate_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> dic
     uri = storage.join(run_uri, "evaluation.json")
     if storage.exists(uri):
         return read_json(uri)
-    results = _evaluate(_config(config_values), model_ref)
+    results = _evaluate(_config(config_values), run_uri, model_ref)
     write_model_card(model_ref.uri, evaluation=results)  # the card now shows before/after figures
     write_json(uri, results)
     return results
 
 
-def _evaluate(config: CompressConfig, model_ref: ModelRef) -> dict:
+def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict:
     from transformers import AutoModelForCausalLM
 
     dense, tokenizer, data = _dense_model_and_data(config)
     pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref.uri)).eval()
     pruned = pruned.to(next(dense.parameters()).device)
-    results = {}
-    dense_row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True)
-    for name, model in (("dense", dense), ("pruned", pruned)):
-        row = dense_row if model is dense else evaluate(model, data, teacher, progress=True)
-        row["params"] = sum(p.numel() for p in model.parameters())
-        row.update(zero_shot_scores(model, tokenizer, data, config))
-        results[name] = row
+    dense_row, teacher = _dense_evaluation(config, _run_data(run_uri), dense, tokenizer, data)
+    pruned_row = evaluate(pruned, data, teacher, progress=True)
+    pruned_row["params"] = sum(p.numel() for p in pruned.parameters())
+    pruned_row.update(zero_shot_scores(pruned, tokenizer, data, config))
+    results = {"dense": dense_row, "pruned": pruned_row}
     windows = next(iter(data.eval_windows.values()))
     speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed
@@ -317,6 +350,35 @@ def _evaluate(config: CompressConfig, model_ref: ModelRef) -> dict:
                          **{name: greedy_continuation(model, tokenizer, prompt)
                             for name, model in (("dense", dense), ("pruned", pruned))}}
     return results
+
+
+def _dense_evaluation(config: CompressConfig, data_ref: DataRef, dense, tokenizer, data
+                      ) -> tuple[dict, CompactTeacher]:
+    """The dense model's evaluation row (perplexities, KL, parameters, zero-shot scores) and the teacher the
+    pruned model's KL is taken against. It depends only on the dense model, the held-out rows and the
+    evaluation settings, so it is stored once under the store's dense-evaluations/ (the row written after the
+    teacher, as its marker) and read by every later run that asks for the same; a run prepared before it was
+    shared computes it."""
+    from importlib.metadata import version
+
+    folder = None
+    if data_ref.store_uri is not None:
+        windows = {name: _ids_digest(ids) for name, ids in data.eval_windows.items()}
+        lm_eval = version("lm_eval") if config.evaluate.tasks else None  # its scoring may change between versions
+        key = _dense_work_key(config, data_ref, dense, {
+            "split": data_ref.split_digest, "windows": windows, "top_k": config.teacher_top_k,
+            "evaluate": dataclasses.asdict(config.evaluate), "lm_eval": lm_eval})
+        folder = storage.join(data_ref.store_uri, "dense-evaluations", key)
+        if storage.exists(storage.join(folder, "evaluation.json")):
+            teacher = CompactTeacher.from_bytes(storage.read_bytes(storage.join(folder, "teacher.safetensors")))
+            return read_json(storage.join(folder, "evaluation.json")), teacher
+    row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True)
+    row["params"] = sum(p.numel() for p in dense.parameters())
+    row.update(zero_shot_scores(dense, tokenizer, data, config))
+    if folder is not None:
+        storage.write_bytes(storage.join(folder, "teacher.safetensors"), teacher.to_bytes())
+        write_json(storage.join(folder, "evaluation.json"), row)
+    return row, teacher
 
 
 def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:

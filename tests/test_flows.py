@@ -126,6 +126,22 @@ def test_rerun_of_a_finished_compression_does_no_work(workspace, monkeypatch):
     assert second["model_uri"] == first["model_uri"] and second["registered_version"] == first["registered_version"]
 
 
+def test_runs_of_one_model_and_text_share_the_dense_models_teachers_and_evaluation(workspace, monkeypatch):
+    """Another search seed is another run over the same dense model and rows: its teachers and the dense model's
+    evaluation are read from the store, not computed again, and its dense row is the first run's."""
+    from darwinlm.flows.compress import compress
+    import darwinlm.tasks.stages as stages
+
+    first = compress(parameters(workspace))
+    monkeypatch.setattr(stages, "compute_teacher", lambda *a, **k: pytest.fail("a teacher was computed again"))
+    monkeypatch.setattr(stages, "evaluate_dense", lambda *a, **k: pytest.fail("the dense model was evaluated again"))
+    second = compress(parameters(workspace).model_copy(update={"seed": 1}))
+    assert second["run_uri"] != first["run_uri"]
+    assert second["evaluation"]["dense"] == first["evaluation"]["dense"]
+    assert second["evaluation"]["pruned"]["kl"] > 0  # the pruned model is still measured, against the stored teacher
+    assert campaign.artifact_problems(workspace / "store") == []
+
+
 def test_crashed_compression_resumes_without_redoing_finished_stages(workspace, monkeypatch):
     from darwinlm.flows.compress import compress
     import darwinlm.tasks.stages as stages
@@ -292,7 +308,7 @@ def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, 
             name=TaskRunFilterName(like_="candidate-g")), limit=200)
     # per generation 4 offspring, then 2 survivors + the parent; generation 1 adds its informed step
     assert len(candidates) == 2 * (4 + 3) + 1 and all(run.state.is_completed() for run in candidates)
-    assert (Path(summary["run_uri"]) / "teacher.safetensors").exists()
+    assert len(list((workspace / "store" / "teachers").glob("*.safetensors"))) == 2  # search pool, post-training
 
 
 def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace, monkeypatch):
