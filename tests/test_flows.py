@@ -232,6 +232,8 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
                  "registered.json"):
         assert fs.exists(f"{run}/{name}"), name
     assert fs.exists(summary["database"]["uri"].removeprefix("s3://") + "/manifest.json")
+    assert len(fs.glob("darwinlm/store/teachers/*.safetensors")) == 2  # the shared dense-model work too
+    assert len(fs.glob("darwinlm/store/dense-evaluations/*/evaluation.json")) == 1
     pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(summary["model_uri"]))
     assert sum(p.numel() for p in pruned.parameters()) == summary["evaluation"]["pruned"]["params"]
     assert not (workspace / "store").exists()  # nothing went to local disk instead
