@@ -137,7 +137,10 @@ def test_runs_of_one_model_and_text_share_the_dense_models_teachers_and_evaluati
     monkeypatch.setattr(stages, "evaluate_dense", lambda *a, **k: pytest.fail("the dense model was evaluated again"))
     second = compress(parameters(workspace).model_copy(update={"seed": 1}))
     assert second["run_uri"] != first["run_uri"]
-    assert second["evaluation"]["dense"] == first["evaluation"]["dense"]
+    measured_again = ("prefill_tokens_per_s",)  # a speed ratio needs both models timed in the same run
+    dense_rows = [{key: value for key, value in run["evaluation"]["dense"].items() if key not in measured_again}
+                  for run in (first, second)]
+    assert dense_rows[0] == dense_rows[1] and "ppl_in_domain" in dense_rows[0]
     assert second["evaluation"]["pruned"]["kl"] > 0  # the pruned model is still measured, against the stored teacher
     assert campaign.artifact_problems(workspace / "store") == []
 
