@@ -33,6 +33,8 @@ bench: setup
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --results search-demo   # ~35 min: the smollm2-demo preset's own search (make demo's), against uniform
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --surrogate-screen 4 --results search-surrogate   # ~30 min: mutants screened by the slope-weighted stored errors
 	.venv/bin/python -m bench.search --targets 0.3 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --results search-demo-30   # ~35 min: the preset's search at 30% removed
+	.venv/bin/python -m bench.search --targets 0.3 --seeds 0,1,2 --methods oneshot --generations 20 --informed-every 6 --skip-peer --skip-post-train --results search-informed-30-matched   # ~25 min: 20 generations with an informed step every 6, at 30% removed
+	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --generations 20 --informed-every 6 --skip-peer --skip-post-train --results search-informed-50-matched   # ~20 min: the same at 50% removed
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0 --methods oneshot --generations 80 --informed-every 0 --skip-peer --skip-post-train --results search-long   # ~20 min: where one seed's plain search stands after 80 generations
 	.venv/bin/python -m bench.neighbourhood             # ~55 min: better genomes one level swap from a search's result?
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods trainaware,oneshot_matched --generations 6 --skip-peer --results search-matched   # ~75 min: training-aware vs one-shot at matched wall time
