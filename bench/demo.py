@@ -49,8 +49,14 @@ def main() -> None:
     if args.rerun_seed is not None:
         again = compressed(darwinlm, command + ["--seed", str(args.rerun_seed)])
         results["rerun"] = {"seed": args.rerun_seed, **{key: again[key] for key in ("wall_s", "pruned", "model_uri")},
-                            "dense_as_first_run": again["dense"] == table["dense"]}
+                            "dense_as_first_run": dense_figures(again) == dense_figures(table)}
     write_results("demo", results, echo=False, origin=origin)
+
+
+def dense_figures(table: dict) -> dict:
+    """The dense row but its prefill speed, which every run times again beside its pruned model (a speed
+    ratio needs both timed in one run): what a second run reads from the store."""
+    return {key: value for key, value in table["dense"].items() if key != "prefill_tokens_per_s"}
 
 
 def compressed(darwinlm, command: list[str]) -> dict:
