@@ -89,6 +89,7 @@ def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run
         key = _dense_work_key(config, data_ref, model, {"rows": _ids_digest(ids), "top_k": config.teacher_top_k})
         uri = storage.join(data_ref.store_uri, "teachers", f"{key}.safetensors")
     if uri is not None and storage.exists(uri):
+        get_run_logger().info("dense teacher of %d rows read from %s", ids.shape[0], uri)
         return CompactTeacher.from_bytes(storage.read_bytes(uri))
     teacher = compute_teacher(model, ids, config.teacher_top_k)
     if uri is not None:
@@ -370,6 +371,7 @@ def _dense_evaluation(config: CompressConfig, data_ref: DataRef, dense, tokenize
             "evaluate": dataclasses.asdict(config.evaluate), "lm_eval": lm_eval})
         folder = storage.join(data_ref.store_uri, "dense-evaluations", key)
         if storage.exists(storage.join(folder, "evaluation.json")):
+            get_run_logger().info("dense model's evaluation read from %s (an earlier run's)", folder)
             teacher = CompactTeacher.from_bytes(storage.read_bytes(storage.join(folder, "teacher.safetensors")))
             return read_json(storage.join(folder, "evaluation.json")), teacher
     row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True)
