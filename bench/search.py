@@ -3,7 +3,7 @@ torch-pruning peers, each before and after the same post-training, on the same h
 
     python -m bench.search [--targets 0.5,0.3] [--seeds 0,1,2] [--methods oneshot,trainaware,oneshot_matched]
                            [--match trainaware] [--generations G] [--offspring K] [--informed-every K]
-                           [--confirm-tokens N] [--accept-z Z]
+                           [--confirm-tokens N] [--accept-z Z] [--surrogate-screen K] [--kl-skip-tokens N]
                            [--task-limit 0] [--skip-peer] [--skip-post-train]
 
 Writes bench/results/search.json by itself when every target is done, with provenance (rows so far are kept in
@@ -42,7 +42,7 @@ METRICS = ("ppl_sotu", "ppl_moby", "kl", "zeroshot_acc", "params")
 MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/search.py", "bench/peer_torch_pruning.py")
 # search settings an argument may set, else the preset's (a namespace without them, like bench.neighbourhood's, keeps
 # the preset's)
-SEARCH_KNOBS = ("informed_every", "confirm_tokens", "accept_z", "surrogate_screen")
+SEARCH_KNOBS = ("informed_every", "confirm_tokens", "accept_z", "surrogate_screen", "kl_skip_tokens")
 SEARCH_METHODS = {"oneshot": "darwinlm_oneshot", "trainaware": "darwinlm_trainaware",
                   "oneshot_matched": "darwinlm_oneshot_matched"}
 
@@ -350,6 +350,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         "beats it by this many paired standard errors; default: the smollm2-demo preset's")
     parser.add_argument("--surrogate-screen", type=int, default=None, help="draw this many times the offspring "
                         "and keep those the slope-weighted errors predict best (1: none); default: the preset's")
+    parser.add_argument("--kl-skip-tokens", type=int, default=None, help="leave the first N positions of every "
+                        "selection row out of a candidate's KL; default: the smollm2-demo preset's")
     parser.add_argument("--fitness-rows", type=int, default=demo.data.fitness_rows, help="teacher pool: the "
                         "search's fixed rows + the rows it selects on")
     parser.add_argument("--task-limit", type=int, default=0, help="examples per offline zero-shot task; 0: skip")

@@ -10,7 +10,7 @@ search_bench = pytest.importorskip("bench.search")
 
 def arguments(**overrides) -> SimpleNamespace:
     values = dict(model="smollm2", fitness_rows=68, generations=20, offspring=6, task_limit=0, informed_every=None,
-                  confirm_tokens=None, accept_z=None, surrogate_screen=None)
+                  confirm_tokens=None, accept_z=None, surrogate_screen=None, kl_skip_tokens=None)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -44,6 +44,14 @@ def test_the_surrogate_screen_comes_from_the_arguments_else_from_the_preset():
     assert search_bench.bench_preset(arguments(surrogate_screen=4), 0.5).search.surrogate_screen == 4
     assert (search_bench.bench_preset(arguments(), 0.5).search.surrogate_screen
             == load_preset("smollm2-demo").search.surrogate_screen)
+
+
+def test_the_skipped_context_positions_come_from_the_arguments_else_from_the_preset():
+    from darwinlm.core.config import load_preset
+
+    assert search_bench.bench_preset(arguments(kl_skip_tokens=32), 0.5).search.kl_skip_tokens == 32
+    assert (search_bench.bench_preset(arguments(), 0.5).search.kl_skip_tokens
+            == load_preset("smollm2-demo").search.kl_skip_tokens)
 
 
 def test_a_namespace_without_the_search_settings_gets_the_preset_s():
