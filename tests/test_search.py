@@ -10,7 +10,8 @@ from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
-from darwinlm.core.search.fitness import compute_teacher, exact_kl_per_token, kl_per_token
+from darwinlm.core.search.fitness import (CompactTeacher, compute_teacher, exact_kl_per_token, kl_per_position,
+                                          kl_per_row, kl_per_token)
 from darwinlm.core.search.genome import Budget, budget_neutral_switch, mutate, offspring
 from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig, paired_z
 from tests.support.tiny_models import random_token_rows, tiny_model
@@ -354,3 +355,38 @@ def test_a_confirmation_the_pool_cannot_hold_is_refused_with_the_fix(tiny_setup)
                SearchConfig(offspring=2, stages=(StageConfig(1, 48),), start="uniform", confirm_tokens=32))
     with pytest.raises(DarwinLMError, match="confirm_tokens"):
         SearchConfig(confirm_tokens=-1)
+
+
+def test_skipped_context_positions_do_not_count_in_a_candidate_s_fitness(tiny_setup):
+    """With kl_skip_tokens P, a candidate's KL is the mean over positions ≥ P only: a teacher whose first P
+    positions say something else entirely gives the same fitness, the full mean would not."""
+    _, database = tiny_setup
+    model = tiny_model("llama", num_hidden_layers=4)  # the database's model, fresh: the assembly prunes it
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16, seed=5)
+    teacher = compute_teacher(model, rows, top_k=32)
+    garbled = CompactTeacher(teacher.input_ids, teacher.top_logprobs.clone(), teacher.top_ids.clone())
+    garbled.top_ids[:, :4] = teacher.top_ids[:, :4].flip(-1).roll(1, dims=1)  # other tokens hold the mass
+    config = SearchConfig(offspring=2, stages=(StageConfig(1, 16),), start="uniform", kl_skip_tokens=4)
+    search = Search(LiveAssembly(model, database), teacher, rows, config)
+    levels = search.budget.uniform()
+    skipped = search.evaluate_rows(levels, teacher.rows(torch.arange(4, 8)), None)
+    assert search.evaluate_rows(levels, garbled.rows(torch.arange(4, 8)), None) == skipped
+    per_position = kl_per_position(model(rows[4:8]).logits, teacher.top_logprobs[4:8], teacher.top_ids[4:8])
+    assert skipped == pytest.approx(per_position[:, 4:].mean(-1).tolist(), abs=1e-6)
+    # the model is at `levels`: with every position counted, the garbled ones weigh in
+    counted = [kl_per_row(model, each.rows(torch.arange(4, 8))) for each in (teacher, garbled)]
+    assert max(abs(g - c) for c, g in zip(*counted)) > 0.01
+
+
+def test_skipping_a_whole_row_is_refused_with_the_fix(tiny_setup):
+    _, database = tiny_setup
+    model = tiny_model("llama", num_hidden_layers=4)
+    rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
+    teacher = compute_teacher(model, rows, top_k=32)
+    with pytest.raises(DarwinLMError, match="kl_skip_tokens 16 leaves nothing of rows of 16 tokens"):
+        Search(LiveAssembly(model, database), teacher, rows,
+               SearchConfig(offspring=2, stages=(StageConfig(1, 16),), start="uniform", kl_skip_tokens=16))
+    with pytest.raises(DarwinLMError, match="kl_skip_tokens"):
+        SearchConfig(kl_skip_tokens=-1)
+    with pytest.raises(DarwinLMError, match="first 16 positions"):
+        kl_per_row(model, teacher, skip_tokens=16)
