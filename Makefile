@@ -32,6 +32,8 @@ bench: setup
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --generations 30 --accept-z 0 --skip-peer --skip-post-train --results search-accept-zero   # ~20 min: DarwinLM's rule (any challenger that scores lower replaces the parent)
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --results search-demo   # ~35 min: the smollm2-demo preset's own search (make demo's), against uniform
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --surrogate-screen 4 --results search-surrogate   # ~30 min: mutants screened by the slope-weighted stored errors
+	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --kl-skip-tokens 32 --results search-skip32   # ~25 min: each selection row's first 32 positions left out of the fitness
+	.venv/bin/python -m bench.positions                  # ~5 min: where in a selection row a decision's noise sits
 	.venv/bin/python -m bench.search --targets 0.3 --seeds 0,1,2 --methods oneshot --skip-peer --skip-post-train --results search-demo-30   # ~35 min: the preset's search at 30% removed
 	.venv/bin/python -m bench.search --targets 0.3 --seeds 0,1,2 --methods oneshot --generations 20 --informed-every 6 --skip-peer --skip-post-train --results search-informed-30-matched   # ~25 min: 20 generations with an informed step every 6, at 30% removed
 	.venv/bin/python -m bench.search --targets 0.5 --seeds 0,1,2 --methods oneshot --generations 20 --informed-every 6 --skip-peer --skip-post-train --results search-informed-50-matched   # ~20 min: the same at 50% removed

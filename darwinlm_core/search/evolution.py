@@ -103,12 +103,13 @@ class SearchConfig:
     # Off by default: on SmolLM2 at 50% over 3 seeds, K = 4 ended within noise of plain draws (SOTU 0.830 vs
     # 0.827 of uniform's perplexity, Moby-Dick 0.762 vs 0.771; bench/results/search-surrogate.json).
     surrogate_screen: int = 1
-    # The first positions of every selection row are context only: their KL is left out of a candidate's
-    # fitness. A row's first tokens are predicted from almost no context, and there the paired KL difference
-    # of two candidates is mostly noise. Measured on SmolLM2 at 50% (24 rows of 512 tokens, 12 mutants of the
-    # informed start): the per-token sd of that difference is 0.76 over positions 0-7, 0.30 over 8-31 and
-    # 0.10-0.11 from 32 on; leaving out the first 32 lowers a 3-row decision's standard error from 0.0053
-    # to 0.0040, and its mean still correlates 0.98 with the all-position mean.
+    # > 0: the first positions of every selection row are context only, their KL left out of a candidate's
+    # fitness, since a row's first tokens are predicted from almost no context. Off by default, by measurement
+    # on SmolLM2 at 50%: those positions are the noisiest (bench/results/positions.json: per-token sd of a
+    # mutant's paired KL difference 0.65 over positions 0-7, 0.14 from 128 on), but they carry signal too, so
+    # leaving out the first 32 lowers a 3-row decision's standard error by a fifth and its mean difference as
+    # much (median |z| 0.40 → 0.38); over 3 seeds, searching so ended within noise of counting every position
+    # (bench/results/search-skip32.json: 0.843 / 0.768 of uniform's perplexity against 0.827 / 0.771).
     kl_skip_tokens: int = 0
 
     def __post_init__(self):
