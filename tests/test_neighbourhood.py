@@ -31,3 +31,17 @@ def test_no_swap_past_the_last_or_first_level():
     budget = Budget((costs, costs), target=20, tolerance=10, kind="params")
     assert neighbourhood.swaps((2, 0), budget) == [(1, 0)]  # module 0 cannot go up, nor module 1 down
     assert neighbourhood.swaps((1, 1), budget) == [(0, 1), (1, 0)]
+
+
+def test_combined_swaps_touch_disjoint_modules_best_first_and_keep_the_budget():
+    costs = (30, 20, 10, 0)
+    budget = Budget((costs,) * 4, target=4 * 15, tolerance=10, kind="params")  # every level sum 6 meets it
+    levels = (1, 2, 1, 2)
+    moves = [(0, 1), (1, 2), (2, 3), (3, 0)]  # best first; the second shares module 1 with the first
+    genome, applied = neighbourhood.combined(levels, moves, budget)
+    assert applied == [(0, 1), (2, 3)] and genome == (2, 1, 2, 1)
+    assert budget.feasible(genome)
+    uneven = (30, 20, 15, 0)  # module 2's step down adds 10, module 0's step up frees 5
+    tight = Budget((uneven,) * 4, target=70, tolerance=10, kind="params")
+    assert tight.feasible(levels)
+    assert neighbourhood.combined(levels, [(0, 2), (1, 3)], tight) == ((1, 3, 1, 1), [(1, 3)])  # (0, 2): over it
