@@ -118,18 +118,16 @@ def flat_params(values: dict, prefix: str = "") -> dict:
 
 
 def generation_metrics(record: dict) -> dict:
-    """A search generation's record as MLflow metrics: the parent's fixed-row KL (the trajectory), acceptance
-    rate, move size, the paired z of the best challenger against the parent (how clear the decision was), whether
-    an informed step won, whether a confirmation upheld a replacement, and the best and median candidate of every selection stage."""
+    """A search generation's record as MLflow metrics: the parent's fixed-row KL (the trajectory), whether the
+    parent was replaced (`accepted`, 0 or 1) and the acceptance rate, move size, the paired z of the best
+    challenger against the parent (how clear the decision was; absent when no challenger beat the parent on the
+    rows, where there is no decision to measure), and the best and median candidate of every selection stage."""
     metrics = {key: record[key] for key in ("fixed_kl", "best_fitness", "acceptance_rate", "move_size", "kept",
                                             "evaluations", "wall_s", "compute_s") if key in record}
+    if "accepted" in record:
+        metrics["accepted"] = float(record["accepted"])
     if record.get("paired_z") is not None and abs(record["paired_z"]) != float("inf"):
         metrics["paired_z"] = record["paired_z"]
-    if "informed" in record:  # a generation with an informed step: did it win, and how far did it move
-        metrics["informed_won"] = float(record["informed"]["won"])
-        metrics["informed_moved"] = record["informed"]["moved"]
-    if "confirmation" in record:  # a challenger cleared the last stage: did more rows uphold it
-        metrics["confirmation_upheld"] = float(record["confirmation"]["upheld"])
     for index, stage in enumerate(record.get("stages", [])):
         metrics[f"stage{index}_best"], metrics[f"stage{index}_median"] = stage["best"], stage["median"]
     return metrics

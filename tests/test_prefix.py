@@ -105,16 +105,3 @@ def test_a_search_reusing_prefixes_ends_exactly_where_full_passes_do(tmp_path, f
     assert reused_state.parent == full_state.parent and reused_state.start == full_state.start
     for key in ("best_fitness", "fixed_kl", "challenger_fitness", "median_fitness", "accepted", "paired_z"):
         assert [h[key] for h in reused_state.history] == [h[key] for h in full_state.history], key
-
-
-def test_reuse_leaves_out_the_skipped_context_positions_as_a_full_pass_does(tmp_path):
-    model, database, rows = _pruned_setup("llama", tmp_path)
-    teacher = compute_teacher(model, rows[:3], top_k=32)
-    assembly, reuse = LiveAssembly(model, database), _reuse(model, database)
-    genomes = [_candidates(database)[index] for index in reuse.evaluation_order(_candidates(database))]
-    for levels in genomes[:3] + genomes[2:3]:  # the last one again: every block is kept
-        assembly.apply(Genome(levels, database.digest).assignment())
-        skipped = reuse.kl_per_row(levels, teacher, skip_tokens=5)
-        assert skipped == kl_per_row(model, teacher, batch_size=2, skip_tokens=5)
-        assert skipped != kl_per_row(model, teacher, batch_size=2)
-    assert reuse.verified is True and reuse.reused_blocks > 0

@@ -8,13 +8,11 @@ every candidate a short finetune, measuring its KL to the dense teacher on the s
 best `survivors`. The parent joins the last stage (elitism), so it is replaced only by a candidate that beats
 it on the same rows after the same finetune, by `accept_z` standard errors of their paired per-row difference:
 on SmolLM2 the KL difference of two neighbouring genomes swings by ~0.08 per 512-token row while a switch
-moves the mean by 0.005–0.05, so without that margin most replacements are row-draw luck. With `informed_every`,
-every K-th generation also proposes an informed step (the start's DP re-solved around the parent with KL slopes
-measured at it), which joins the last stage beside the parent and replaces it only under the same rule. With
-`surrogate_screen` K > 1, K·offspring mutants are drawn and the offspring kept are those whose slope-weighted
-stored errors predict the least KL increase. With `confirm_tokens`, a challenger that clears that rule is
-measured again beside the parent on as many more rows, and must still clear it on all of them. All candidates
-are assembled in one live model (LiveAssembly).
+moves the mean by 0.005–0.05, so without that margin most replacements are row-draw luck. All candidates are
+assembled in one live model (LiveAssembly).
+
+Ideas measured no better than this plain loop (informed steps, confirmation rows, surrogate screening, skipping
+each row's first positions) were deleted; tag lab-knobs-2026-12-04 holds them, experiments/ holds the notes.
 
 The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
 generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
@@ -24,6 +22,7 @@ last finished generation and reaches the same final genome as an uninterrupted r
 from a saved RNG state and every stage's rows come from a generator seeded by (seed, generation, stage).
 """
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -47,6 +46,9 @@ from darwinlm.core.search.start import allocate, database_errors, kl_weights
 
 START_KINDS = ("best", "informed", "uniform")
 SUCCESS_WINDOW = 5  # generations over which the 1/5 rule counts parent replacements
+# The informed start's levels stay within this many steps of uniform: the DP trusts the stored per-level errors
+# only near where its KL slopes were measured (at uniform).
+START_RADIUS = 2
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,7 @@ class SearchConfig:
     fixed_rows: int = 4  # teacher-pool rows never selected on: the start choice and the KL trajectory
     start: str = "best"  # uniform, informed (least summed per-level error), or best of the two on fixed rows
     start_calibration_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
-    start_radius: int = 2  # the informed start's levels stay within this many steps of uniform
-    move_size: int = 3  # the most level switches per mutant, at the start
-    adaptive_moves: bool = True  # the 1/5 success rule moves it within min_move_size..2·move_size
+    move_size: int = 3  # the most level switches per mutant, at the start; the 1/5 success rule then moves it
     min_move_size: int = 1  # a move too small to change KL by more than the last stage resolves only costs time
     # The parent is replaced only when the best challenger beats it on the last stage's rows by this many
     # standard errors of their paired per-row difference: a generation that merely draws a lucky row keeps
@@ -80,37 +80,6 @@ class SearchConfig:
     # 3 seeds (bench/results/search-accept-*.json): 0 lets lucky rows through (one seed's fixed-row KL rose from
     # 0.84 to 0.97) and ends worst; 0.5 and 1 are within noise of each other, so 1 stays.
     accept_z: float = 1.0
-    # Every `informed_every` generations (0: never) one more candidate joins the last stage beside the parent:
-    # the informed start's DP re-solved within `informed_radius` levels of the parent, with KL slopes measured
-    # at the parent on start_calibration_tokens. Mutation finds moves one switch at a time; this proposal moves
-    # most modules at once along measured slopes. On SmolLM2 at 50%, repeated unselected steps from the
-    # search's result reached 0.80 of uniform's perplexity in one seed and made it worse at first in another,
-    # so it must win selection like any offspring. Off by default: at matched wall time plain search did as well
-    # or better (bench/results/search-informed-matched.json).
-    informed_every: int = 0
-    informed_radius: int = 1
-    # > 0: a challenger that clears accept_z on the last stage's rows is measured, with the parent, on this many
-    # more tokens of rows the stage did not use, and replaces the parent only if it still clears accept_z on all
-    # of them. A few rows let a worse genome through often (a 1-z margin on 3 rows is passed by luck about one
-    # time in five); the extra rows are spent only on the generations that would move the parent. Off by
-    # default: on SmolLM2 at 50% it cut replacements by half and ended worse than plain search given the same
-    # time (bench/results/search-confirmed.json).
-    confirm_tokens: int = 0
-    # > 1: each generation draws this many times `offspring` mutants and keeps the `offspring` whose predicted
-    # KL change is least: Σ wᵢ·(errorᵢ(child) − errorᵢ(parent)), the informed start's slope-weighted stored
-    # errors (weights 1 without start_calibration_tokens). Free: no forward pass. Selection still judges every
-    # kept mutant on rows; the prediction only spends the stage-1 screening on mutants more likely to help.
-    # Off by default: on SmolLM2 at 50% over 3 seeds, K = 4 ended within noise of plain draws (SOTU 0.830 vs
-    # 0.827 of uniform's perplexity, Moby-Dick 0.762 vs 0.771; bench/results/search-surrogate.json).
-    surrogate_screen: int = 1
-    # > 0: the first positions of every selection row are context only, their KL left out of a candidate's
-    # fitness, since a row's first tokens are predicted from almost no context. Off by default, by measurement
-    # on SmolLM2 at 50%: those positions are the noisiest (bench/results/positions.json: per-token sd of a
-    # mutant's paired KL difference 0.65 over positions 0-7, 0.14 from 128 on), but they carry signal too, so
-    # leaving out the first 32 lowers a 3-row decision's standard error by a fifth and its mean difference as
-    # much (median |z| 0.40 → 0.38); over 3 seeds, searching so ended within noise of counting every position
-    # (bench/results/search-skip32.json: 0.843 / 0.768 of uniform's perplexity against 0.827 / 0.771).
-    kl_skip_tokens: int = 0
 
     def __post_init__(self):
         survivors = [stage.survivors for stage in self.stages]
@@ -125,25 +94,14 @@ class SearchConfig:
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
         if self.start not in START_KINDS:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
-        if (self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0 or self.start_radius < 0
-                or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size or self.informed_every < 0
-                or self.informed_radius < 1 or self.confirm_tokens < 0 or self.surrogate_screen < 1
-                or self.kl_skip_tokens < 0):
+        if (self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0
+                or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size):
             raise DarwinLMError("search needs fixed_rows ≥ 1, 1 ≤ min_move_size ≤ move_size, "
-                                "start_calibration_tokens ≥ 0, start_radius ≥ 0, accept_z ≥ 0, "
-                                "informed_every ≥ 0, informed_radius ≥ 1, confirm_tokens ≥ 0, "
-                                "surrogate_screen ≥ 1 and kl_skip_tokens ≥ 0")
-        if self.informed_every and not self.start_calibration_tokens:
-            raise DarwinLMError("informed_every needs KL slopes, but start_calibration_tokens is 0",
-                                "set search.start_calibration_tokens (1024 in smollm2-demo) or informed_every: 0")
+                                "start_calibration_tokens ≥ 0 and accept_z ≥ 0")
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-    @property
-    def training_aware(self) -> bool:
-        return any(stage.finetune_tokens > 0 for stage in self.stages)
 
 
 @dataclass
@@ -158,15 +116,16 @@ class SearchState:
     move_size: int = 3
     parent_fixed_kl: float | None = None  # the parent's KL on the fixed rows
     start: dict = field(default_factory=dict)  # how the first parent was chosen, and the KL of each option
-    # per-module weights of the stored errors (KL slopes at uniform, or None: all 1), for surrogate_screen
-    surrogate_weights: list[float] | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "SearchState":
-        return cls(**json.loads(data))
+        # Fields a newer or older version wrote and this one lacks are dropped: such a state then fails the
+        # config-digest check in Search.load_or_start with its one-line error, not with a TypeError here.
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in json.loads(data).items() if key in known})
 
 
 def _rows(pool_size: int, tokens: int, seq_len: int, generator: torch.Generator, reserved: int = 0) -> torch.Tensor:
@@ -201,17 +160,7 @@ class Search:
         if teacher_pool.input_ids.shape[0] <= config.fixed_rows:
             raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
                                 f"{config.fixed_rows} of them are kept fixed", "raise data.fitness_rows")
-        if config.kl_skip_tokens >= seq_len:  # refused before any candidate is measured
-            raise DarwinLMError(f"search.kl_skip_tokens {config.kl_skip_tokens} leaves nothing of rows of {seq_len} "
-                                "tokens to measure", "keep search.kl_skip_tokens below data.seq_len")
         self.fixed_teacher = teacher_pool.rows(torch.arange(config.fixed_rows))
-        if config.confirm_tokens:  # refused now, not at the first replacement a generation would confirm
-            seq_len = teacher_pool.input_ids.shape[1]
-            wanted = -(-config.stages[-1].fitness_tokens // seq_len) + -(-config.confirm_tokens // seq_len)
-            if wanted > teacher_pool.input_ids.shape[0] - config.fixed_rows:
-                raise DarwinLMError(f"confirming a decision needs {wanted} rows of {seq_len} tokens with the last "
-                                    f"stage's, but the pool has {teacher_pool.input_ids.shape[0] - config.fixed_rows}"
-                                    " to select on", "lower search.confirm_tokens or raise data.fitness_rows")
         self._fixed_kl: dict[tuple[int, ...], float] = {}
         self._uniform_slopes: list[float] | None = None
 
@@ -229,7 +178,7 @@ class Search:
         if self.config.start == "uniform":
             return uniform, {"chosen": "uniform"}
         weights = self.uniform_slopes()
-        informed = allocate(self.budget, self.errors, weights, around=uniform, radius=self.config.start_radius)
+        informed = allocate(self.budget, self.errors, weights, around=uniform, radius=START_RADIUS)
         if self.config.start == "informed":
             return informed, {"chosen": "informed", "calibrated": weights is not None}
         record = {"uniform_kl": self.fixed_kl(uniform), "informed_kl": self.fixed_kl(informed),
@@ -239,16 +188,10 @@ class Search:
 
     def uniform_slopes(self) -> list[float] | None:
         """The KL slopes at the uniform genome (None without start_calibration_tokens): the informed start's
-        weights and the surrogate's; measured once."""
+        weights; measured once."""
         if self._uniform_slopes is None and self.config.start_calibration_tokens:
             self._uniform_slopes = self.slopes(self.budget.uniform(), -1)
         return self._uniform_slopes
-
-    def predicted_change(self, parent: tuple[int, ...], child: tuple[int, ...], weights: list[float] | None) -> float:
-        """The surrogate: Σ wᵢ·(errorᵢ(child) − errorᵢ(parent)) over the modules that differ (weights None: 1)."""
-        weights = weights or [1.0] * len(parent)
-        return sum(weights[index] * (self.errors[index][now] - self.errors[index][before])
-                   for index, (now, before) in enumerate(zip(child, parent)) if now != before)
 
     @cached_property
     def errors(self) -> list[list[float]]:
@@ -265,23 +208,12 @@ class Search:
         teacher = self.teacher_pool.rows(rows)
         return kl_weights(levels, self.budget, self.errors, lambda moved: self.evaluate(tuple(moved), teacher, None))
 
-    def informed_step(self, parent: tuple[int, ...], generation: int) -> tuple[int, ...]:
-        """The DP re-solved around `parent`: the budget-exact least slope-weighted error within informed_radius
-        levels of it, the slopes measured at the parent on rows drawn for this generation."""
-        weights = self.slopes(parent, generation, -2)
-        return allocate(self.budget, self.errors, weights, around=parent, radius=self.config.informed_radius)
-
-    def informed_due(self, generation: int) -> bool:
-        every = self.config.informed_every
-        return every > 0 and generation % every == every - 1
-
     def _initial_state(self) -> SearchState:
         rng = random.Random(self.config.seed)
         parent, start = self.choose_start()
-        weights = self.uniform_slopes() if self.config.surrogate_screen > 1 else None
         return SearchState(self.config.digest, self.database_digest, 0, list(parent), None,
                            _encode_rng(rng.getstate()), [], move_size=self.config.move_size,
-                           parent_fixed_kl=self.fixed_kl(parent), start=start, surrogate_weights=weights)
+                           parent_fixed_kl=self.fixed_kl(parent), start=start)
 
     def load_or_start(self) -> SearchState:
         if self.state_uri is None or not storage.exists(self.state_uri):
@@ -305,11 +237,10 @@ class Search:
             finetune(self.assembly.model, train_rows, self.config.finetune)
             self._dirty = True
             self.prefix.forget()  # the weights are no longer the levels' alone
-            per_row = kl_per_row(self.assembly.model, teacher, self.config.batch_size,
-                                 skip_tokens=self.config.kl_skip_tokens)
+            per_row = kl_per_row(self.assembly.model, teacher, self.config.batch_size)
         else:
             self._dirty = False
-            per_row = self.prefix.kl_per_row(levels, teacher, self.config.kl_skip_tokens)
+            per_row = self.prefix.kl_per_row(levels, teacher)
         self.compute_s += time.perf_counter() - start
         return per_row
 
@@ -330,23 +261,6 @@ class Search:
         """The teacher rows and finetune rows (None if the stage does not train) of one stage of one generation."""
         fitness, train = self.stage_row_indices(generation, stage_index)
         return self.teacher_pool.rows(fitness), None if train is None else self.train_pool[train]
-
-    def confirm(self, generation: int, challenger: tuple[int, ...], parent: tuple[int, ...]
-                ) -> tuple[list[float], list[float]]:
-        """Per-row fitness of the challenger and the parent on confirm_tokens of rows that the last stage of
-        this generation did not use (drawn from a generator seeded by (seed, generation, −3)), after the last
-        stage's finetune: more paired rows for a decision that would replace the parent."""
-        last = len(self.config.stages) - 1
-        last_stage_rows, train_rows = self.stage_row_indices(generation, last)
-        pool, seq_len = self.teacher_pool.input_ids.shape
-        count = -(-self.config.confirm_tokens // seq_len)
-        generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, -3))
-        used = set(last_stage_rows.tolist())
-        drawn = torch.randperm(pool - self.config.fixed_rows, generator=generator) + self.config.fixed_rows
-        unused = [row for row in drawn.tolist() if row not in used]  # enough: checked when the search was made
-        teacher = self.teacher_pool.rows(torch.tensor(unused[:count]))
-        train = None if train_rows is None else self.train_pool[train_rows]
-        return self.evaluate_rows(challenger, teacher, train), self.evaluate_rows(parent, teacher, train)
 
     def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> list[float]:
         """One candidate's per-row fitness in one stage (what a distributed worker computes)."""
@@ -371,59 +285,38 @@ class Search:
         rng = random.Random()
         rng.setstate(_decode_rng(state.rng_state))
         parent = tuple(state.parent)
-        candidates = offspring(parent, self.config.offspring * self.config.surrogate_screen, self.budget, rng,
-                               max_switches=state.move_size)
-        if self.config.surrogate_screen > 1:  # stable: equal predictions keep the draw's order
-            candidates = sorted(candidates, key=lambda child: self.predicted_change(
-                parent, child, state.surrogate_weights))[: self.config.offspring]
-        informed, informed_s = None, 0.0
-        if self.informed_due(state.generation):
-            informed_start = time.perf_counter()
-            informed = self.informed_step(parent, state.generation)
-            informed_s = time.perf_counter() - informed_start
+        candidates = offspring(parent, self.config.offspring, self.budget, rng, max_switches=state.move_size)
         stages = []
         for stage_index, stage in enumerate(self.config.stages):
             if stage_index == len(self.config.stages) - 1:
-                # elitism: the parent competes in the last stage; so does the informed step, a proposal
-                # from measured slopes that the screening stages' few rows would judge no better than a mutant
-                candidates = candidates + [c for c in dict.fromkeys((parent, informed))
-                                           if c is not None and c not in candidates]
+                # elitism: the parent competes in the last stage, on the same rows after the same finetune
+                if parent not in candidates:
+                    candidates = candidates + [parent]
             scored = [(float(f), tuple(c), list(r)) for f, c, r in select(state.generation, stage_index, candidates)]
             stages.append({"best": scored[0][0], "median": statistics.median(f for f, _, _ in scored),
                            "candidates": len(scored)})
             candidates = [c for _, c, _ in scored[: stage.survivors]]
         best_fitness, best, best_rows = scored[0]
         parent_fitness, _, parent_rows = next(entry for entry in scored if entry[1] == parent)
-        z_score = paired_z(best_rows, parent_rows)
+        # None when the parent itself ranked first: no challenger beat it, so there is no decision to measure
+        z_score = None if best == parent else paired_z(best_rows, parent_rows)
         accepted = best != parent and (z_score is None or z_score <= -self.config.accept_z)
-        confirmation = {}
-        if accepted and self.config.confirm_tokens:
-            more_best, more_parent = self.confirm(state.generation, best, parent)
-            confirmed_z = paired_z(best_rows + more_best, parent_rows + more_parent)
-            accepted = confirmed_z is None or confirmed_z <= -self.config.accept_z
-            confirmation = {"confirmation": {"rows": len(more_best), "paired_z": confirmed_z, "upheld": accepted}}
         if not accepted:
             best_fitness, best = parent_fitness, parent
         recent = [h["accepted"] for h in state.history[-(SUCCESS_WINDOW - 1):]] + [accepted]
-        move_size = state.move_size
-        if self.config.adaptive_moves:
-            move_size = max(self.config.min_move_size,
-                            adapt_move_size(move_size, sum(recent) / len(recent), 2 * self.config.move_size))
+        move_size = max(self.config.min_move_size,
+                        adapt_move_size(state.move_size, sum(recent) / len(recent), 2 * self.config.move_size))
         fixed_kl = self.fixed_kl(best)
-        informed_record = {} if informed is None else {"informed": {
-            "moved": sum(a != b for a, b in zip(informed, parent)), "won": accepted and best == informed,
-            "wall_s": informed_s}}
         record = {"generation": state.generation, "best_fitness": best_fitness, "fixed_kl": fixed_kl,
                   "paired_z": z_score, "challenger_fitness": scored[0][0],
                   "previous_fixed_kl": state.parent_fixed_kl,
                   "accepted": accepted, "acceptance_rate": sum(recent) / len(recent), "move_size": state.move_size,
                   "median_fitness": stages[-1]["median"], "stages": stages,
                   "kept": self.budget.cost(best), "evaluations": sum(s["candidates"] for s in stages),
-                  **informed_record, **confirmation,
                   "wall_s": time.perf_counter() - start, "compute_s": self.compute_s - compute_before}
         return SearchState(state.config_digest, state.database, state.generation + 1, list(best), best_fitness,
                            _encode_rng(rng.getstate()), state.history + [record], move_size=move_size,
-                           parent_fixed_kl=fixed_kl, start=state.start, surrogate_weights=state.surrogate_weights)
+                           parent_fixed_kl=fixed_kl, start=state.start)
 
     def save(self, state: SearchState) -> None:
         if self.state_uri is not None:

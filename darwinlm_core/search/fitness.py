@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from darwinlm.core.errors import DarwinLMError
 
 
 @dataclass(frozen=True)
@@ -87,14 +86,10 @@ def kl_sum(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher
 
 @torch.no_grad()
 def kl_per_row(model, teacher: CompactTeacher, batch_size: int = 4,
-               logits_of: Callable[[slice], torch.Tensor] | None = None, skip_tokens: int = 0) -> list[float]:
+               logits_of: Callable[[slice], torch.Tensor] | None = None) -> list[float]:
     """Mean bucketed KL(dense ‖ model) per token of each of the teacher's rows: a comparison of two models on
     the same rows rests on their paired per-row differences. `logits_of(rows)`: the logits of one batch of the
-    teacher's rows, if not from the model's forward pass (a caller that has the last block's outputs).
-    `skip_tokens`: the first positions of every row are context only, their KL left out of the mean."""
-    if not 0 <= skip_tokens < teacher.input_ids.shape[1]:
-        raise DarwinLMError(f"cannot leave the first {skip_tokens} positions out of rows of "
-                            f"{teacher.input_ids.shape[1]} tokens", "keep search.kl_skip_tokens below data.seq_len")
+    teacher's rows, if not from the model's forward pass (a caller that has the last block's outputs)."""
     per_row = []
     device = next(model.parameters()).device
     for start in range(0, teacher.input_ids.shape[0], batch_size):
@@ -103,8 +98,7 @@ def kl_per_row(model, teacher: CompactTeacher, batch_size: int = 4,
             logits = model(teacher.input_ids[rows].to(device), use_cache=False).logits
         else:
             logits = logits_of(rows)
-        kl = kl_per_position(logits[:, skip_tokens:], teacher.top_logprobs[rows, skip_tokens:].to(device),
-                             teacher.top_ids[rows, skip_tokens:].to(device))
+        kl = kl_per_position(logits, teacher.top_logprobs[rows].to(device), teacher.top_ids[rows].to(device))
         per_row.extend(kl.mean(-1).tolist())
     return per_row
 

@@ -33,16 +33,16 @@ class PrefixReuse:
         self._levels: tuple[int, ...] | None = None
         self._inputs: list[torch.Tensor] = []  # _inputs[b]: input of block b (the last: the last block's output)
 
-    def kl_per_row(self, levels: tuple[int, ...], teacher: CompactTeacher, skip_tokens: int = 0) -> list[float]:
-        """KL per row of the live model, which must already be set to `levels` (`skip_tokens`: as kl_per_row's)."""
+    def kl_per_row(self, levels: tuple[int, ...], teacher: CompactTeacher) -> list[float]:
+        """KL per row of the live model, which must already be set to `levels`."""
         if self.verified is False or not self._fits(teacher.input_ids):
-            return kl_per_row(self.model, teacher, self.batch_size, skip_tokens=skip_tokens)
-        reused = self._reusing(levels, teacher, skip_tokens)
+            return kl_per_row(self.model, teacher, self.batch_size)
+        reused = self._reusing(levels, teacher)
         if self.verified is None:
-            self.verified = reused == kl_per_row(self.model, teacher, self.batch_size, skip_tokens=skip_tokens)
+            self.verified = reused == kl_per_row(self.model, teacher, self.batch_size)
             if not self.verified:
                 self.forget()
-                return kl_per_row(self.model, teacher, self.batch_size, skip_tokens=skip_tokens)
+                return kl_per_row(self.model, teacher, self.batch_size)
         return reused
 
     def evaluation_order(self, candidates: list[tuple[int, ...]]) -> list[int]:
@@ -55,7 +55,7 @@ class PrefixReuse:
         width = self.model.config.hidden_size * next(self.model.parameters()).element_size()
         return (blocks + 1) * input_ids.numel() * width <= self.max_bytes
 
-    def _reusing(self, levels: tuple[int, ...], teacher: CompactTeacher, skip_tokens: int) -> list[float]:
+    def _reusing(self, levels: tuple[int, ...], teacher: CompactTeacher) -> list[float]:
         levels = tuple(levels)
         ids = teacher.input_ids
         if self._rows is None or not torch.equal(self._rows, ids):
@@ -75,4 +75,4 @@ class PrefixReuse:
         self._levels = levels
         last = self._inputs[-1]
         return kl_per_row(self.model, teacher, self.batch_size,
-                          logits_of=lambda rows: self._driver.head_logits(last[rows]), skip_tokens=skip_tokens)
+                          logits_of=lambda rows: self._driver.head_logits(last[rows]))
