@@ -7,9 +7,8 @@ Writes bench/results/scale.json: dask_generation_speedup (median serial generati
 generation time, same config and seed, so the same candidates), latency_budget_speedup_predicted (from the
 stored per-module latency table) and latency_budget_speedup_measured (prefill of the dense vs the searched
 model, interleaved, medians), prefix_reuse_speedup (the smollm2-demo search's wall time with full forward
-passes ÷ with the prefix reuse, medians of two runs each; prefix_reuse_same_search: both end identically), and
-gemma: the bench.search rows at 50% on Gemma-3-270M, read from
-bench/results/search-gemma.json (run that first: see gemma_rows).
+passes ÷ with the prefix reuse, medians of two runs each; prefix_reuse_same_search: both end identically).
+Gemma-3-270M's rows are their own results file (`make bench-gemma`), not merged here.
 """
 
 import argparse
@@ -115,7 +114,7 @@ def latency_budget(generations: int, fraction: float) -> dict:
     search = Search(assembly, teacher, data.train_ids, search_config, progress=True)
     levels = search.genome(search.run()).assignment()
     predicted = predicted_speedup(table, levels)
-    ids = data.eval_windows["in_domain"][:1]
+    ids = data.eval_windows("test")["in_domain"][:1]
     assignments = {"dense": {key: 0 for key in levels}, "pruned": levels}
     with torch.no_grad():  # each swap is followed by an untimed warm-up forward
         seconds = interleaved_medians(
@@ -158,24 +157,6 @@ def prefix_reuse(generations: int) -> dict:
             "prefix_reuse_blocks_kept_fraction": kept[0], "prefix_reuse_generations": generations}
 
 
-GEMMA_SEARCH = "search-gemma"
-GEMMA_COMMAND = ('python -m bench.search --model "$(python -m bench.gemma)" --targets 0.5 --seeds 0 --methods oneshot '
-                 f"--results {GEMMA_SEARCH}")  # as the Makefile runs it
-
-
-def gemma_rows() -> dict:
-    """The bench.search rows at 50% on Gemma-3-270M, from that benchmark's own results file: an hour of CPU,
-    so bench.scale reports them rather than re-running them."""
-    path = RESULTS_DIR / f"{GEMMA_SEARCH}.json"
-    source = json.loads(path.read_text()) if path.exists() else {}
-    rows = source.get("targets", {}).get("0.5")
-    if rows is None or "provenance" not in source:
-        return {"gemma": None, "gemma_note": f"run {GEMMA_COMMAND}, then bench.scale"}
-    # a combined file names where each part came from: that run's own provenance travels with its rows
-    return {"gemma": rows, "gemma_source": f"bench/results/{GEMMA_SEARCH}.json",
-            "gemma_provenance": source["provenance"]}
-
-
 def main() -> None:
     apply_offline_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -186,7 +167,7 @@ def main() -> None:
                         help="generations of each of the four searches timing the prefix reuse")
     args = parser.parse_args()
     origin = provenance(config=vars(args), seeds=[0])
-    results = gemma_rows()
+    results = {}
     results.update(latency_budget(args.latency_generations, args.latency_fraction))
     write_partial("scale", results)
     results.update(prefix_reuse(args.prefix_generations))

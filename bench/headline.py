@@ -1,0 +1,236 @@
+"""The headline: what darwinlm's default pipeline achieves on SmolLM2 against the genomes and peers a user could
+pick instead, at 30% and 50% of block parameters removed, before and after the same post-training, on the test
+windows (the validation windows made every choice; see darwinlm.core.data.windows).
+
+    python -m bench.headline [--targets 0.3,0.5] [--seeds 0,1,2] [--model smollm2] [--results headline]
+
+Methods, each on the smollm2-demo preset's data (the same calibration rows, test windows, post-training rows,
+teacher and schedule):
+- `uniform`: every module at the level nearest the target, from darwinlm's database;
+- `informed_start`: the database's budget-exact least slope-weighted error (the search's informed start);
+- `darwinlm`: the default pipeline, `darwinlm compress --preset smollm2-demo` at that fraction: the search from
+  the better start, then its refit (part of darwinlm's method), then post-training; one row per seed in `seeds`;
+- `tp_taylor_uniform`, `tp_global`: torch-pruning's Taylor pruning, uniform and global, on the same calibration
+  rows, then the same post-training (no refit: that is darwinlm's own).
+uniform and informed_start are refitted too before post-training, as the pipeline would ship them.
+
+Row keys (`targets.<fraction>.<method>`): `ppl_<text>` and `ppl_<text>_se` before post-training and
+`ppl_<text>_posttrained(_se)` after, for text in `sotu` (in-domain) and the `ood_texts` (`moby`); `params_kept`;
+`wall_s` (the method's own work up to the pruned model) and `post_train_s`; seeded rows add `<key>_sd` (population
+sd over seeds) and `seeds`. A stopped run resumes from its saved rows when rerun with the same arguments, if the
+code that measures them (MEASURED_BY) is unchanged since.
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+from bench.results_file import provenance, resumable_partial, write_partial, write_results
+from darwinlm.flows.offline import apply_offline_defaults
+
+# Each reported text and the evaluation set that holds its windows in the default corpus (in-domain: State of
+# the Union 1990+, out-of-domain: Moby-Dick).
+TEXTS = {"sotu": "in_domain", "moby": "out_of_domain"}
+OOD_TEXTS = ["moby"]
+SEEDED_METHODS = ("darwinlm",)
+PEERS = {"tp_taylor_uniform": "uniform", "tp_global": "global"}
+MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/headline.py", "bench/peer_torch_pruning.py")
+
+
+def headline_preset(model: str, fraction: float):
+    """The smollm2-demo preset at `fraction` removed, for `model`: what `darwinlm compress` runs."""
+    from darwinlm.core.config import load_preset
+
+    return load_preset("smollm2-demo", {"model": model, "search": {"fraction_removed": fraction},
+                                        "evaluate": {"tasks": ""}})
+
+
+def text_figures(scores: dict, suffix: str = "") -> dict:
+    """`ppl_<text><suffix>` and its `_se` from an evaluation's `ppl_<set>` figures."""
+    figures = {}
+    for text, eval_set in TEXTS.items():
+        if f"ppl_{eval_set}" in scores:
+            figures[f"ppl_{text}{suffix}"] = scores[f"ppl_{eval_set}"]
+            figures[f"ppl_{text}{suffix}_se"] = scores[f"ppl_{eval_set}_se"]
+    return figures
+
+
+def seed_mean(rows: list[dict]) -> dict:
+    """Each numeric figure's mean over seeds, its population sd as `<key>_sd`, and the per-seed rows."""
+    mean = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows if isinstance(row.get(key), (int, float)) and key != "seed"]
+        if len(values) == len(rows):
+            mean[key] = statistics.fmean(values)
+            if len(values) > 1 and not key.endswith("_se") and key != "params_kept":
+                mean[f"{key}_sd"] = statistics.pstdev(values)
+    return {**mean, "seeds": rows}
+
+
+class Target:
+    """One fraction's shared work (data, database, teachers) and the measurement of any pruned model on it."""
+
+    def __init__(self, fraction: float, model_name: str):
+        from darwinlm.core.database.store import build_database
+        from darwinlm.core.home import data_home
+        from darwinlm.core.model.assembly import LiveAssembly
+        from darwinlm.core.model.loading import load_model
+        from darwinlm.core.pipeline import dense_eval_teacher, prepare_data
+        from darwinlm.core.search.fitness import compute_teacher
+        from darwinlm.core.search.genome import Budget
+
+        self.model_name = model_name
+        self.config = headline_preset(model_name, fraction)
+        self.model, tokenizer = load_model(model_name)
+        self.data = prepare_data(self.config, tokenizer)
+        top_k = self.config.teacher_top_k
+        self.database = build_database(self.model, self.data.calibration_ids, str(data_home() / "databases"),
+                                       calibration_digest=self.data.calibration_digest,
+                                       config=self.config.database, progress=True)
+        self.fitness_teacher = compute_teacher(self.model, self.data.fitness_ids, top_k)
+        self.eval_teacher = dense_eval_teacher(self.model, self.data, top_k)
+        self.post_teacher = compute_teacher(self.model, self.data.post_train_ids, top_k)
+        self.dense_row = {"params_kept": self.database.manifest["dense_params"], **self.evaluate(self.model)}
+        self.budget = Budget.from_database(self.database, fraction_removed=fraction, seq_len=self.config.data.seq_len)
+        self.assembly = LiveAssembly(self.model, self.database)
+
+    def evaluate(self, model, suffix: str = "") -> dict:
+        from darwinlm.core.pipeline import evaluate
+
+        return text_figures(evaluate(model, self.data, self.eval_teacher, split="test"), suffix)
+
+    def search(self, seed: int, start: str | None = None):
+        from darwinlm.core.search.evolution import Search
+
+        search_config = replace(self.config.search, seed=seed, **({"start": start} if start else {}))
+        return Search(self.assembly, self.fitness_teacher, self.data.train_ids, search_config, progress=True)
+
+    def genome_row(self, genome, wall_s: float) -> dict:
+        """A genome of the database as selected, then refitted and post-trained as the compress flow does."""
+        from darwinlm.core.database.refit import RefitDatabase, refit_genome
+        from darwinlm.core.pipeline import post_train
+
+        self.assembly.apply(genome.assignment(), rebuild=True)
+        row = {"params_kept": int(self.budget.cost(genome.levels)), "wall_s": wall_s, **self.evaluate(self.model)}
+        start = time.perf_counter()
+        if self.config.post_train.refit:
+            self.assembly.apply({key: 0 for key in genome.assignment()}, rebuild=True)  # the refit starts dense
+            self.assembly.database = RefitDatabase(self.database, refit_genome(
+                self.model, self.database, genome.assignment(), self.data.calibration_ids,
+                dense_weight=self.config.post_train.refit_dense_weight))
+        try:
+            post_train(self.assembly, genome, self.data.post_train_ids, self.config, teacher=self.post_teacher,
+                       progress=True)
+            row["post_train_s"] = time.perf_counter() - start
+            row.update(self.evaluate(self.model, "_posttrained"))
+        finally:
+            self.assembly.database = self.database
+        return row
+
+    def peer_row(self, scope: str) -> dict:
+        """torch-pruning's Taylor pruning at this target, then the same post-training as darwinlm's."""
+        from bench.peer_torch_pruning import prune_taylor
+        from darwinlm.core.model.loading import load_model
+        from darwinlm.core.search.finetune import finetune
+
+        peer_model, _ = load_model(self.model_name)
+        start = time.perf_counter()
+        kept = prune_taylor(peer_model, self.data.calibration_ids, 1.0 - self.config.search.fraction_removed,
+                            scope=scope)["kept_block_params"]
+        row = {"params_kept": int(kept), "wall_s": time.perf_counter() - start, **self.evaluate(peer_model)}
+        start = time.perf_counter()
+        finetune(peer_model, self.data.post_train_ids, self.config.post_train.finetune, teacher=self.post_teacher,
+                 progress=True)
+        row["post_train_s"] = time.perf_counter() - start
+        return {**row, **self.evaluate(peer_model, "_posttrained")}
+
+
+def run_target(fraction: float, args, rows: dict, save) -> None:
+    """Fill `rows` (method → row) for one fraction, saving as rows arrive; rows already there are kept."""
+    from darwinlm.core.search.genome import Genome
+
+    target = Target(fraction, args.model)
+    rows.setdefault("dense", target.dense_row)
+    digest = target.database.digest
+    if "uniform" not in rows:
+        rows["uniform"] = target.genome_row(Genome(target.budget.uniform(), digest), 0.0)
+        save()
+    if "informed_start" not in rows:
+        start = time.perf_counter()
+        informed, _ = target.search(0, start="informed").choose_start()
+        rows["informed_start"] = target.genome_row(Genome(informed, digest), time.perf_counter() - start)
+        save()
+    per_seed = rows.get("darwinlm", {}).get("seeds", [])
+    for seed in args.seeds:
+        if any(row["seed"] == seed for row in per_seed):
+            continue
+        start = time.perf_counter()
+        search = target.search(seed)
+        state = search.run()
+        row = target.genome_row(search.genome(state), time.perf_counter() - start)
+        row.update(seed=seed, generations=state.generation, start=state.start["chosen"],
+                   trajectory=[state.history[0]["previous_fixed_kl"]] + [h["fixed_kl"] for h in state.history]
+                   if state.history else [state.parent_fixed_kl])
+        per_seed.append(row)
+        rows["darwinlm"] = seed_mean(per_seed)
+        save()
+    for name, scope in PEERS.items():
+        if name not in rows and not args.skip_peers:
+            rows[name] = target.peer_row(scope)
+            save()
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="0.3,0.5", help="fractions of block parameters removed")
+    parser.add_argument("--seeds", default="0,1,2", help="search seeds (the database is shared by all)")
+    parser.add_argument("--model", default="smollm2", help="smollm2, or a folder (Gemma: see bench/gemma.py)")
+    parser.add_argument("--skip-peers", action="store_true", help="leave out the torch-pruning rows")
+    parser.add_argument("--results", default="headline", help="results name: bench/results/NAME.json")
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+        args.targets = [float(target) for target in args.targets.split(",")]
+    except ValueError:
+        parser.error("--seeds takes integers and --targets fractions, comma-separated (e.g. --targets 0.3,0.5)")
+    if not args.seeds or any(not 0 < target < 1 for target in args.targets):
+        parser.error("--targets must be fractions strictly between 0 and 1, with at least one --seeds value")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    apply_offline_defaults()
+    args = parse_arguments(argv)
+    origin = provenance(vars(args), args.seeds)
+    run = {"config": origin["config"]}
+    earlier = resumable_partial(args.results, run, MEASURED_BY)
+    results = {"ood_texts": OOD_TEXTS, "targets": earlier["targets"] if earlier else {}}
+    first_origin = earlier["origin"] if earlier else origin
+
+    def save() -> None:  # a long run keeps its rows as they arrive, outside bench/results
+        write_partial(args.results, {**results, "run": run, "origin": first_origin})
+
+    for fraction in args.targets:
+        rows = results["targets"].setdefault(str(fraction), {})
+        run_target(fraction, args, rows, save)
+        print_target(str(fraction), rows)
+    results["dense"] = next(iter(results["targets"].values()))["dense"]
+    for rows in results["targets"].values():
+        rows.pop("dense")
+    resumed = {"resumed_rows_provenance": first_origin} if earlier else {}
+    write_results(args.results, {**results, **resumed}, echo=False, origin=origin)
+
+
+def print_target(key: str, rows: dict) -> None:
+    print(f"\ntarget: {float(key):.0%} of block parameters removed (test windows)")
+    print(f"{'method':<20}{'params':>12}{'SOTU':>9}{'Moby':>9}{'SOTU post':>11}{'Moby post':>11}{'wall s':>8}")
+    for name, row in rows.items():
+        shown = [row.get(key) or float("nan") for key in ("ppl_sotu", "ppl_moby", "ppl_sotu_posttrained",
+                                                          "ppl_moby_posttrained")]
+        print(f"{name:<20}{row['params_kept']:>12,.0f}{shown[0]:>9.2f}{shown[1]:>9.2f}{shown[2]:>11.2f}"
+              f"{shown[3]:>11.2f}{row.get('wall_s', 0):>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
