@@ -1,0 +1,178 @@
+"""docs/results.md and its plots, generated from the results files (never edited by hand).
+
+    python -m bench.report [--out docs]
+
+Reads bench/results/headline.json, or, until `make bench` has written one, the last search bench's
+bench/results/search.json (the same methods in its older row shape, on the old contiguous held-out windows: the
+page says which it read), plus bench/results/gguf.json for llama.cpp speed. Writes docs/results.md with the
+headline table (value ± standard error over windows; ± the spread over seeds for darwinlm) and three PNGs:
+perplexity against the fraction removed per method, quality against llama.cpp prefill speed, and the search's
+fixed-row KL trajectory per seed.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("uniform", "informed_start", "darwinlm", "tp_taylor_uniform", "tp_global")
+TEXTS = ("sotu", "moby")
+# search.json's method names, for a page generated before the first headline run
+OLD_NAMES = {"darwinlm_oneshot": "darwinlm"}
+
+
+def headline_from_search(search: dict) -> dict:
+    """search.json's rows in headline.json's shape: `X` and `X_posttrained` rows become one row with
+    `_posttrained` keys; `params` becomes `params_kept`."""
+    targets = {}
+    for fraction, rows in search["targets"].items():
+        shaped = {}
+        for name, row in rows.items():
+            method = OLD_NAMES.get(name, name)
+            if method not in METHODS:
+                continue
+            after = rows.get(f"{name}_posttrained", {})
+            shaped[method] = {"params_kept": row.get("params"), "wall_s": row.get("wall_s"),
+                              "seeds": row.get("seeds", [])}
+            for text in TEXTS:
+                for suffix, source in (("", row), ("_posttrained", after)):
+                    for tail in ("", "_se", "_sd"):
+                        if f"ppl_{text}{tail}" in source:
+                            shaped[method][f"ppl_{text}{suffix}{tail}"] = source[f"ppl_{text}{tail}"]
+        targets[fraction] = shaped
+    dense = next(iter(search["targets"].values()))["dense"]
+    return {"targets": targets, "ood_texts": ["moby"], "provenance": search["provenance"],
+            "dense": {"params_kept": dense["params"], **{f"ppl_{t}": dense[f"ppl_{t}"] for t in TEXTS}}}
+
+
+def load_headline(results: Path) -> tuple[dict, str]:
+    path = results / "headline.json"
+    if path.exists():
+        return json.loads(path.read_text()), "bench/results/headline.json (test windows)"
+    search = results / "search.json"
+    if not search.exists():
+        raise SystemExit("bench.report: no bench/results/headline.json (or search.json): run `make bench` first")
+    return headline_from_search(json.loads(search.read_text())), (
+        "bench/results/search.json: the last search bench, on the old contiguous held-out windows, until "
+        "`make bench` writes headline.json")
+
+
+def cell(row: dict, key: str) -> str:
+    """`value ± error`: the seed spread where there are seeds, else the window standard error."""
+    if row.get(key) is None:
+        return "–"
+    error = row.get(f"{key}_sd", row.get(f"{key}_se"))
+    return f"{row[key]:.1f}" + (f" ± {error:.1f}" if error is not None else "")
+
+
+def table(headline: dict) -> list[str]:
+    columns = [f"ppl_{t}{s}" for s in ("", "_posttrained") for t in TEXTS]
+    lines = ["| removed | method | params kept | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    dense = headline["dense"]
+    lines.append(f"| 0% | dense | {dense['params_kept']:,} | "
+                 + " | ".join(cell(dense, f"ppl_{t}") for t in TEXTS) + " | – | – |")
+    for fraction, rows in sorted(headline["targets"].items()):
+        for method in METHODS:
+            if method in rows:
+                row = rows[method]
+                lines.append(f"| {float(fraction):.0%} | {method} | {row['params_kept']:,.0f} | "
+                             + " | ".join(cell(row, column) for column in columns) + " |")
+    return lines
+
+
+def plot_ppl_against_fraction(headline: dict, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, text in zip(axes, TEXTS):
+        for method in METHODS:
+            points = sorted((float(f), rows[method]) for f, rows in headline["targets"].items() if method in rows)
+            key = f"ppl_{text}_posttrained"
+            points = [(f, row) for f, row in points if row.get(key)]
+            if points:
+                axis.errorbar([f for f, _ in points], [row[key] for _, row in points], marker="o", capsize=3,
+                              yerr=[row.get(f"{key}_sd", row.get(f"{key}_se")) or 0 for _, row in points],
+                              label=method)
+        axis.axhline(headline["dense"][f"ppl_{text}"], color="grey", linestyle=":", label="dense")
+        axis.set(yscale="log", xlabel="fraction of block parameters removed", ylabel="perplexity (post-trained)",
+                 title=text)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    figure.suptitle("Perplexity after post-training, per method")
+    return save(figure, out / "ppl_vs_fraction.png")
+
+
+def plot_quality_against_speed(headline: dict, gguf: dict | None, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    points = [(1.0, headline["dense"]["ppl_sotu"], "dense")]
+    for fraction, rows in headline["targets"].items():
+        for method, row in rows.items():
+            if row.get("llamacpp_prefill_speedup_f16") and row.get("ppl_sotu_posttrained"):
+                points.append((row["llamacpp_prefill_speedup_f16"], row["ppl_sotu_posttrained"],
+                               f"{method} {float(fraction):.0%}"))
+    if gguf and len(points) == 1:  # before the headline carries llama.cpp speed: gguf.json's own model
+        points.append((gguf["prefill_speedup_f16"], gguf["per_quant"]["f16"]["pruned"]["ppl"], gguf["pruned_model"]))
+    for speed, ppl, label in points:
+        axis.scatter(speed, ppl)
+        axis.annotate(label, (speed, ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set(yscale="log", xlabel="llama.cpp f16 prefill speed ÷ dense", ylabel="perplexity, State of the Union",
+             title="Quality against llama.cpp prefill speed")
+    return save(figure, out / "quality_vs_speed.png")
+
+
+def plot_trajectory(headline: dict, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for fraction, rows in sorted(headline["targets"].items()):
+        for seed_row in rows.get("darwinlm", {}).get("seeds", []):
+            if seed_row.get("trajectory"):
+                axis.plot(seed_row["trajectory"], label=f"{float(fraction):.0%} removed, seed {seed_row['seed']}")
+    axis.set(xlabel="generation (0: the start)", ylabel="parent's KL on the fixed rows",
+             title="The search's fixed-row KL trajectory")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return save(figure, out / "search_trajectory.png")
+
+
+def save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def write_report(results: Path, out: Path) -> Path:
+    headline, source = load_headline(results)
+    gguf_path = results / "gguf.json"
+    gguf = json.loads(gguf_path.read_text()) if gguf_path.exists() else None
+    plots = [plot_ppl_against_fraction(headline, out), plot_quality_against_speed(headline, gguf, out),
+             plot_trajectory(headline, out)]
+    origin = headline["provenance"]
+    lines = ["# darwinlm results", "",
+             f"Generated by `python -m bench.report` from {source}, measured at commit `{origin['commit'][:12]}` "
+             f"on {origin['date']} by `{origin['command']}`. Perplexity on 512-token windows; ± is the window "
+             "standard error, or for darwinlm the spread (sd) over its seeds.", "", *table(headline), ""]
+    lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
+    page = out / "results.md"
+    temporary = page.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.replace(page)
+    return page
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent.parent / "docs"))
+    args = parser.parse_args(argv)
+    print(f"wrote {write_report(RESULTS, Path(args.out))}")
+
+
+if __name__ == "__main__":
+    main()
