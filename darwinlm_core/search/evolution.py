@@ -75,10 +75,8 @@ class SearchConfig:
     move_size: int = 3  # the most level switches per mutant, at the start; the 1/5 success rule then moves it
     min_move_size: int = 1  # a move too small to change KL by more than the last stage resolves only costs time
     # The parent is replaced only when the best challenger beats it on the last stage's rows by this many
-    # standard errors of their paired per-row difference: a generation that merely draws a lucky row keeps
-    # the parent. 0 accepts any challenger that scores lower (DarwinLM's rule). Measured on SmolLM2 at 50% over
-    # 3 seeds (bench/results/search-accept-*.json): 0 lets lucky rows through (one seed's fixed-row KL rose from
-    # 0.84 to 0.97) and ends worst; 0.5 and 1 are within noise of each other, so 1 stays.
+    # standard errors of their paired per-row difference, so a lucky row draw keeps the parent; 0 is DarwinLM's
+    # rule, and measured worst (experiments/2026-11-30-acceptance-margin/note.md).
     accept_z: float = 1.0
 
     def __post_init__(self):
