@@ -30,6 +30,8 @@ class DataConfig:
     fitness_rows: int = 16  # teacher pool the search samples its fitness rows from (disjoint from the above)
     train_rows: int = 64  # training-split pool for finetunes inside selection
     post_train_rows: int = 32
+    # Held-out windows per evaluation set and split: this many test windows (read for reported results) and as
+    # many validation windows (read to choose), alternating, spread over the whole held-out text (data.windows).
     eval_windows: int = 40
     # Shuffles the calibration and training rows. Apart from the search seed on purpose: a new search seed
     # reuses the database (same calibration rows, same content address) and changes only the search.

@@ -2,7 +2,9 @@
 
 prepare_data → build_database (database.py) → teacher → search (search.py) → post_train → evaluate → export.
 Rows for each purpose are disjoint by construction: database calibration and fitness rows are different
-blocks of the calibration split, finetuning uses the training split, evaluation the held-out split.
+blocks of the calibration split, finetuning uses the training split, evaluation the held-out split. Held-out
+windows are split again (darwinlm.core.data.windows): `validation` for anything that chooses, `test` for what
+is reported; `evaluate` reads the split it is told, `test` unless it chooses.
 """
 
 import hashlib
@@ -15,6 +17,8 @@ from darwinlm.core.config import CompressConfig
 from darwinlm.core.data.default_corpus import load_split
 from darwinlm.core.data.splits import CorpusSplit
 from darwinlm.core.data.tokens import tokenize_blocks
+from darwinlm.core.data.windows import (TEST, HeldOutWindows, check_eval_split, held_out_windows, windows_record,
+                                        windows_used)
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.evaluation.metrics import perplexity_with_se
 from darwinlm.core.search.finetune import finetune
@@ -29,11 +33,25 @@ class PreparedData:
     fitness_ids: torch.Tensor  # (fitness_rows, seq_len): the search's teacher pool
     train_ids: torch.Tensor  # (train_rows, seq_len): finetunes inside selection
     post_train_ids: torch.Tensor  # (post_train_rows, seq_len): post-training, after the above in the stream
-    eval_windows: dict[str, torch.Tensor]  # name → (≤ eval_windows, seq_len)
+    held_out: dict[str, HeldOutWindows]  # evaluation set name → its validation and test windows
 
     @property
     def calibration_digest(self) -> str:
         return hashlib.sha256(self.split.digest.encode() + self.calibration_ids.numpy().tobytes()).hexdigest()
+
+    def eval_windows(self, split: str) -> dict[str, torch.Tensor]:
+        """Evaluation set name → its `split` windows ('validation' or 'test'), (≤ eval_windows, seq_len)."""
+        check_eval_split(split)
+        return {name: windows.of(split) for name, windows in self.held_out.items()}
+
+    def windows_used(self, split: str) -> dict:
+        """What an evaluation on `split` read, for its record: {"split", "protocol", "sets": {name: {"count",
+        "spread_over_tokens", "stream_tokens"}}}."""
+        return windows_used(self.held_out, split)
+
+    def windows_record(self) -> dict:
+        """The validation/test split of every evaluation set, for the run's data manifest."""
+        return windows_record(self.held_out)
 
 
 def _shuffled(blocks: torch.Tensor, seed: int) -> torch.Tensor:
@@ -60,8 +78,8 @@ def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
         fitness_ids=calibration[data.calibration_rows : needed],
         train_ids=training[: data.train_rows],
         post_train_ids=training[data.train_rows : data.train_rows + data.post_train_rows],
-        eval_windows={name: tokenize_blocks(docs, tokenizer, data.seq_len, max_blocks=data.eval_windows)
-                      for name, docs in split.evaluation.items()},
+        held_out={name: held_out_windows(docs, tokenizer, data.seq_len, data.eval_windows)
+                  for name, docs in split.evaluation.items()},
     )
 
 
@@ -83,31 +101,34 @@ def post_train(assembly: LiveAssembly, genome: Genome, rows: torch.Tensor, confi
 
 
 def evaluate(model, data: PreparedData, eval_teacher: CompactTeacher | None, batch_size: int = 4,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, split: str = TEST) -> dict:
     """Held-out perplexity per evaluation set (`ppl_<set>`) with its standard error over windows
     (`ppl_<set>_se`), and KL to the dense model on the in-domain windows (from the same forward pass as their
-    perplexity)."""
+    perplexity), all on the `split` windows: 'test' for reported results, 'validation' for anything that
+    chooses. `windows` records what was read (PreparedData.windows_used)."""
+    windows = data.eval_windows(split)
     kl_rows: list[float] = []
-    if eval_teacher is not None and not torch.equal(eval_teacher.input_ids, next(iter(data.eval_windows.values()))):
-        raise ValueError("eval_teacher is not of the first evaluation set's windows (see dense_eval_teacher)")
+    if eval_teacher is not None and not torch.equal(eval_teacher.input_ids, next(iter(windows.values()))):
+        raise ValueError(f"eval_teacher is not of the first evaluation set's {split} windows (see dense_eval_teacher)")
 
     def kl_of(rows: slice, logits: torch.Tensor) -> None:
         teacher = eval_teacher.rows(torch.arange(rows.start, rows.stop))
         kl = kl_per_position(logits, teacher.top_logprobs.to(logits.device), teacher.top_ids.to(logits.device))
         kl_rows.extend(kl.mean(-1).tolist())
 
-    results = _perplexities(model, data, batch_size, progress, kl_of if eval_teacher is not None else None)
+    results = _perplexities(model, windows, batch_size, progress, kl_of if eval_teacher is not None else None)
     if eval_teacher is not None:
         results["kl"] = sum(kl_rows) / len(kl_rows)
+    results["windows"] = data.windows_used(split)
     return results
 
 
-def evaluate_dense(model, data: PreparedData, top_k: int, batch_size: int = 4, progress: bool = False
-                   ) -> tuple[dict[str, float], CompactTeacher]:
+def evaluate_dense(model, data: PreparedData, top_k: int, batch_size: int = 4, progress: bool = False,
+                   split: str = TEST) -> tuple[dict, CompactTeacher]:
     """`evaluate` of the dense model with the teacher it is scored against, made from the same forward pass as
     the in-domain perplexity: the teacher `dense_eval_teacher` gives, without a pass of its own. Its KL, to its
     own compact form, is 0, and is measured like any other."""
-    first = next(iter(data.eval_windows.values()))
+    windows = data.eval_windows(split)
     top_logprobs, top_ids, kl_rows = [], [], []
 
     def keep_teacher(_rows: slice, logits: torch.Tensor) -> None:
@@ -116,22 +137,24 @@ def evaluate_dense(model, data: PreparedData, top_k: int, batch_size: int = 4, p
         top_ids.append(ids)
         kl_rows.extend(kl_per_position(logits, values.to(logits.device), ids.to(logits.device)).mean(-1).tolist())
 
-    results = _perplexities(model, data, batch_size, progress, keep_teacher)
+    results = _perplexities(model, windows, batch_size, progress, keep_teacher)
     results["kl"] = sum(kl_rows) / len(kl_rows)
-    return results, CompactTeacher(first, torch.cat(top_logprobs), torch.cat(top_ids))
+    results["windows"] = data.windows_used(split)
+    return results, CompactTeacher(next(iter(windows.values())), torch.cat(top_logprobs), torch.cat(top_ids))
 
 
-def _perplexities(model, data: PreparedData, batch_size: int, progress: bool, on_first_logits) -> dict[str, float]:
+def _perplexities(model, windows_by_set: dict[str, torch.Tensor], batch_size: int, progress: bool,
+                  on_first_logits) -> dict[str, float]:
     """ppl_<set> and ppl_<set>_se of every evaluation set; `on_first_logits` sees the first set's logits."""
     results = {}
-    for index, (name, windows) in enumerate(data.eval_windows.items()):
+    for index, (name, windows) in enumerate(windows_by_set.items()):
         results[f"ppl_{name}"], results[f"ppl_{name}_se"] = perplexity_with_se(
             model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {name}",
             on_logits=on_first_logits if index == 0 else None)
     return results
 
 
-def dense_eval_teacher(model, data: PreparedData, top_k: int) -> CompactTeacher:
-    """The dense model's compact log-probs on the first evaluation set, for the KL column of evaluations."""
-    first = next(iter(data.eval_windows.values()))
-    return compute_teacher(model, first, top_k)
+def dense_eval_teacher(model, data: PreparedData, top_k: int, split: str = TEST) -> CompactTeacher:
+    """The dense model's compact log-probs on the first evaluation set's `split` windows, for the KL column of
+    evaluations on that split."""
+    return compute_teacher(model, next(iter(data.eval_windows(split).values())), top_k)

@@ -48,7 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="`smollm2` (the cached default), a HF folder, or a hub id")
     _add_text_options(evaluate)
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    evaluate.add_argument("--windows", type=int, default=40, help="windows per evaluation set (default 40)")
+    evaluate.add_argument("--windows", type=int, default=40,
+                          help="test windows per evaluation set, spread over its whole text (default 40)")
     evaluate.add_argument("--batch-size", type=int, default=4,
                           help="windows (and lm-eval requests) per forward pass (default 4)")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -245,7 +246,7 @@ def _export(args) -> None:
 
 def _evaluate(args) -> None:
     from darwinlm.core.data.default_corpus import load_split
-    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.data.windows import TEST, WINDOWS_PROTOCOL, held_out_windows
     from darwinlm.core.evaluation.metrics import perplexity_with_se, with_se
     from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
     from darwinlm.core.model.loading import load_model
@@ -259,11 +260,13 @@ def _evaluate(args) -> None:
             names, manager = _prepare_tasks(requested, split, task_dir)
         model, tokenizer = load_model(args.model, dtype=args.dtype)
         results = {}
-        for name, documents in split.evaluation.items():
-            windows = tokenize_blocks(documents, tokenizer, args.seq_len, max_blocks=args.windows)
-            ppl, se = perplexity_with_se(model, windows, batch_size=args.batch_size, progress=not args.json, desc=name)
-            results[name] = {"perplexity": ppl, "perplexity_se": se, "windows": int(windows.shape[0]),
-                             "tokens": int(windows.numel())}
+        for name, documents in split.evaluation.items():  # a reported figure: the test windows, as compress reads
+            held_out = held_out_windows(documents, tokenizer, args.seq_len, args.windows)
+            ppl, se = perplexity_with_se(model, held_out.of(TEST), batch_size=args.batch_size,
+                                         progress=not args.json, desc=name)
+            results[name] = {"perplexity": ppl, "perplexity_se": se, "windows": held_out.describe(TEST)["count"],
+                             "tokens": int(held_out.of(TEST).numel()), "split": TEST,
+                             "spread_over_tokens": held_out.describe(TEST)["spread_over_tokens"]}
         tasks = {}
         if requested:
             tasks = run_lm_eval(model, tokenizer, names, include_path=task_dir, batch_size=args.batch_size,
@@ -271,9 +274,11 @@ def _evaluate(args) -> None:
                                 task_manager=manager)
     if args.json:
         extra = {"tasks": tasks} if requested else {}
-        print(json.dumps({"model": args.model, "split_digest": split.digest, "results": results, **extra}))
+        print(json.dumps({"model": args.model, "split_digest": split.digest, "windows_protocol": WINDOWS_PROTOCOL,
+                          "results": results, **extra}))
         return
-    print(f"model {args.model} · split {split.digest[:12]} · {args.seq_len}-token windows")
+    print(f"model {args.model} · split {split.digest[:12]} · {args.seq_len}-token {TEST} windows "
+          f"({WINDOWS_PROTOCOL}: spread over the whole text)")
     print(f"{'evaluation set':<16} {'windows':>8} {'perplexity ± se':>18}")
     for name, row in results.items():
         print(f"{name:<16} {row['windows']:>8} {with_se(row, 'perplexity'):>18}")

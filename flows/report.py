@@ -31,10 +31,19 @@ def print_summary(summary: dict) -> None:
             print(f"{label:<32}{cells[0]:>18}{cells[1]:>18}")
     if "prefill_tokens_per_s" in dense:
         print(f"{'prefill speedup':<32}{'':>18}{pruned['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:>17.2f}×")
+    if "windows" in summary["evaluation"]:
+        print(windows_line(summary["evaluation"]["windows"]))
     print(f"\npruned model:   {summary['model_uri']}")
     print(f"MLflow:         run {summary['mlflow_run_id']} · registered {summary['registered_model']} "
           f"v{summary['registered_version']} · `mlflow ui --backend-store-uri {tracking_uri()}`")
     print("Prefect:        flow 'compress' · `prefect server start` then open http://127.0.0.1:4200")
+
+
+def windows_line(windows: dict) -> str:
+    """Which held-out windows the table's perplexities and KL read, in words."""
+    sets = ", ".join(f"{name} {used['count']} spread over {used['spread_over_tokens']:,} of "
+                     f"{used['stream_tokens']:,} tokens" for name, used in windows["sets"].items())
+    return f"held-out figures on the {windows['split']} windows ({sets})"
 
 
 def write_results(summary: dict, path: str) -> None:
@@ -44,6 +53,7 @@ def write_results(summary: dict, path: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"wall_s": summary["wall_s"], "dense": summary["evaluation"]["dense"],
                "pruned": summary["evaluation"]["pruned"], "evaluation_labels": summary.get("evaluation_labels", {}),
+               "windows": summary["evaluation"].get("windows"),
                "kept_block_fraction":
                summary["kept_params"] / summary["dense_params"], "model_uri": summary["model_uri"],
                "mlflow_run_id": summary["mlflow_run_id"]}

@@ -22,6 +22,9 @@ class DataRef(Ref):
     # The store the run belongs to: the dense model's teachers and evaluation there are shared by every run of
     # the same model and rows (other seeds, fractions, schedules). None in a run prepared before they were.
     store_uri: str | None = None
+    # The held-out windows' validation/test split (PreparedData.windows_record): protocol, rule, and every
+    # window's start per evaluation set and split. None in a run prepared before the split existed.
+    eval_windows: dict | None = None
 
 
 class DatabasePlan(Ref):

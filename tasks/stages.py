@@ -17,6 +17,7 @@ from darwinlm.core.config import CompressConfig, config_from_dict
 from darwinlm.core.database.refit import RefitDatabase, RefitResult, refit_genome
 from darwinlm.core.database.store import (Database, DatabaseBuilder, database_root, layer_record_uri, manifest_uri,
                                           model_digest)
+from darwinlm.core.data.windows import TEST, WINDOWS_PROTOCOL
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.evaluation.metrics import greedy_continuation, prefill_tokens_per_second
 from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
@@ -29,6 +30,8 @@ from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, G
 from darwinlm.tasks.stored import LiveObjects, built_unless_marked, read_json, stored_or_computed, write_json
 
 SAMPLE_PROMPT_TOKENS = 24
+# The compression's evaluation is what it reports: it reads the test windows, never used to choose anything.
+REPORTED_SPLIT = TEST
 
 # Storage can fail transiently (a bucket, a network file system); compute failures are not retried.
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -56,7 +59,7 @@ def prepare_data_task(config_values: dict, run_uri: str, store_uri: str | None =
         model, tokenizer, data = _dense_model_and_data(_config(config_values))
         return DataRef(split=data.split.describe(), split_digest=data.split.digest,
                        calibration_digest=data.calibration_digest, base_model_digest=model_digest(model),
-                       store_uri=store_uri)
+                       store_uri=store_uri, eval_windows=data.windows_record())
 
     return stored_or_computed(storage.join(run_uri, "data.json"), record, DataRef)
 
@@ -339,11 +342,15 @@ def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict
     pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref.uri)).eval()
     pruned = pruned.to(next(dense.parameters()).device)
     dense_row, teacher = _dense_evaluation(config, _run_data(run_uri), dense, tokenizer, data)
-    pruned_row = evaluate(pruned, data, teacher, progress=True)
+    pruned_row = evaluate(pruned, data, teacher, progress=True, split=REPORTED_SPLIT)
     pruned_row["params"] = sum(p.numel() for p in pruned.parameters())
     pruned_row.update(zero_shot_scores(pruned, tokenizer, data, config))
-    results = {"dense": dense_row, "pruned": pruned_row}
-    windows = next(iter(data.eval_windows.values()))
+    # Which windows both rows read sits beside them, once: the rows stay figures only (each is logged as metrics).
+    windows_used = pruned_row.pop("windows")
+    if dense_row.pop("windows", windows_used) != windows_used:
+        raise RuntimeError(f"the dense and pruned evaluations read different windows: {windows_used}")
+    results = {"dense": dense_row, "pruned": pruned_row, "windows": windows_used}
+    windows = next(iter(data.eval_windows(REPORTED_SPLIT).values()))
     speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed
     prompt = windows[0, :SAMPLE_PROMPT_TOKENS]  # held-out text: neither model was fitted on it
@@ -364,17 +371,20 @@ def _dense_evaluation(config: CompressConfig, data_ref: DataRef, dense, tokenize
 
     folder = None
     if data_ref.store_uri is not None:
-        windows = {name: _ids_digest(ids) for name, ids in data.eval_windows.items()}
+        windows = {name: _ids_digest(ids) for name, ids in data.eval_windows(REPORTED_SPLIT).items()}
         lm_eval = version("lm_eval") if config.evaluate.tasks else None  # its scoring may change between versions
+        # The windows protocol and split are named as well as the windows' digests: a row measured under an
+        # older protocol (the first contiguous windows) must never be read as this one's.
         key = _dense_work_key(config, data_ref, dense, {
-            "split": data_ref.split_digest, "windows": windows, "top_k": config.teacher_top_k,
+            "split": data_ref.split_digest, "windows": windows, "windows_protocol": WINDOWS_PROTOCOL,
+            "windows_split": REPORTED_SPLIT, "top_k": config.teacher_top_k,
             "evaluate": dataclasses.asdict(config.evaluate), "lm_eval": lm_eval})
         folder = storage.join(data_ref.store_uri, "dense-evaluations", key)
         if storage.exists(storage.join(folder, "evaluation.json")):
             get_run_logger().info("dense model's evaluation read from %s (an earlier run's)", folder)
             teacher = CompactTeacher.from_bytes(storage.read_bytes(storage.join(folder, "teacher.safetensors")))
             return read_json(storage.join(folder, "evaluation.json")), teacher
-    row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True)
+    row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True, split=REPORTED_SPLIT)
     row["params"] = sum(p.numel() for p in dense.parameters())
     row.update(zero_shot_scores(dense, tokenizer, data, config))
     if folder is not None:

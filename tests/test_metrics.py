@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from darwinlm.core.evaluation.lm_eval_run import clean_results
 from darwinlm.core.evaluation.metrics import (binomial_se, mean_se, perplexity, perplexity_with_se, standard_error,
                                               with_se, within_noise)
+from darwinlm.core.data.windows import windows_of_stream
 from darwinlm.core.pipeline import PreparedData, evaluate
 from tests.support.tiny_models import tiny_model
 
@@ -20,6 +21,16 @@ def model():
 
 def windows(rows: int, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 90, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def held_out_data(**per_split: int) -> PreparedData:
+    """Data whose evaluation set `name` holds `per_split[name]` validation and as many test windows of 16
+    tokens; evaluate reads only the windows."""
+    empty = torch.zeros(0, 16, dtype=torch.long)
+    held_out = {name: windows_of_stream(windows(2 * count, seed=index + 1).flatten(), 16, count)
+                for index, (name, count) in enumerate(per_split.items())}
+    return PreparedData(split=None, calibration_ids=empty, fitness_ids=empty, train_ids=empty,
+                        post_train_ids=empty, held_out=held_out)
 
 
 def test_perplexity_se_is_the_spread_of_window_means_through_the_delta_method(model):
@@ -80,13 +91,12 @@ def test_lm_eval_results_keep_accuracy_standard_errors():
 
 
 def test_pipeline_evaluation_records_perplexity_standard_errors(model):
-    eval_windows = {"in_domain": windows(4, seed=1), "out_of_domain": windows(3, seed=2)}
-    empty = torch.zeros(0, 16, dtype=torch.long)
-    data = PreparedData(split=None, calibration_ids=empty, fitness_ids=empty,  # evaluate reads only the windows
-                        train_ids=empty, post_train_ids=empty, eval_windows=eval_windows)
+    data = held_out_data(in_domain=4, out_of_domain=3)
     results = evaluate(model, data, eval_teacher=None)
-    assert sorted(results) == ["ppl_in_domain", "ppl_in_domain_se", "ppl_out_of_domain", "ppl_out_of_domain_se"]
-    for name, ids in eval_windows.items():
+    assert sorted(results) == ["ppl_in_domain", "ppl_in_domain_se", "ppl_out_of_domain", "ppl_out_of_domain_se",
+                               "windows"]
+    assert results["windows"]["split"] == "test"  # a reported figure reads the test windows unless told otherwise
+    for name, ids in data.eval_windows("test").items():
         assert (results[f"ppl_{name}"], results[f"ppl_{name}_se"]) == pytest.approx(perplexity_with_se(model, ids))
         assert 0 < results[f"ppl_{name}_se"] < results[f"ppl_{name}"]
 
@@ -97,10 +107,8 @@ def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate
     from darwinlm.core.pipeline import dense_eval_teacher, evaluate_dense
     from darwinlm.core.search.fitness import kl_per_token
 
-    eval_windows = {"in_domain": windows(5, seed=1), "out_of_domain": windows(3, seed=2)}
-    empty = torch.zeros(0, 16, dtype=torch.long)
-    data = PreparedData(split=None, calibration_ids=empty, fitness_ids=empty, train_ids=empty,
-                        post_train_ids=empty, eval_windows=eval_windows)
+    data = held_out_data(in_domain=5, out_of_domain=3)
+    eval_windows = data.eval_windows("test")
     student = tiny_model("llama", seed=9).eval()
     forwards = []
     handles = [m.register_forward_hook(lambda _m, args, _out: forwards.append(args[0].shape[0]))
@@ -120,3 +128,5 @@ def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate
     assert student_row["ppl_out_of_domain"] == perplexity_with_se(student, eval_windows["out_of_domain"])[0]
     with pytest.raises(ValueError, match="first evaluation set"):
         evaluate(student, data, separate.rows(torch.arange(4)))
+    with pytest.raises(ValueError, match="first evaluation set's validation windows"):
+        evaluate(student, data, separate, split="validation")  # a test-window teacher cannot score validation

@@ -43,6 +43,15 @@ def tokenize_blocks(
     return torch.from_numpy(stream[: n_blocks * seq_len]).view(n_blocks, seq_len)
 
 
+def token_stream(documents: Sequence[Document], tokenizer) -> torch.LongTensor:
+    """Every token of the documents, in order, joined by EOS → int64 (n_tokens,) on CPU: the whole text, for
+    windows spread over all of it (darwinlm.core.data.windows). `tokenizer` as for tokenize_blocks."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DarwinLMError("the tokenizer has no eos_token_id to join documents with", "set tokenizer.eos_token_id")
+    return torch.from_numpy(_token_stream(documents, tokenizer, int(eos), None))
+
+
 def _token_stream(documents: Sequence[Document], tokenizer, eos: int, wanted: int | None) -> np.ndarray:
     """int64 (n_tokens,): every document's tokens with `eos` between documents; stops early past `wanted`."""
     chunks: list[np.ndarray] = []

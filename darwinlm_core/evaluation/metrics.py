@@ -32,6 +32,10 @@ def perplexity_with_se(model, windows: torch.Tensor, batch_size: int = 4, progre
     its standard error is the delta method's ppl · SE(mean NLL). Tokens within a window are not independent,
     so a per-token SE would be too small. NaN with a single window (no spread to measure).
     """
+    # The SE treats windows as independent draws. Adjacent windows of one document share its topic and style
+    # and are correlated, so contiguous windows would make the SE too small; the pipeline's windows are spread
+    # evenly over the whole held-out text (darwinlm.core.data.windows), far apart, which is much closer to
+    # independent sampling (still not exactly: windows of one long document remain related).
     nll = window_nlls(model, windows, batch_size, progress, desc, on_logits)
     ppl = math.exp(nll.mean().item())
     return ppl, ppl * standard_error(nll.tolist())
