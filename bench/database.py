@@ -6,14 +6,15 @@ Prints a table and writes bench/results/database.json, with provenance. Speeds a
 run (the build against the calibration forward passes alone), because absolute seconds drift on a shared
 machine; the load average around them is recorded. Also measured: the refit of the uniform-50% genome on
 propagated inputs (darwinlm.core.database.refit), with the database's units and with units reselected; its
-dense-weight curve (`--refit-weights`: ppl per weight on 16 training-split blocks, which choose the weight that
-every other refit here uses and `refit_dense_weight` records, on the first 16 calibration rows, and on both
-held-out texts); the GQA-cost-aware greedy order against the plain one (DatabaseConfig.gqa_cost_aware:
-uniform-50% ppl of both, same rows, windows and parameter budget; the main database uses the default order), and
-the calibration curve (uniform-50% ppl and build seconds against calibration tokens). The refit is measured on
+dense-weight curve (`--refit-weights`: ppl per weight on the validation windows of both held-out texts, which
+choose the weight that every other refit here uses and `refit_dense_weight` records, on the first 16 calibration
+rows, and on both texts' test windows); the GQA-cost-aware greedy order against the plain one
+(DatabaseConfig.gqa_cost_aware: uniform-50% ppl of both, same rows, windows and parameter budget; the main
+database uses the default order), and the calibration curve (uniform-50% ppl and build seconds against calibration tokens). The refit is measured on
 uniform 50% and on the genome of a short one-shot search (`--search-generations`), on both held-out texts
 (SOTU and Moby-Dick: `*_moby` keys), and the uniform-50% refit again on `--refit-rows` calibration rows.
-torch-pruning gets the same calibration rows as OBS.
+torch-pruning gets the same calibration rows as OBS. Every held-out figure is on the test windows
+(darwinlm.core.data.windows, recorded under `windows`); only the refit weight's choice reads validation windows.
 """
 
 import argparse
@@ -223,7 +224,8 @@ def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: lis
 def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="calibration rows of 512 tokens")
-    parser.add_argument("--windows", type=int, default=40, help="held-out windows of 512 tokens")
+    parser.add_argument("--windows", type=int, default=40,
+                        help="held-out test windows of 512 tokens per text (and as many validation windows)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true", help="do not run torch-pruning")
     parser.add_argument("--curve", default="16384,32768,65536,131072",
@@ -244,7 +246,7 @@ def main() -> None:
     apply_offline_defaults()
     from darwinlm.core.model.assembly import LiveAssembly
     from darwinlm.core.data.default_corpus import default_split
-    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.data.windows import TEST, VALIDATION, held_out_windows, windows_used
     from darwinlm.core.database.store import DatabaseConfig, build_database, model_digest
     from darwinlm.core.evaluation.metrics import perplexity
     from darwinlm.core.model.loading import load_model
@@ -256,9 +258,11 @@ def main() -> None:
     model, tokenizer = load_model("smollm2")
     split = default_split()
     ids, calibration_digest = calibration_rows(split, tokenizer, args.rows, 512)
-    eval_windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512, max_blocks=args.windows)
+    held_out = {name: held_out_windows(split.evaluation[name], tokenizer, 512, args.windows)
+                for name in ("in_domain", "out_of_domain")}
+    eval_windows = held_out["in_domain"].of(TEST)
     # The refit is measured on both held-out texts: on SOTU alone it looked harmful, while it helps on Moby-Dick.
-    moby_windows = tokenize_blocks(split.evaluation["out_of_domain"], tokenizer, 512, max_blocks=args.windows)
+    moby_windows = held_out["out_of_domain"].of(TEST)
     refit_windows = {"sotu": eval_windows, "moby": moby_windows}
     digest = model_digest(model)
     dense_bytes = sum(p.numel() for p in model.parameters()) * 4
@@ -286,9 +290,10 @@ def main() -> None:
         ppl_dense_both = held_out_ppl(model, refit_windows, "dense")
         ppl_dense = ppl_dense_both["sotu"]
         # The dense weight's curve. The refit's own calibration rows cannot choose the weight (their ppl keeps
-        # falling as the pull overfits them), nor can held-out text: 16 blocks of the training split, which
-        # neither the database nor the refit saw, choose it, and every refit after the curve uses the choice.
-        validation = tokenize_blocks(split.training, tokenizer, 512, max_blocks=16)
+        # falling as the pull overfits them), nor can the test windows, which report: the validation windows of
+        # both held-out texts choose it (one perplexity over all of them), and every refit after the curve uses
+        # the choice.
+        validation = torch.cat([held_out[name].of(VALIDATION) for name in ("in_domain", "out_of_domain")])
         curve_windows = {**refit_windows, "calibration": ids[:16], "validation": validation}
         refit_curve = []
         for dense_weight in sorted({float(w) for w in args.refit_weights.split(",") if w} | {shipped_weight}):
@@ -325,7 +330,9 @@ def main() -> None:
 
     results = {
         "model": "SmolLM2-135M-Instruct", "calibration_rows": args.rows, "seq_len": 512,
-        "eval_windows": int(eval_windows.shape[0]), "kept_block_fraction_uniform50": kept_fraction,
+        "eval_windows": int(eval_windows.shape[0]), "windows": windows_used(held_out, TEST),
+        "refit_dense_weight_chosen_on": windows_used(held_out, VALIDATION),
+        "kept_block_fraction_uniform50": kept_fraction,
         "obs_vs_magnitude_error_ratio_max": max(ratios),
         "obs_vs_magnitude_error_ratio_median": statistics.median(ratios),
         "obs_vs_magnitude_pairs": len(ratios),

@@ -111,7 +111,8 @@ def _speeds(files: dict, prompt: list[int], decode: list[int], reps: int, thread
 
 def _arguments():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=8, help="held-out 512-token windows for perplexity")
+    parser.add_argument("--windows", type=int, default=8,
+                        help="held-out 512-token test windows for perplexity, spread over the text")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per (model, quant); median")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens fed one at a time per decode timing")
@@ -138,7 +139,7 @@ def _export_all(dense, pruned, tokenizer, folder: Path) -> dict:
 def main() -> None:
     apply_offline_defaults()
     from darwinlm.core.data.default_corpus import default_split
-    from darwinlm.core.data.tokens import tokenize_blocks
+    from darwinlm.core.data.windows import TEST, held_out_windows, windows_used
     from darwinlm.core.database.store import model_digest
     from darwinlm.core.evaluation.metrics import perplexity
     from darwinlm.core.model.loading import load_model
@@ -147,7 +148,8 @@ def main() -> None:
     origin = provenance(config=vars(args), seeds={"calibration_sample": 0})
     dense, tokenizer = load_model("smollm2")
     split, digest = default_split(), model_digest(dense)
-    windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512, max_blocks=args.windows)
+    held_out = {"in_domain": held_out_windows(split.evaluation["in_domain"], tokenizer, 512, args.windows)}
+    windows = held_out["in_domain"].of(TEST)  # a reported figure: the test windows
     working, _ = load_model("smollm2")  # pruned in place when no demo export exists
     pruned, pruned_source, kept_fraction = _pruned_model(working, tokenizer, split, digest, args.rows)
     torch_ppl = {name: perplexity(model, windows) for name, model in (("dense", dense), ("pruned", pruned))}
@@ -178,6 +180,7 @@ def main() -> None:
         **{f"decode_speedup_{quant}": ratio("decode", quant) for quant in QUANTS[1:]},
         "torch_ppl": torch_ppl, "per_quant": per_quant,
         "eval": {"windows": int(windows.shape[0]), "seq_len": 512, "set": "in_domain (State of the Union 1990 on)"},
+        "windows": windows_used(held_out, TEST),
         "load_average_during_timing": [load_before[0], os.getloadavg()[0]],
         "run_s": time.perf_counter() - started,
     }
