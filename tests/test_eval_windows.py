@@ -141,6 +141,7 @@ def test_the_compressions_reported_evaluation_reads_the_test_windows(workspace, 
         assert results["dense"][f"ppl_{name}"] == pytest.approx(expected, rel=1e-5)
     stored = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert stored["windows"]["split"] == "test"
+    assert "Perplexities and KL on the test windows" in (root / "model" / "README.md").read_text()
 
     addresses = set((store / "dense-evaluations").iterdir())
     calls = []

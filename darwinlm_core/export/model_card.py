@@ -36,6 +36,10 @@ def _evaluation_table(evaluation: dict | None) -> list[str]:
         if key in evaluation["dense"] and key in evaluation["pruned"]:
             cells = [with_se(evaluation[side], key, ",.4g") for side in ("dense", "pruned")]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    if "windows" in evaluation:  # which held-out windows: test ones, never used to choose anything
+        sets = ", ".join(f"{name}: {used['count']} windows over {used['spread_over_tokens']:,} tokens"
+                         for name, used in evaluation["windows"]["sets"].items())
+        lines += ["", f"Perplexities and KL on the {evaluation['windows']['split']} windows ({sets})."]
     return lines
 
 
