@@ -1,7 +1,9 @@
 """Writing a benchmark's figures: a metric/value/goal table on stdout and bench/results/NAME.json, atomically,
-with the provenance that lets anyone regenerate them (commit, command, config, date, machine, seeds)."""
+with the provenance that lets anyone regenerate them (commit, command, config, date, machine, seeds) and a digest
+of the contents that shows none was edited by hand."""
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -106,6 +108,7 @@ def write_results(name: str, results: dict, goals: dict[str, str] | None = None,
     bench/results/NAME.json with `origin` as its provenance, atomically. Call it once, when the run has finished;
     take `origin = provenance(...)` when it starts (the commit and the tree then are what ran)."""
     results = {**results, "provenance": origin}
+    results["provenance"] = {**origin, "content_sha256": content_digest(results)}
     if echo:
         print(f"\n{'metric':<40} {'value':>14}  goal")
         for key, value in results.items():
@@ -118,6 +121,16 @@ def write_results(name: str, results: dict, goals: dict[str, str] | None = None,
     if echo:
         print(f"\nwrote {path}")
     return path
+
+
+def content_digest(results: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of a results file's contents without
+    `provenance.content_sha256` itself: recorded in the provenance, it shows that no figure was edited after the run
+    (tests/test_results_files.py checks it). The contents are first put through JSON, as the file holds them
+    (tuples become lists, number keys strings), so the digest is of what a reader of the file sees."""
+    contents = json.loads(json.dumps(results))
+    contents.get("provenance", {}).pop("content_sha256", None)
+    return hashlib.sha256(json.dumps(contents, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _write_json(path: Path, value: dict) -> Path:
