@@ -19,7 +19,7 @@ import yaml
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.config import CompressConfig, config_from_dict, load_preset, preset_names
 from darwinlm.core.database.store import Database
 from darwinlm.core.evaluation.metrics import is_se_key
@@ -84,7 +84,7 @@ class CompressParameters(BaseModel):
 def run_root(parameters: CompressParameters) -> str:
     """Same config (which names the model and the text) → same run root: re-running resumes or does nothing."""
     config = parameters.config()
-    return storage.join(parameters.store_uri(), "runs", f"{config.digest}-{_safe(config.model)}")
+    return uri_io.join(parameters.store_uri(), "runs", f"{config.digest}-{_safe(config.model)}")
 
 
 @flow(name="compress", log_prints=True)
@@ -97,7 +97,7 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
     logger = get_run_logger()
     run_uri = run_root(parameters)
     waiting = lambda: logger.info("another compression of %s is running; waiting for it", run_uri)  # noqa: E731
-    with storage.lock(storage.join(run_uri, "run.lock"), on_wait=waiting):  # the twin then finds its work done
+    with uri_io.lock(uri_io.join(run_uri, "run.lock"), on_wait=waiting):  # the twin then finds its work done
         return _run_stages(parameters, config, values, store, run_uri, started, logger)
 
 
@@ -226,12 +226,12 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     A GGUF asked for after registration is logged to the run and tagged on the version then."""
     from darwinlm.tasks.stages import local_model_dir, local_file
 
-    marker = storage.join(run_uri, "registered.json")
-    if storage.exists(marker):
-        record = json.loads(storage.read_bytes(marker))
+    marker = uri_io.join(run_uri, "registered.json")
+    if uri_io.exists(marker):
+        record = json.loads(uri_io.read_bytes(marker))
         if gguf_ref is not None and record.get("gguf") != gguf_ref.uri:
             tracker.add_gguf(record["name"], record["version"], parent, local_file(gguf_ref.uri))
-            storage.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref.uri}).encode())
+            uri_io.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref.uri}).encode())
         return record["version"]
     tags = {**lineage, "database_digest": database_ref.digest, "database_uri": database_ref.uri,
             "search_run": search_run, "compress_run": parent, "run_uri": run_uri}
@@ -244,5 +244,5 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     if gguf_ref is not None:
         tracker.add_gguf(record["name"], version, parent, local_file(gguf_ref.uri))
         record["gguf"] = gguf_ref.uri
-    storage.write_bytes(marker, json.dumps(record).encode())
+    uri_io.write_bytes(marker, json.dumps(record).encode())
     return version

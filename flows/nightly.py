@@ -14,7 +14,7 @@ from pathlib import Path
 import fsspec
 from prefect import flow, get_run_logger
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.home import data_home
@@ -99,7 +99,7 @@ def nightly(location: str, preset: str = "smollm2-demo", text: str | None = None
     summaries = []
     for checkpoint in find_checkpoints(location):
         parameters = CompressParameters.of(preset, model=local_copy(checkpoint), text=text, store=store)
-        if storage.exists(storage.join(run_root(parameters), "registered.json")):
+        if uri_io.exists(uri_io.join(run_root(parameters), "registered.json")):
             logger.info("checkpoint %s: compressed before, skipped", checkpoint)
             continue
         logger.info("checkpoint %s: compressing", checkpoint)

@@ -11,7 +11,7 @@ import json
 import torch
 from prefect import get_run_logger, task
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.config import CompressConfig, config_from_dict
 from darwinlm.core.database.refit import RefitDatabase, RefitResult, refit_genome
@@ -61,12 +61,12 @@ def prepare_data_task(config_values: dict, run_uri: str, store_uri: str | None =
                        calibration_digest=data.calibration_digest, base_model_digest=model_digest(model),
                        store_uri=store_uri, eval_windows=data.windows_record())
 
-    return stored_or_computed(storage.join(run_uri, "data.json"), record, DataRef)
+    return stored_or_computed(uri_io.join(run_uri, "data.json"), record, DataRef)
 
 
 def _run_data(run_uri: str) -> DataRef:
     """The run's data record (prepare_data_task writes it before any later stage runs)."""
-    return DataRef.model_validate(read_json(storage.join(run_uri, "data.json")))
+    return DataRef.model_validate(read_json(uri_io.join(run_uri, "data.json")))
 
 
 def _dense_work_key(config: CompressConfig, data_ref: DataRef, model, inputs: dict) -> str:
@@ -74,11 +74,11 @@ def _dense_work_key(config: CompressConfig, data_ref: DataRef, model, inputs: di
     kind of device it ran in, and `inputs` (JSON: tensors as their digests)."""
     values = {"model": data_ref.base_model_digest, "dtype": config.dtype,
               "device": next(model.parameters()).device.type, **inputs}
-    return storage.sha256(json.dumps(values, sort_keys=True).encode())[:16]
+    return uri_io.sha256(json.dumps(values, sort_keys=True).encode())[:16]
 
 
 def _ids_digest(ids: torch.Tensor) -> str:
-    return storage.sha256(json.dumps(list(ids.shape)).encode() + ids.numpy().tobytes())
+    return uri_io.sha256(json.dumps(list(ids.shape)).encode() + ids.numpy().tobytes())
 
 
 def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run_local: str | None
@@ -87,28 +87,28 @@ def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run
     device kind under the store's teachers/, where every run that needs it reads it. A run prepared before
     teachers were shared keeps its own at `run_local` under the run root (None: not stored)."""
     data_ref = _run_data(run_uri)
-    uri = storage.join(run_uri, run_local) if run_local else None
+    uri = uri_io.join(run_uri, run_local) if run_local else None
     if data_ref.store_uri is not None:
         key = _dense_work_key(config, data_ref, model, {"rows": _ids_digest(ids), "top_k": config.teacher_top_k})
-        uri = storage.join(data_ref.store_uri, "teachers", f"{key}.safetensors")
-    if uri is not None and storage.exists(uri):
+        uri = uri_io.join(data_ref.store_uri, "teachers", f"{key}.safetensors")
+    if uri is not None and uri_io.exists(uri):
         get_run_logger().info("dense teacher of %d rows read from %s", ids.shape[0], uri)
-        return CompactTeacher.from_bytes(storage.read_bytes(uri))
+        return CompactTeacher.from_bytes(uri_io.read_bytes(uri))
     teacher = compute_teacher(model, ids, config.teacher_top_k)
     if uri is not None:
-        storage.write_bytes(uri, teacher.to_bytes())
+        uri_io.write_bytes(uri, teacher.to_bytes())
     return teacher
 
 
 def _database_root(config: CompressConfig, store_uri: str, data_ref: DataRef) -> str:
-    return database_root(storage.join(store_uri, "databases"), data_ref.base_model_digest,
+    return database_root(uri_io.join(store_uri, "databases"), data_ref.base_model_digest,
                          data_ref.calibration_digest, config.database)
 
 
 def _database_builder(config: CompressConfig, store_uri: str, data_ref: DataRef) -> DatabaseBuilder:
     def builder() -> DatabaseBuilder:
         model, tokenizer, data = _dense_model_and_data(config)
-        return DatabaseBuilder(model, data.calibration_ids, storage.join(store_uri, "databases"),
+        return DatabaseBuilder(model, data.calibration_ids, uri_io.join(store_uri, "databases"),
                                calibration_digest=data.calibration_digest, config=config.database,
                                base_model_digest=data_ref.base_model_digest)
 
@@ -122,7 +122,7 @@ def database_plan_task(config_values: dict, store_uri: str, data_ref: DataRef) -
     config = _config(config_values)
     root = _database_root(config, store_uri, data_ref)
     return DatabasePlan(uri=root, num_layers=load_config(config.model).num_hidden_layers,
-                        finished=storage.exists(manifest_uri(root)))
+                        finished=uri_io.exists(manifest_uri(root)))
 
 
 @task(name="database-layer", task_run_name="database-layer-{layer}", **IO_RETRIES)
@@ -152,14 +152,14 @@ def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
         teacher = _teacher(config, run_uri, model, data.fitness_ids, "teacher.safetensors")  # dense: before pruning
         assembly = LiveAssembly(model, Database.open(database_ref.uri))
         return Search(assembly, teacher, data.train_ids, config.search,
-                      state_uri=storage.join(run_uri, "search_state.json"))
+                      state_uri=uri_io.join(run_uri, "search_state.json"))
 
     return live_objects.get(run_uri, search)
 
 
 def _saved_search_state(run_uri: str) -> SearchState | None:
-    uri = storage.join(run_uri, "search_state.json")
-    return SearchState.from_json(storage.read_bytes(uri)) if storage.exists(uri) else None
+    uri = uri_io.join(run_uri, "search_state.json")
+    return SearchState.from_json(uri_io.read_bytes(uri)) if uri_io.exists(uri) else None
 
 
 @task(name="evaluate-candidate", task_run_name="candidate-g{generation}-s{stage_index}-{index}")
@@ -209,7 +209,7 @@ def search_generation_task(config_values: dict, run_uri: str, database_ref: Data
 @task(name="finish-search", **IO_RETRIES)
 def search_finish_task(config_values: dict, run_uri: str, database_ref: DatabaseRef) -> GenomeRef:
     """The winner (genome.json, written last) from the final search state."""
-    genome = stored_or_computed(storage.join(run_uri, "genome.json"),
+    genome = stored_or_computed(uri_io.join(run_uri, "genome.json"),
                                 lambda: _winner(_config(config_values), run_uri, database_ref), GenomeRef)
     live_objects.release(run_uri)
     return genome
@@ -248,7 +248,7 @@ def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, gen
     config = _config(config_values)
     if not config.post_train.refit:
         return None
-    uri = storage.join(run_uri, "refit.safetensors")
+    uri = uri_io.join(run_uri, "refit.safetensors")
 
     def refit() -> RefitRef:
         model, tokenizer, data = _dense_model_and_data(config)
@@ -256,13 +256,13 @@ def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, gen
         genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
         result = refit_genome(model, database, genome.assignment(), data.calibration_ids,
                               dense_weight=config.post_train.refit_dense_weight)
-        storage.write_bytes(uri, result.to_bytes())
+        uri_io.write_bytes(uri, result.to_bytes())
         errors = list(result.errors.values())
         return RefitRef(uri=uri, error_before=sum(before for before, _ in errors) / max(1, len(errors)),
                         error_after=sum(after for _, after in errors) / max(1, len(errors)))
 
     # refit.json, written after the weights, is the marker and the record: a rerun reads it, not the weights
-    return stored_or_computed(storage.join(run_uri, "refit.json"), refit, RefitRef)
+    return stored_or_computed(uri_io.join(run_uri, "refit.json"), refit, RefitRef)
 
 
 @task(name="post-train-and-export", **IO_RETRIES)
@@ -270,8 +270,8 @@ def post_train_task(config_values: dict, run_uri: str, database_ref: DatabaseRef
                     refit_ref: RefitRef | None = None) -> ModelRef:
     """Post-train the winner (warmup + cosine, distillation), from its refitted weights when there are any,
     and export it; the export is the artifact (its config.json is written last)."""
-    model_uri = storage.join(run_uri, "model")
-    built_unless_marked(storage.join(model_uri, "config.json"), lambda: _post_train_and_export(
+    model_uri = uri_io.join(run_uri, "model")
+    built_unless_marked(uri_io.join(model_uri, "config.json"), lambda: _post_train_and_export(
         _config(config_values), run_uri, database_ref, genome_ref, refit_ref, model_uri))
     return ModelRef(uri=model_uri)
 
@@ -284,7 +284,7 @@ def _post_train_and_export(config: CompressConfig, run_uri: str, database_ref: D
         teacher = _teacher(config, run_uri, model, data.post_train_ids, None)
     database = Database.open(database_ref.uri)
     if refit_ref is not None:  # the chosen levels load the refitted weights; the digest stays the database's
-        database = RefitDatabase(database, RefitResult.from_bytes(storage.read_bytes(refit_ref.uri)))
+        database = RefitDatabase(database, RefitResult.from_bytes(uri_io.read_bytes(refit_ref.uri)))
     assembly = LiveAssembly(model, database)
     genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
     losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
@@ -306,7 +306,7 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef
     quant = _config(config_values).export.gguf
     if quant is None:
         return None
-    uri = storage.join(run_uri, f"model-{quant}.gguf")
+    uri = uri_io.join(run_uri, f"model-{quant}.gguf")
 
     def export() -> None:
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -315,7 +315,7 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef
 
         folder = local_model_dir(model_ref.uri)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        info = read_json(storage.join(model_ref.uri, "darwinlm.json"))
+        info = read_json(uri_io.join(model_ref.uri, "darwinlm.json"))
         export_gguf(model, PreTrainedTokenizerFast.from_pretrained(folder), uri, quant=quant,
                     metadata={"name": f"{info.get('base_model', 'model')}-darwinlm", **info})
 
@@ -326,8 +326,8 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef
 @task(name="evaluate", **IO_RETRIES)
 def evaluate_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> dict:
     """Dense vs pruned: parameters, held-out perplexity, KL, zero-shot accuracy, prefill speed."""
-    uri = storage.join(run_uri, "evaluation.json")
-    if storage.exists(uri):
+    uri = uri_io.join(run_uri, "evaluation.json")
+    if uri_io.exists(uri):
         return read_json(uri)
     results = _evaluate(_config(config_values), run_uri, model_ref)
     write_model_card(model_ref.uri, evaluation=results)  # the card now shows before/after figures
@@ -379,17 +379,17 @@ def _dense_evaluation(config: CompressConfig, data_ref: DataRef, dense, tokenize
             "split": data_ref.split_digest, "windows": windows, "windows_protocol": WINDOWS_PROTOCOL,
             "windows_split": REPORTED_SPLIT, "top_k": config.teacher_top_k,
             "evaluate": dataclasses.asdict(config.evaluate), "lm_eval": lm_eval})
-        folder = storage.join(data_ref.store_uri, "dense-evaluations", key)
-        if storage.exists(storage.join(folder, "evaluation.json")):
+        folder = uri_io.join(data_ref.store_uri, "dense-evaluations", key)
+        if uri_io.exists(uri_io.join(folder, "evaluation.json")):
             get_run_logger().info("dense model's evaluation read from %s (an earlier run's)", folder)
-            teacher = CompactTeacher.from_bytes(storage.read_bytes(storage.join(folder, "teacher.safetensors")))
-            return read_json(storage.join(folder, "evaluation.json")), teacher
+            teacher = CompactTeacher.from_bytes(uri_io.read_bytes(uri_io.join(folder, "teacher.safetensors")))
+            return read_json(uri_io.join(folder, "evaluation.json")), teacher
     row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True, split=REPORTED_SPLIT)
     row["params"] = sum(p.numel() for p in dense.parameters())
     row.update(zero_shot_scores(dense, tokenizer, data, config))
     if folder is not None:
-        storage.write_bytes(storage.join(folder, "teacher.safetensors"), teacher.to_bytes())
-        write_json(storage.join(folder, "evaluation.json"), row)
+        uri_io.write_bytes(uri_io.join(folder, "teacher.safetensors"), teacher.to_bytes())
+        write_json(uri_io.join(folder, "evaluation.json"), row)
     return row, teacher
 
 

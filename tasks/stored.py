@@ -3,7 +3,7 @@
 A task whose artifact already exists returns it without work: that is how a re-run of a finished compression
 does nothing and a re-run of a crashed one continues where it stopped. (Prefect's own result cache is not used
 for this: artifacts on storage survive a lost Prefect database and are shared by every run that can reach the
-store.) Artifacts are written whole or not at all (storage.write_bytes writes a temporary name, then renames).
+store.) Artifacts are written whole or not at all (uri_io.write_bytes writes a temporary name, then renames).
 """
 
 import json
@@ -11,22 +11,22 @@ from typing import Callable, TypeVar
 
 from pydantic import BaseModel
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
 def read_json(uri: str):
-    return json.loads(storage.read_bytes(uri))
+    return json.loads(uri_io.read_bytes(uri))
 
 
 def write_json(uri: str, value) -> None:
-    storage.write_bytes(uri, json.dumps(value, indent=1).encode())
+    uri_io.write_bytes(uri, json.dumps(value, indent=1).encode())
 
 
 def stored_or_computed(uri: str, compute: Callable[[], RecordT], record_type: type[RecordT]) -> RecordT:
     """The record at `uri` if an earlier run wrote it; else `compute()` it, write it to `uri` and return it."""
-    if storage.exists(uri):
+    if uri_io.exists(uri):
         return record_type.model_validate(read_json(uri))
     record = compute()
     write_json(uri, record.model_dump())
@@ -35,7 +35,7 @@ def stored_or_computed(uri: str, compute: Callable[[], RecordT], record_type: ty
 
 def built_unless_marked(marker_uri: str, build: Callable[[], None]) -> bool:
     """Run `build` unless `marker_uri` (the last file `build` writes) exists; True when it ran."""
-    if storage.exists(marker_uri):
+    if uri_io.exists(marker_uri):
         return False
     build()
     return True

@@ -13,7 +13,7 @@ import torch
 
 import darwinlm.core
 from darwinlm.core.database import store as database_module
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.model.arch import arch_for
 from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.database.store import Database, DatabaseBuilder, DatabaseConfig, build_database, model_digest
@@ -264,13 +264,13 @@ def test_round_trip_local_and_s3(tmp_path, s3_endpoint):
 @pytest.fixture
 def counting_writes(monkeypatch):
     written = []
-    original = storage.write_bytes
+    original = uri_io.write_bytes
 
     def write_bytes(uri, data):
         written.append(uri)
         original(uri, data)
 
-    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    monkeypatch.setattr(uri_io, "write_bytes", write_bytes)
     return written
 
 
@@ -287,8 +287,8 @@ def test_rebuild_reuses_and_partial_build_resumes(tmp_path, monkeypatch):
     before = _files(db.root)
     assert not any(".tmp-" in name for name in before)  # atomic writes leave no temporaries
     written, pruned = [], []
-    original_write, original_prune = storage.write_bytes, database_module._prune_module
-    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (written.append(uri), original_write(uri, data)))
+    original_write, original_prune = uri_io.write_bytes, database_module._prune_module
+    monkeypatch.setattr(uri_io, "write_bytes", lambda uri, data: (written.append(uri), original_write(uri, data)))
     monkeypatch.setattr(database_module, "_prune_module",
                         lambda *args: (pruned.append(args[2].kind), original_prune(*args))[1])
 
@@ -381,10 +381,10 @@ def test_overlapped_build_writes_the_bytes_of_a_sequential_one(tmp_path, monkeyp
     sequential = build_database(model, CALIBRATION, str(tmp_path / "sequential"), calibration_digest="c",
                                 config=config, overlap=False)
     events = []
-    original_prune, original_write = database_module._prune_module, storage.write_bytes
+    original_prune, original_write = database_module._prune_module, uri_io.write_bytes
     monkeypatch.setattr(database_module, "_prune_module", lambda *args: (
         events.append(("prune", threading.current_thread().name)), original_prune(*args))[1])
-    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (
+    monkeypatch.setattr(uri_io, "write_bytes", lambda uri, data: (
         events.append(("write", uri.rsplit("/", 2)[-2] + "/" + uri.rsplit("/", 1)[-1])),
         writers.append((uri.rsplit("/", 1)[-1], threading.current_thread().name)), original_write(uri, data)))
     writers = []

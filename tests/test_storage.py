@@ -7,7 +7,7 @@ import fsspec
 import pytest
 
 from tests.support.storage_faults import StorageFaults
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.database.store import Database, DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from tests.support.tiny_models import random_token_rows, tiny_model
@@ -17,11 +17,11 @@ CALIBRATION = random_token_rows(128, rows=8, seq_len=16)
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(uri_io, "RETRY_DELAYS", (0.0, 0.0, 0.0))
 
 
 def _manifest_implies_every_shard(root: str) -> None:
-    if not storage.exists(storage.join(root, "manifest.json")):
+    if not uri_io.exists(uri_io.join(root, "manifest.json")):
         return
     database = Database.open(root)
     for module in database.manifest["modules"]:
@@ -77,11 +77,11 @@ def test_local_disk_full_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypat
     # on the class: patching the cached instance would leave a bound method behind on undo
     monkeypatch.setattr(LocalFileSystem, "pipe_file", half_write_then_full)
     with pytest.raises(DarwinLMError, match="no space left on the device while writing"):
-        storage.write_bytes(str(tmp_path / "a" / "manifest.json"), b"x" * 100)
+        uri_io.write_bytes(str(tmp_path / "a" / "manifest.json"), b"x" * 100)
     assert list((tmp_path / "a").iterdir()) == []
 
 
 def test_missing_files_are_not_retried(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "RETRY_DELAYS", (60.0,))  # a retry would hang the test
+    monkeypatch.setattr(uri_io, "RETRY_DELAYS", (60.0,))  # a retry would hang the test
     with pytest.raises(FileNotFoundError):
-        storage.read_bytes(str(tmp_path / "nothing.json"))
+        uri_io.read_bytes(str(tmp_path / "nothing.json"))

@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 import darwinlm.core
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.model.arch import arch_for
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.dtypes import DTYPES
@@ -85,17 +85,17 @@ def model_digest(model: torch.nn.Module) -> str:
 def database_root(base_uri: str, base_model_digest: str, calibration_digest: str, config: DatabaseConfig) -> str:
     """Content address: same model, calibration, config and code → same root, so a finished build is reused."""
     key = json.dumps([base_model_digest, calibration_digest, config.address_values(), code_version()], sort_keys=True)
-    return storage.join(base_uri, hashlib.sha256(key.encode()).hexdigest()[:16])
+    return uri_io.join(base_uri, hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
 def manifest_uri(root: str) -> str:
     """The database's manifest: written last, so the database exists once this file does."""
-    return storage.join(root, "manifest.json")
+    return uri_io.join(root, "manifest.json")
 
 
 def layer_record_uri(root: str, layer: int) -> str:
     """A layer's record, written after its shards: the marker a resumed build skips the layer by."""
-    return storage.join(root, f"layers/{layer:03d}/layer.json")
+    return uri_io.join(root, f"layers/{layer:03d}/layer.json")
 
 
 def _shard_name(layer: int, kind: str, level: int) -> str:
@@ -129,8 +129,8 @@ def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[Pruned
                   "error": errors[level]}
         if level > 0:
             data = save_safetensors({"kept_units": pruned.kept_units, "weight": pruned.weight.to(dtype).contiguous()})
-            record.update(shard=_shard_name(layer, shape.kind, level), sha256=storage.sha256(data))
-            storage.write_bytes(storage.join(root, record["shard"]), data)
+            record.update(shard=_shard_name(layer, shape.kind, level), sha256=uri_io.sha256(data))
+            uri_io.write_bytes(uri_io.join(root, record["shard"]), data)
         records.append(record)
     return {"layer": layer, "kind": shape.kind, "n_units": shape.n_units, "unit_size": shape.unit_size,
             "output_energy": energy, "levels": records}
@@ -166,23 +166,23 @@ class DatabaseBuilder:
 
     @property
     def finished(self) -> bool:
-        return storage.exists(manifest_uri(self.root))
+        return uri_io.exists(manifest_uri(self.root))
 
     def _record_uri(self, layer: int) -> str:
         return layer_record_uri(self.root, layer)
 
     def layer_done(self, layer: int) -> bool:
-        return storage.exists(self._record_uri(layer))
+        return uri_io.exists(self._record_uri(layer))
 
     def build_layer(self, layer: int) -> list[dict]:
         """Prune both modules of `layer` at every level and write them (layer.json last); returns its records.
         A layer already written is read back instead."""
         if not 0 <= layer < self.num_layers:
             raise DarwinLMError(f"layer {layer} out of range: the model has {self.num_layers}")
-        with storage.lock(storage.join(self.root, "locks", f"layer-{layer:03d}.lock")):
+        with uri_io.lock(uri_io.join(self.root, "locks", f"layer-{layer:03d}.lock")):
             # under the lock: a concurrent build of the same database may have just written this layer
             if self.layer_done(layer):
-                return json.loads(storage.read_bytes(self._record_uri(layer)))
+                return json.loads(uri_io.read_bytes(self._record_uri(layer)))
             return self._build_layer(layer)
 
     def _build_layer(self, layer: int) -> list[dict]:
@@ -232,7 +232,7 @@ class DatabaseBuilder:
             shape = self.shapes[layer][kind]
             pruned = _prune_module(weights[kind], hessians[kind], shape, self.config)
             modules.append(_write_module(self.root, layer, shape, *pruned, dtype=dtype))
-        storage.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
+        uri_io.write_bytes(self._record_uri(layer), json.dumps(modules).encode())
         return modules
 
     def finish(self) -> "Database":
@@ -246,7 +246,7 @@ class DatabaseBuilder:
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
-        layer_records = [json.loads(storage.read_bytes(self._record_uri(layer))) for layer in range(self.num_layers)]
+        layer_records = [json.loads(uri_io.read_bytes(self._record_uri(layer))) for layer in range(self.num_layers)]
         config = self.model.config
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -260,7 +260,7 @@ class DatabaseBuilder:
             "dense_params": sum(s.dense_params() for layer in self.shapes for s in layer.values()),
             "modules": [module for modules in layer_records for module in modules],
         }
-        storage.write_bytes(manifest_uri(self.root), json.dumps(manifest, indent=1).encode())
+        uri_io.write_bytes(manifest_uri(self.root), json.dumps(manifest, indent=1).encode())
         return Database.open(self.root)
 
 
@@ -306,10 +306,10 @@ class Database:
     @classmethod
     def open(cls, root: str) -> "Database":
         manifest_at = manifest_uri(root)
-        if not storage.exists(manifest_at):
+        if not uri_io.exists(manifest_at):
             raise DarwinLMError(f"no database at {root} (manifest.json missing)", "build it first, or fix the path")
         try:
-            manifest = json.loads(storage.read_bytes(manifest_at))
+            manifest = json.loads(uri_io.read_bytes(manifest_at))
         except ValueError as error:
             raise DarwinLMError(f"corrupted database manifest at {manifest_at}", "delete the folder and rebuild") from error
         if manifest.get("code_version") != code_version():
@@ -362,11 +362,11 @@ class Database:
             if not 1 <= level < len(levels):
                 raise DarwinLMError(f"level {level} out of range for ({layer}, {kind}): 1..{len(levels) - 1} are stored")
             record = levels[level]
-            uri = storage.join(self.root, record["shard"])
-            if not storage.exists(uri):
+            uri = uri_io.join(self.root, record["shard"])
+            if not uri_io.exists(uri):
                 raise DarwinLMError(f"database shard missing: {uri}", "rebuild the database")
-            data = storage.read_bytes(uri)
-            if storage.sha256(data) != record["sha256"]:
+            data = uri_io.read_bytes(uri)
+            if uri_io.sha256(data) != record["sha256"]:
                 raise DarwinLMError(f"database shard corrupted (hash mismatch): {uri}", "rebuild the database")
             tensors = load_safetensors(data)
             self._cache[key] = PrunedWeights(record["units_removed"], tensors["kept_units"], tensors["weight"])

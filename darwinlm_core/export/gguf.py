@@ -32,7 +32,7 @@ import fsspec
 import numpy as np
 import torch
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.model.arch import arch_for
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.model.pruned import ZeroAttention, ZeroMLP
@@ -393,7 +393,7 @@ def export_gguf(model, tokenizer, out_uri: str, *, quant: str = "f16", metadata:
     """Write the live `model` (shrunk, as LiveAssembly.apply leaves it, or a loaded export) + tokenizer as one
     GGUF file at `out_uri` (a path or fsspec URI). Nothing is left at `out_uri` unless the whole file is written."""
     check_gguf_exportable(model, quant)
-    if storage.exists(out_uri):
+    if uri_io.exists(out_uri):
         raise DarwinLMError(f"{out_uri} already exists", "choose a new output file or delete it")
     fs, target = fsspec.core.url_to_fs(out_uri)
     local = "file" in fs.protocol

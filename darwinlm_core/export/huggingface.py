@@ -19,7 +19,7 @@ import fsspec
 import torch
 from safetensors.torch import save_file
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.database.structure import MODULE_KINDS
 from darwinlm.core.model import pruned as modeling_pruned
 from darwinlm.core.model.dtypes import DTYPES
@@ -34,7 +34,7 @@ EXPORT_FORMATS = ("compact", "padded")
 def read_level_assignment(uri: str, database) -> dict[tuple[int, str], int]:
     """{(layer, kind): level} from a JSON file {"attn": [...], "mlp": [...]}, checked against `database`."""
     try:
-        raw = json.loads(storage.read_bytes(uri))
+        raw = json.loads(uri_io.read_bytes(uri))
     except FileNotFoundError as error:
         raise DarwinLMError(f"level file {uri} not found", "pass the JSON file the search wrote") from error
     except ValueError as error:
@@ -137,7 +137,7 @@ def export_model(model, tokenizer, out_uri: str, *, export_format: str = "compac
         raise DarwinLMError(f"unknown export format '{export_format}'", f"use one of {', '.join(EXPORT_FORMATS)}")
     if dtype not in DTYPES:
         raise DarwinLMError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
-    if storage.exists(storage.join(out_uri, "config.json")):
+    if uri_io.exists(uri_io.join(out_uri, "config.json")):
         raise DarwinLMError(f"{out_uri} already holds a model", "choose a new output location or delete it")
     with tempfile.TemporaryDirectory(prefix="darwinlm-export-") as scratch:
         folder = Path(scratch)
@@ -163,7 +163,7 @@ def _publish(folder: Path, out_uri: str) -> None:
     written = []
     try:
         for path in files:
-            storage.write_bytes(storage.join(out_uri, path.name), path.read_bytes())
+            uri_io.write_bytes(uri_io.join(out_uri, path.name), path.read_bytes())
             written.append(path.name)
     except BaseException:  # a failed export (disk full, store down) leaves nothing, not a config-less folder
         for name in written:

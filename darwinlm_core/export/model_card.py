@@ -7,7 +7,7 @@ figures are known (the compress flow evaluates after exporting) without touching
 
 import json
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.evaluation.metrics import with_se
 
 _EVALUATION_LABELS = {"ppl_in_domain": "perplexity, in-domain held-out text",
@@ -84,9 +84,9 @@ def render_card(config: dict, info: dict, evaluation: dict | None = None) -> str
 
 def write_model_card(folder_uri: str, evaluation: dict | None = None) -> str:
     """(Re)write FOLDER/README.md from the folder's config.json and darwinlm.json; returns its URI."""
-    config = json.loads(storage.read_bytes(storage.join(folder_uri, "config.json")))
-    info_uri = storage.join(folder_uri, "darwinlm.json")
-    info = json.loads(storage.read_bytes(info_uri)) if storage.exists(info_uri) else {}
-    uri = storage.join(folder_uri, "README.md")
-    storage.write_bytes(uri, render_card(config, info, evaluation).encode())
+    config = json.loads(uri_io.read_bytes(uri_io.join(folder_uri, "config.json")))
+    info_uri = uri_io.join(folder_uri, "darwinlm.json")
+    info = json.loads(uri_io.read_bytes(info_uri)) if uri_io.exists(info_uri) else {}
+    uri = uri_io.join(folder_uri, "README.md")
+    uri_io.write_bytes(uri, render_card(config, info, evaluation).encode())
     return uri

@@ -34,7 +34,7 @@ from functools import cached_property
 import torch
 from tqdm.auto import tqdm
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
@@ -214,9 +214,9 @@ class Search:
                            parent_fixed_kl=self.fixed_kl(parent), start=start)
 
     def load_or_start(self) -> SearchState:
-        if self.state_uri is None or not storage.exists(self.state_uri):
+        if self.state_uri is None or not uri_io.exists(self.state_uri):
             return self._initial_state()
-        state = SearchState.from_json(storage.read_bytes(self.state_uri))
+        state = SearchState.from_json(uri_io.read_bytes(self.state_uri))
         if (state.config_digest, state.database) != (self.config.digest, self.database_digest):
             raise DarwinLMError(f"search state at {self.state_uri} belongs to another config or database",
                                 "use a new run location, or delete the state to start over")
@@ -318,7 +318,7 @@ class Search:
 
     def save(self, state: SearchState) -> None:
         if self.state_uri is not None:
-            storage.write_bytes(self.state_uri, state.to_json())
+            uri_io.write_bytes(self.state_uri, state.to_json())
 
     def run(self, on_generation=None) -> SearchState:
         """Run (or resume) to `config.generations`; saves the state after each; returns the final state."""

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from darwinlm.core import storage
+from darwinlm.core import uri_io
 from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
 from darwinlm.core.model.assembly import LiveAssembly
 from darwinlm.core.model.driver import record_block_kwargs
@@ -26,7 +26,7 @@ def device_name(device: torch.device) -> str:
 
 
 def table_uri(database_root: str, device: str, batch: int, seq_len: int) -> str:
-    return storage.join(database_root, "latency", f"{device}-b{batch}-s{seq_len}.json")
+    return uri_io.join(database_root, "latency", f"{device}-b{batch}-s{seq_len}.json")
 
 
 def _time(call, repeats: int, device: torch.device) -> float:
@@ -82,10 +82,10 @@ def load_or_measure(assembly: LiveAssembly, batch: int = 1, seq_len: int = 512, 
     """The stored table for this database, device and input shape, measured (and stored) on first use."""
     device = next(assembly.model.parameters()).device
     uri = table_uri(assembly.database.root, device_name(device), batch, seq_len)
-    if storage.exists(uri):
-        return json.loads(storage.read_bytes(uri))
+    if uri_io.exists(uri):
+        return json.loads(uri_io.read_bytes(uri))
     table = measure_latency_table(assembly, batch, seq_len, progress=progress)
-    storage.write_bytes(uri, json.dumps(table, indent=1).encode())
+    uri_io.write_bytes(uri, json.dumps(table, indent=1).encode())
     return table
 
 

@@ -43,8 +43,8 @@ def select(self, generation, stage_index, candidates):
 Search.select = select
 """,
     "export": """
-from darwinlm.core import storage
-real = storage.write_bytes
+from darwinlm.core import uri_io
+real = uri_io.write_bytes
 written = []
 def write_bytes(uri, data):
     if "/model/" in uri:
@@ -52,7 +52,7 @@ def write_bytes(uri, data):
         if len(written) == 2:  # one file of the export published, the rest not
             os.kill(os.getpid(), signal.SIGKILL)
     return real(uri, data)
-storage.write_bytes = write_bytes
+uri_io.write_bytes = write_bytes
 """,
     "register": """
 from darwinlm.tasks.tracking import Tracker
