@@ -3,9 +3,8 @@
 import pytest
 import torch
 
+from bench import peer_torch_pruning as peer
 from tests.support.tiny_models import random_token_rows, tiny_model
-
-peer = pytest.importorskip("bench.peer_torch_pruning")
 
 
 @pytest.mark.parametrize("scope", ["uniform", "global"])

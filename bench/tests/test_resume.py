@@ -5,8 +5,7 @@ import subprocess
 
 import pytest
 
-# bench is not a dependency of the suite (tests never import it); like test_peer, skip where it is absent
-results_file = pytest.importorskip("bench.results_file")
+from bench import results_file
 
 RUN = {"config": {"targets": "0.5", "seeds": [0], "model": "gemma"}}
 
