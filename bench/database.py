@@ -119,7 +119,7 @@ def _refit_ppl(model, database, levels, ids, windows: dict, digest, batch_size: 
                reselect: bool, dense_weight: float) -> tuple[dict, float]:
     """({text: held-out ppl} of the refitted genome, refit seconds): the dense model is refitted, assembled,
     measured on each text of `windows` and set back to dense."""
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.refit import RefitDatabase, refit_genome
 
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def searched_levels(model, database, split, tokenizer, digest, generations: int)
 
     from darwinlm.core.config import load_preset
     from darwinlm.core.data.tokens import tokenize_blocks
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.search.evolution import Search
     from darwinlm.core.search.fitness import compute_teacher
 
@@ -167,7 +167,7 @@ def searched_levels(model, database, split, tokenizer, digest, generations: int)
 def uniform50_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size: int, root: str,
                   config, desc: str) -> tuple[float, float]:
     """(held-out uniform-50% ppl, build seconds) of a database built from `ids` with `config` under `root`."""
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.store import build_database
     from darwinlm.core.evaluation.metrics import perplexity
 
@@ -244,7 +244,7 @@ def _parse_args():
 
 def main() -> None:
     apply_offline_defaults()
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.data.default_corpus import default_split
     from darwinlm.core.data.windows import TEST, VALIDATION, held_out_windows, windows_used
     from darwinlm.core.database.store import DatabaseConfig, build_database, model_digest

@@ -117,7 +117,7 @@ def _export_pruned(model, tokenizer, database, digest: str):
     """Export dense, apply ~50% uniformly, export pruned, reload it: (assembly, size ratio, reloaded model)."""
     from transformers import AutoModelForCausalLM
 
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.export.huggingface import export_model
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as scratch:

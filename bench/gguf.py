@@ -44,7 +44,7 @@ def _pruned_model(model, tokenizer, split, digest: str, rows: int):
             return AutoModelForCausalLM.from_pretrained(folder).eval(), f"demo export {folder}", fraction
     from bench.database import uniform_levels
     from bench.export import build_database_timed
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
 
     database, _ = build_database_timed(model, tokenizer, split, rows, digest)
     assembly = LiveAssembly(model, database, base_model_digest=digest)

@@ -43,7 +43,7 @@ def main() -> None:
         raise SystemExit("error: bench.gpu needs a CUDA GPU (tests/test_gpu.py covers the device code on any machine)")
     from darwinlm.core.config import load_preset
     from darwinlm.core.database.store import build_database
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.model.loading import load_model, resolve_device, resolve_dtype
     from darwinlm.core.pipeline import evaluate, prepare_data
     from darwinlm.core.search.evolution import Search

@@ -74,7 +74,7 @@ class Target:
     def __init__(self, fraction: float, model_name: str):
         from darwinlm.core.database.store import build_database
         from darwinlm.core.home import data_home
-        from darwinlm.core.model.assembly import LiveAssembly
+        from darwinlm.core.database.assembly import LiveAssembly
         from darwinlm.core.model.loading import load_model
         from darwinlm.core.pipeline import dense_eval_teacher, prepare_data
         from darwinlm.core.search.fitness import compute_teacher

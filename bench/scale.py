@@ -99,7 +99,7 @@ def _stage_seconds(flow_run_id) -> dict:
 
 def latency_budget(generations: int, fraction: float) -> dict:
     """One-shot search under a latency budget; the table's predicted prefill speedup vs the measured one."""
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.search.fitness import compute_teacher
     from darwinlm.core.search.latency import load_or_measure, predicted_speedup
     from darwinlm.core.search.evolution import Search, StageConfig
@@ -132,7 +132,7 @@ def prefix_reuse(generations: int) -> dict:
     and with full forward passes only, twice each in the order full, reuse, reuse, full (so warm-up and drift
     fall on both): median wall times, whether both ended on the same parent with the same history, and the
     share of block runs the reuse kept."""
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.search.evolution import Search
     from darwinlm.core.search.fitness import compute_teacher
 

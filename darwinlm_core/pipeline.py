@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.config import CompressConfig
 from darwinlm.core.data.default_corpus import load_split
 from darwinlm.core.data.splits import CorpusSplit

@@ -209,7 +209,7 @@ def _compress(args) -> None:
 
 
 def _export(args) -> None:
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.store import Database
     from darwinlm.core.database.structure import MODULE_KINDS
     from darwinlm.core.export.huggingface import export_model, read_level_assignment

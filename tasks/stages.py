@@ -12,7 +12,7 @@ import torch
 from prefect import get_run_logger, task
 
 from darwinlm.core import uri_io
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.config import CompressConfig, config_from_dict
 from darwinlm.core.database.refit import RefitDatabase, RefitResult, refit_genome
 from darwinlm.core.database.store import (Database, DatabaseBuilder, database_root, layer_record_uri, manifest_uri,

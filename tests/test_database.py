@@ -15,7 +15,7 @@ import darwinlm.core
 from darwinlm.core.database import store as database_module
 from darwinlm.core import uri_io
 from darwinlm.core.model.arch import arch_for
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import Database, DatabaseBuilder, DatabaseConfig, build_database, model_digest
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.errors import DarwinLMError

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.export.gguf import GGUF_QUANTS, even_groups, export_gguf

@@ -26,7 +26,7 @@ def test_auto_device_and_dtype_follow_the_machine():
 
 @cuda
 def test_database_search_and_export_on_the_gpu(tmp_path):
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.store import DatabaseConfig, build_database
     from darwinlm.core.export.huggingface import export_model
     from darwinlm.core.search.finetune import FinetuneConfig

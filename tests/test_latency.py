@@ -4,7 +4,7 @@ holds a latency budget."""
 import pytest
 
 from darwinlm.core.search import latency
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.fitness import compute_teacher

@@ -76,6 +76,43 @@ def private_imports_across_packages(root: Path = ROOT) -> list[str]:
     return found
 
 
+# Inside the core, model/ is the lowest layer (architectures, the driver, the pruned classes): what the database
+# and the search are built on, never built on them. And no subpackage imports the package's own __init__, which
+# imports from them.
+MODEL_MAY_IMPORT = ("darwinlm.core.model", "darwinlm.core.errors", "darwinlm.core.home", "darwinlm.core.uri_io")
+
+
+def core_upward_imports(root: Path = ROOT) -> list[str]:
+    core = root / "darwinlm_core"
+    found = []
+    for folder, path, line, module, names in imports(root):
+        if folder != "darwinlm_core" or path.parent == core:
+            continue
+        where = f"{path.relative_to(root)}:{line}"
+        if module == "darwinlm.core":
+            found += [f"{where} darwinlm.core.{name} (the package __init__)" for name in names
+                      if not (core / f"{name}.py").exists() and not (core / name).is_dir()]
+        if path.parent.name == "model" and module.startswith("darwinlm.core.") and not module.startswith(
+                MODEL_MAY_IMPORT):
+            found.append(f"{where} {module} (model/ is the core's lowest layer)")
+    return found
+
+
+def test_the_core_s_subpackages_import_no_higher_layer():
+    assert core_upward_imports() == []
+
+
+def test_the_core_layer_check_can_fail(tmp_path):
+    for folder in PACKAGES:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "darwinlm_core" / "model").mkdir()
+    (tmp_path / "darwinlm_core" / "model" / "a.py").write_text(
+        "from darwinlm.core.database.store import Database\nfrom darwinlm.core import register_pruned_classes\n")
+    assert core_upward_imports(tmp_path) == [
+        "darwinlm_core/model/a.py:1 darwinlm.core.database.store (model/ is the core's lowest layer)",
+        "darwinlm_core/model/a.py:2 darwinlm.core.register_pruned_classes (the package __init__)"]
+
+
 def test_layers_import_only_downwards_and_under_the_namespace():
     assert layering_violations() == []
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from darwinlm.core.database.store import DatabaseConfig, build_database
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
 from darwinlm.core.search.fitness import compute_teacher, kl_per_row

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.search.genome import module_keys

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune

@@ -98,7 +98,7 @@ def _planted_model(critical: int):
 def test_planted_importance_is_kept_by_the_start_and_the_search(tmp_path):
     import torch
 
-    from darwinlm.core.model.assembly import LiveAssembly
+    from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.store import DatabaseConfig, build_database
     from darwinlm.core.search.fitness import compute_teacher, kl_per_token
     from darwinlm.core.search.genome import Genome

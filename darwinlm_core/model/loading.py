@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from darwinlm.core import register_pruned_classes
+from darwinlm.core.model.registration import register_pruned_classes
 from darwinlm.core.model.arch import arch_for
 from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError

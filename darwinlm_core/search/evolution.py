@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from darwinlm.core import uri_io
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
 from darwinlm.core.search.fitness import CompactTeacher, kl_per_row

@@ -14,7 +14,7 @@ import torch
 
 from darwinlm.core import uri_io
 from darwinlm.core.evaluation.timing import interleaved_medians, timed_seconds
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.model.driver import record_block_kwargs
 from darwinlm.core.search.genome import module_keys
 

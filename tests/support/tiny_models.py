@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from darwinlm.core.database.store import DatabaseConfig, build_database
-from darwinlm.core.model.assembly import LiveAssembly
+from darwinlm.core.database.assembly import LiveAssembly
 
 # Small enough to run a forward in milliseconds, large enough to have several heads per KV group.
 _TINY_SHAPE = dict(
