@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from darwinlm.core.evaluation.metrics import greedy_continuation
 from darwinlm.core.export import huggingface as huggingface_export
+from darwinlm.tasks.stages import SAMPLE_PROMPT_TOKENS
 from tests.support import crash_campaign as campaign
 
 pytestmark = pytest.mark.integration  # every test here runs whole compressions
@@ -60,8 +62,15 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert summary["evaluation"]["dense"]["kl"] == pytest.approx(0.0, abs=1e-5)
     for row in (summary["evaluation"]["dense"], summary["evaluation"]["pruned"]):  # over the eval windows
         assert 0 < row["ppl_in_domain_se"] < row["ppl_in_domain"]
+    # the greedy sample is each model's own continuation of the held-out prompt: regenerate both and compare
     sample = summary["evaluation"]["sample"]
-    assert sample["prompt"] and isinstance(sample["dense"], str) and isinstance(sample["pruned"], str)
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    # the tiny tokenizer is one character per token and decodes them space-joined: every other character
+    prompt = tokenizer(sample["prompt"][::2], return_tensors="pt").input_ids[0]
+    assert prompt.numel() == SAMPLE_PROMPT_TOKENS
+    dense = AutoModelForCausalLM.from_pretrained(workspace / "model").eval()
+    assert sample["dense"] == greedy_continuation(dense, tokenizer, prompt)
+    assert sample["pruned"] == greedy_continuation(pruned.eval(), tokenizer, prompt)
 
     client = MlflowClient()
     version = client.get_model_version_by_alias(summary["registered_model"], "current")
@@ -69,16 +78,35 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
         assert version.tags[tag]
     search_run = client.get_run(version.tags["search_run"])
     assert search_run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
-    history = client.get_metric_history(search_run.info.run_id, "best_fitness")
-    assert len(history) == 2  # one point per generation of the tiny preset
-    trajectory = sorted(client.get_metric_history(search_run.info.run_id, "fixed_kl"), key=lambda m: m.step)
-    assert [m.step for m in trajectory if m.step <= 2] == [0, 1, 2]  # the start, then each generation
-    # the parent is only replaced by a candidate that beat it, so on rows never selected on it mostly falls;
-    # in two generations of the tiny preset it can rise only by selection noise
-    for key in ("acceptance_rate", "move_size", "paired_z", "stage0_best", "stage1_median"):
-        assert len(client.get_metric_history(search_run.info.run_id, key)) == 2, key
-    assert len(client.get_metric_history(search_run.info.run_id, "informed_won")) == 1  # due in generation 1
-    assert search_run.data.tags["start"] in ("uniform", "informed")
+    # MLflow shows what the search recorded, generation by generation, at the right step: compare with its state
+    state = json.loads((Path(summary["run_uri"]) / "search_state.json").read_text())
+    history = state["history"]
+    assert [record["generation"] for record in history] == [0, 1]  # the tiny preset's two generations
+
+    def logged(key):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(search_run.info.run_id, key),
+                                                  key=lambda m: m.step)]
+
+    # the trajectory: the start's KL on the fixed rows at step 0, then the parent's after each generation
+    assert logged("fixed_kl") == [(0, pytest.approx(history[0]["previous_fixed_kl"], rel=1e-9))] + [
+        (record["generation"] + 1, pytest.approx(record["fixed_kl"], rel=1e-9)) for record in history]
+    assert history[1]["previous_fixed_kl"] == history[0]["fixed_kl"]  # each generation starts from the last parent
+    for record in history:
+        if not record["accepted"]:  # a parent kept is the same genome on the same fixed rows: its KL cannot move
+            assert record["fixed_kl"] == pytest.approx(record["previous_fixed_kl"], rel=1e-6)
+    for key in ("best_fitness", "acceptance_rate", "move_size", "kept"):
+        assert logged(key) == [(record["generation"] + 1, pytest.approx(record[key], rel=1e-9))
+                               for record in history], key
+    assert logged("accepted") == [(record["generation"] + 1, float(record["accepted"])) for record in history]
+    for stage in (0, 1):
+        for figure in ("best", "median"):
+            assert logged(f"stage{stage}_{figure}") == [
+                (record["generation"] + 1, pytest.approx(record["stages"][stage][figure], rel=1e-9))
+                for record in history]
+    # paired z only where a challenger beat the parent (there was a decision to measure)
+    assert logged("paired_z") == [(record["generation"] + 1, pytest.approx(record["paired_z"], rel=1e-9))
+                                  for record in history if record["paired_z"] is not None]
+    assert search_run.data.tags["start"] == state["start"].get("chosen", "uniform")
     artifacts = {a.path for a in client.list_artifacts(search_run.info.run_id)}
     assert {"kept_per_layer.png", "fitness_curve.png"} <= artifacts
     compress_run = client.get_run(summary["mlflow_run_id"])
