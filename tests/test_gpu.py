@@ -50,9 +50,12 @@ def test_database_search_and_export_on_the_gpu(tmp_path):
     config = SearchConfig(generations=1, offspring=2, batch_size=2, stages=(StageConfig(1, 64, 32),),
                           finetune=FinetuneConfig(lr=1e-3, batch_size=2))
     search = Search(assembly, compute_teacher(model, rows, top_k=16), rows, config)
+    dense_params = sum(p.numel() for p in model.parameters())
     genome = search.genome(search.run())
     assembly.apply(genome.assignment(), rebuild=True)
-    assert next(model.parameters()).is_cuda
+    # a rebuild makes new, smaller modules: every weight and buffer must be on the GPU, not only the first one
+    assert {tensor.device.type for tensor in (*model.parameters(), *model.buffers())} == {"cuda"}
+    assert sum(p.numel() for p in model.parameters()) < dense_params  # the searched genome is applied, shrunk
     export_model(model, tiny_tokenizer(), str(tmp_path / "export"))
     from transformers import AutoModelForCausalLM
 
