@@ -154,7 +154,7 @@ def searched_levels(model, database, split, tokenizer, digest, generations: int)
     from darwinlm.core.search.fitness import compute_teacher
 
     preset = load_preset("smollm2-demo")
-    rows = tokenize_blocks(split.training, tokenizer, 512, max_blocks=preset.data.fitness_rows)
+    rows = tokenize_blocks(split.training, tokenizer, 512, max_blocks=preset.data.teacher_pool_rows)
     teacher = compute_teacher(model, rows, preset.teacher_top_k)
     assembly = LiveAssembly(model, database, base_model_digest=digest)
     search = Search(assembly, teacher, rows, replace(preset.search, generations=generations, offspring=6),

@@ -51,7 +51,7 @@ def main() -> None:
     from darwinlm.core.search.genome import Genome
 
     config = load_preset("paper", {"model": args.model, "search": {"generations": args.generations}, "data": {
-        "calibration_rows": args.calibration_rows, "fitness_rows": args.fitness_rows, "train_rows": args.train_rows,
+        "calibration_rows": args.calibration_rows, "teacher_pool_rows": args.teacher_pool_rows, "train_rows": args.train_rows,
         "post_train_rows": 0, "eval_windows": args.eval_windows}})
     origin = provenance(config=config.to_dict(), seeds=[config.search.seed])
     device = resolve_device(config.device)
@@ -77,7 +77,7 @@ def main() -> None:
         results["build_time_ratio_vs_forward"] = results["database_build_s"] / results["calibration_forward_s"]
 
         start = time.perf_counter()
-        teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
+        teacher = compute_teacher(model, data.teacher_pool_ids, config.teacher_top_k)
         results["fitness_teacher_s"] = time.perf_counter() - start
         results["dense"] = evaluate(model, data, None)
         assembly = LiveAssembly(model, database)

@@ -88,7 +88,7 @@ class Target:
         self.database = build_database(self.model, self.data.calibration_ids, str(data_home() / "databases"),
                                        calibration_digest=self.data.calibration_digest,
                                        config=self.config.database, progress=True)
-        self.fitness_teacher = compute_teacher(self.model, self.data.fitness_ids, top_k)
+        self.fitness_teacher = compute_teacher(self.model, self.data.teacher_pool_ids, top_k)
         self.eval_teacher = dense_eval_teacher(self.model, self.data, top_k)
         self.post_teacher = compute_teacher(self.model, self.data.post_train_ids, top_k)
         self.dense_row = {"params_kept": self.database.manifest["dense_params"], **self.evaluate(self.model)}

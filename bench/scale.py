@@ -110,7 +110,7 @@ def latency_budget(generations: int, fraction: float) -> dict:
     table = load_or_measure(assembly, batch=1, seq_len=seq_len, progress=True)
     search_config = replace(config.search, budget_kind="latency", fraction_removed=fraction, batch_size=1,
                             stages=tuple(StageConfig(s.survivors, s.fitness_tokens, 0) for s in config.search.stages))
-    teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
+    teacher = compute_teacher(model, data.teacher_pool_ids, config.teacher_top_k)
     search = Search(assembly, teacher, data.train_ids, search_config, progress=True)
     levels = search.genome(search.run()).assignment()
     predicted = predicted_speedup(table, levels)
@@ -137,7 +137,7 @@ def prefix_reuse(generations: int) -> dict:
     from darwinlm.core.search.fitness import compute_teacher
 
     config, model, data, database = _demo_setup(generations)
-    teacher = compute_teacher(model, data.fitness_ids, config.teacher_top_k)
+    teacher = compute_teacher(model, data.teacher_pool_ids, config.teacher_top_k)
     walls, outcomes, kept = {"full": [], "reuse": []}, {}, []
     assembly = LiveAssembly(model, database)  # one for all four: a search leaves the model pruned
     for mode in ("full", "reuse", "reuse", "full"):

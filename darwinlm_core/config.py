@@ -27,7 +27,7 @@ class DataConfig:
     text_field: str = "text"
     seq_len: int = 512
     calibration_rows: int = 64  # for the database's Hessians
-    fitness_rows: int = 16  # teacher pool the search samples its fitness rows from (disjoint from the above)
+    teacher_pool_rows: int = 16  # teacher pool the search samples its fitness rows from (disjoint from the above)
     train_rows: int = 64  # training-split pool for finetunes inside selection
     post_train_rows: int = 32
     # Held-out windows per evaluation set and split: this many test windows (read for reported results) and as
@@ -38,8 +38,8 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.seq_len < 8 or min(self.calibration_rows, self.fitness_rows, self.eval_windows) < 1:
-            raise DarwinLMError("data: seq_len must be ≥ 8 and calibration_rows, fitness_rows, eval_windows ≥ 1")
+        if self.seq_len < 8 or min(self.calibration_rows, self.teacher_pool_rows, self.eval_windows) < 1:
+            raise DarwinLMError("data: seq_len must be ≥ 8 and calibration_rows, teacher_pool_rows, eval_windows ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,11 @@ class CompressConfig:
     def __post_init__(self):
         seq_len = self.data.seq_len
         for index, stage in enumerate(self.search.stages):
-            selectable = self.data.fitness_rows - self.search.fixed_rows  # the fixed rows are never selected on
+            selectable = self.data.teacher_pool_rows - self.search.fixed_rows  # the fixed rows are never selected on
             if -(-stage.fitness_tokens // seq_len) > selectable:
                 raise DarwinLMError(f"search stage {index} needs {stage.fitness_tokens} fitness tokens but "
-                                    f"data.fitness_rows − search.fixed_rows rows hold {max(selectable, 0) * seq_len}",
-                                    "raise data.fitness_rows or lower the stage's fitness_tokens")
+                                    f"data.teacher_pool_rows − search.fixed_rows rows hold {max(selectable, 0) * seq_len}",
+                                    "raise data.teacher_pool_rows or lower the stage's fitness_tokens")
             if -(-stage.finetune_tokens // seq_len) > self.data.train_rows:
                 raise DarwinLMError(f"search stage {index} needs {stage.finetune_tokens} finetune tokens but "
                                     f"data.train_rows × seq_len holds {self.data.train_rows * seq_len}",
@@ -125,12 +125,19 @@ class CompressConfig:
         return dataclasses.asdict(self)
 
 
+# Options renamed to say what they are; a config that still uses an old name is told the new one.
+RENAMED_OPTIONS = {"fitness_rows": "teacher_pool_rows", "start_calibration_tokens": "start_slope_tokens"}
+
+
 def _build(cls, values, where: str):
     """Instantiate dataclass `cls` from a mapping, recursively, refusing unknown keys."""
     if not isinstance(values, dict):
         raise DarwinLMError(f"{where} must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
+    if unknown and RENAMED_OPTIONS.get(unknown[0]) in fields:
+        raise DarwinLMError(f"option '{unknown[0]}' in {where} was renamed",
+                            f"call it '{RENAMED_OPTIONS[unknown[0]]}'")
     if unknown:
         raise DarwinLMError(f"unknown option '{unknown[0]}' in {where}", f"known options: {', '.join(fields)}")
     kwargs = {}

@@ -30,7 +30,7 @@ from darwinlm.core.search.genome import Genome
 class PreparedData:
     split: CorpusSplit
     calibration_ids: torch.Tensor  # (calibration_rows, seq_len): the database's Hessians
-    fitness_ids: torch.Tensor  # (fitness_rows, seq_len): the search's teacher pool
+    teacher_pool_ids: torch.Tensor  # (teacher_pool_rows, seq_len): the search's teacher pool
     train_ids: torch.Tensor  # (train_rows, seq_len): finetunes inside selection
     post_train_ids: torch.Tensor  # (post_train_rows, seq_len): post-training, after the above in the stream
     held_out: dict[str, HeldOutWindows]  # evaluation set name → its validation and test windows
@@ -62,11 +62,11 @@ def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
     """Tokenize the split into the row sets every stage needs; too little text is a clear error."""
     data, split = config.data, load_split(config.data.text, config.data.text_field)
     calibration = _shuffled(tokenize_blocks(split.calibration, tokenizer, data.seq_len), data.seed)
-    needed = data.calibration_rows + data.fitness_rows
+    needed = data.calibration_rows + data.teacher_pool_rows
     if calibration.shape[0] < needed:
         raise DarwinLMError(f"the calibration text gives {calibration.shape[0]} rows of {data.seq_len} tokens, "
-                            f"{needed} are needed (calibration_rows + fitness_rows)",
-                            "give more text or lower data.calibration_rows / data.fitness_rows")
+                            f"{needed} are needed (calibration_rows + teacher_pool_rows)",
+                            "give more text or lower data.calibration_rows / data.teacher_pool_rows")
     training = _shuffled(tokenize_blocks(split.training, tokenizer, data.seq_len), data.seed + 1)
     if training.shape[0] < data.train_rows + data.post_train_rows:
         raise DarwinLMError(f"the training text gives {training.shape[0]} rows of {data.seq_len} tokens, "
@@ -75,7 +75,7 @@ def prepare_data(config: CompressConfig, tokenizer) -> PreparedData:
     return PreparedData(
         split=split,
         calibration_ids=calibration[: data.calibration_rows],
-        fitness_ids=calibration[data.calibration_rows : needed],
+        teacher_pool_ids=calibration[data.calibration_rows : needed],
         train_ids=training[: data.train_rows],
         post_train_ids=training[data.train_rows : data.train_rows + data.post_train_rows],
         held_out={name: held_out_windows(docs, tokenizer, data.seq_len, data.eval_windows)

@@ -149,7 +149,7 @@ def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
     candidates). The teacher is stored (once per dense model and rows, see _teacher), so workers read it."""
     def search() -> Search:
         model, tokenizer, data = _dense_model_and_data(config)
-        teacher = _teacher(config, run_uri, model, data.fitness_ids, "teacher.safetensors")  # dense: before pruning
+        teacher = _teacher(config, run_uri, model, data.teacher_pool_ids, "teacher.safetensors")  # dense: before pruning
         assembly = LiveAssembly(model, Database.open(database_ref.uri))
         return Search(assembly, teacher, data.train_ids, config.search,
                       state_uri=uri_io.join(run_uri, "search_state.json"))

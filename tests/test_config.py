@@ -31,10 +31,12 @@ def test_paper_preset_is_the_published_schedule():
 
 @pytest.mark.parametrize("content, message", [
     ("search:\n  generatoins: 3\n", "unknown option 'generatoins'"),
+    ("data: {fitness_rows: 8}\n", "option 'fitness_rows' in preset bad.yaml.data was renamed — call it 'teacher_pool_rows'"),
+    ("search: {start_calibration_tokens: 8}\n", "was renamed — call it 'start_slope_tokens'"),
     ("search:\n  fraction_removed: lots\n", "expected float"),
     ("search: [1, 2]\n", "must be a mapping"),
     ("search:\n  stages:\n    - {survivors: 2, fitness_tokens: 64}\n", "exactly 1"),
-    ("data: {seq_len: 32, fitness_rows: 1}\nsearch:\n  stages:\n    - {survivors: 1, fitness_tokens: 640}\n",
+    ("data: {seq_len: 32, teacher_pool_rows: 1}\nsearch:\n  stages:\n    - {survivors: 1, fitness_tokens: 640}\n",
      "fitness tokens"),
     ("database: {gqa_mode: rows}\n", "unknown gqa_mode"),
     ("post_train: {refit_dense_weight: 1.5}\n", r"refit_dense_weight 1.5 is outside \[0, 1\]"),

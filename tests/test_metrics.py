@@ -29,7 +29,7 @@ def held_out_data(**per_split: int) -> PreparedData:
     empty = torch.zeros(0, 16, dtype=torch.long)
     held_out = {name: windows_of_stream(windows(2 * count, seed=index + 1).flatten(), 16, count)
                 for index, (name, count) in enumerate(per_split.items())}
-    return PreparedData(split=None, calibration_ids=empty, fitness_ids=empty, train_ids=empty,
+    return PreparedData(split=None, calibration_ids=empty, teacher_pool_ids=empty, train_ids=empty,
                         post_train_ids=empty, held_out=held_out)
 
 

@@ -92,7 +92,7 @@ def test_a_search_reusing_prefixes_ends_exactly_where_full_passes_do(tmp_path, f
     pool = random_token_rows(model.config.vocab_size, rows=12, seq_len=16, seed=9)
     teacher = compute_teacher(model, pool, top_k=32)
     config = SearchConfig(generations=4, offspring=4, stages=(StageConfig(2, 16, finetune_tokens), StageConfig(1, 32)),
-                          start_calibration_tokens=16, accept_z=0.0, batch_size=2)
+                          start_slope_tokens=16, accept_z=0.0, batch_size=2)
 
     def run(reuse: bool):
         search = Search(LiveAssembly(tiny_model("llama", num_hidden_layers=4), database), teacher, pool, config)

@@ -154,7 +154,7 @@ def search_config(generations: int) -> SearchConfig:
     # Training-aware stages and an informed start from KL slopes: every seeded draw a resumed run must redo.
     return SearchConfig(fraction_removed=0.5, generations=generations, offspring=4, seed=3,
                         stages=(StageConfig(2, 32, 32), StageConfig(1, 64, 32)),
-                        finetune=FinetuneConfig(lr=1e-3, batch_size=2), start_calibration_tokens=32)
+                        finetune=FinetuneConfig(lr=1e-3, batch_size=2), start_slope_tokens=32)
 
 
 def test_search_resumes_to_the_same_genome_after_a_kill(tiny_setup, tmp_path):

@@ -71,7 +71,7 @@ class SearchConfig:
     batch_size: int = 4
     fixed_rows: int = 4  # teacher-pool rows never selected on: the start choice and the KL trajectory
     start: str = "best"  # uniform, informed (least summed per-level error), or best of the two on fixed rows
-    start_calibration_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
+    start_slope_tokens: int = 0  # > 0: weigh each module's errors by its KL slope, measured on this many
     move_size: int = 3  # the most level switches per mutant, at the start; the 1/5 success rule then moves it
     min_move_size: int = 1  # a move too small to change KL by more than the last stage resolves only costs time
     # The parent is replaced only when the best challenger beats it on the last stage's rows by this many
@@ -92,10 +92,10 @@ class SearchConfig:
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
         if self.start not in START_KINDS:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
-        if (self.fixed_rows < 1 or self.move_size < 1 or self.start_calibration_tokens < 0
+        if (self.fixed_rows < 1 or self.move_size < 1 or self.start_slope_tokens < 0
                 or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size):
             raise DarwinLMError("search needs fixed_rows ≥ 1, 1 ≤ min_move_size ≤ move_size, "
-                                "start_calibration_tokens ≥ 0 and accept_z ≥ 0")
+                                "start_slope_tokens ≥ 0 and accept_z ≥ 0")
 
     @property
     def digest(self) -> str:
@@ -157,7 +157,7 @@ class Search:
         self.prefix = PrefixReuse(assembly.model, [layer for layer, _ in module_keys(database)], config.batch_size)
         if teacher_pool.input_ids.shape[0] <= config.fixed_rows:
             raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
-                                f"{config.fixed_rows} of them are kept fixed", "raise data.fitness_rows")
+                                f"{config.fixed_rows} of them are kept fixed", "raise data.teacher_pool_rows")
         self.fixed_teacher = teacher_pool.rows(torch.arange(config.fixed_rows))
         self._fixed_kl: dict[tuple[int, ...], float] = {}
         self._uniform_slopes: list[float] | None = None
@@ -185,9 +185,9 @@ class Search:
         return (informed if record["chosen"] == "informed" else uniform), record
 
     def uniform_slopes(self) -> list[float] | None:
-        """The KL slopes at the uniform genome (None without start_calibration_tokens): the informed start's
+        """The KL slopes at the uniform genome (None without start_slope_tokens): the informed start's
         weights; measured once."""
-        if self._uniform_slopes is None and self.config.start_calibration_tokens:
+        if self._uniform_slopes is None and self.config.start_slope_tokens:
             self._uniform_slopes = self.slopes(self.budget.uniform(), -1)
         return self._uniform_slopes
 
@@ -198,10 +198,10 @@ class Search:
         return database_errors(self.assembly.database)
 
     def slopes(self, levels: tuple[int, ...], *draw: int) -> list[float]:
-        """Each module's KL slope at `levels` (kl_weights), measured one-shot on start_calibration_tokens of the
+        """Each module's KL slope at `levels` (kl_weights), measured one-shot on start_slope_tokens of the
         selection pool, drawn from a generator seeded by (seed, *draw): the same on a resumed run."""
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, *draw))
-        rows = _rows(self.teacher_pool.input_ids.shape[0], self.config.start_calibration_tokens,
+        rows = _rows(self.teacher_pool.input_ids.shape[0], self.config.start_slope_tokens,
                      self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
         teacher = self.teacher_pool.rows(rows)
         return kl_weights(levels, self.budget, self.errors, lambda moved: self.evaluate(tuple(moved), teacher, None))
