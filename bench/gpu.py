@@ -45,7 +45,8 @@ def main() -> None:
     from darwinlm.core.database.store import build_database
     from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.model.loading import load_model, resolve_device, resolve_dtype
-    from darwinlm.core.pipeline import evaluate, prepare_data
+    from darwinlm.core.data.prepared import prepare_data
+    from darwinlm.core.evaluation.held_out import evaluate
     from darwinlm.core.search.evolution import Search
     from darwinlm.core.search.fitness import compute_teacher
     from darwinlm.core.search.genome import Genome
@@ -57,7 +58,7 @@ def main() -> None:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_model(config.model, dtype, device)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config.data, tokenizer)
     results = {"gpu": torch.cuda.get_device_name(), "dtype": dtype, "seq_len": config.data.seq_len,
                "calibration_tokens": int(data.calibration_ids.numel())}
 

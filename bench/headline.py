@@ -27,6 +27,7 @@ import time
 from dataclasses import replace
 
 from bench.results_file import provenance, resumable_partial, write_partial, write_results
+from darwinlm.core import store_layout
 from darwinlm.flows.offline import apply_offline_defaults
 
 # Each reported text and the evaluation set that holds its windows in the default corpus (in-domain: State of
@@ -72,20 +73,21 @@ class Target:
     """One fraction's shared work (data, database, teachers) and the measurement of any pruned model on it."""
 
     def __init__(self, fraction: float, model_name: str):
-        from darwinlm.core.database.store import build_database
-        from darwinlm.core.home import data_home
+        from darwinlm.core.data.prepared import prepare_data
         from darwinlm.core.database.assembly import LiveAssembly
+        from darwinlm.core.database.store import build_database
+        from darwinlm.core.evaluation.held_out import dense_eval_teacher
+        from darwinlm.core.home import data_home
         from darwinlm.core.model.loading import load_model
-        from darwinlm.core.pipeline import dense_eval_teacher, prepare_data
         from darwinlm.core.search.fitness import compute_teacher
         from darwinlm.core.search.genome import Budget
 
         self.model_name = model_name
         self.config = headline_preset(model_name, fraction)
         self.model, tokenizer = load_model(model_name)
-        self.data = prepare_data(self.config, tokenizer)
+        self.data = prepare_data(self.config.data, tokenizer)
         top_k = self.config.teacher_top_k
-        self.database = build_database(self.model, self.data.calibration_ids, str(data_home() / "databases"),
+        self.database = build_database(self.model, self.data.calibration_ids, store_layout.databases(str(data_home())),
                                        calibration_digest=self.data.calibration_digest,
                                        config=self.config.database, progress=True)
         self.fitness_teacher = compute_teacher(self.model, self.data.teacher_pool_ids, top_k)
@@ -96,29 +98,30 @@ class Target:
         self.assembly = LiveAssembly(self.model, self.database)
 
     def evaluate(self, model, suffix: str = "") -> dict:
-        from darwinlm.core.pipeline import evaluate
+        from darwinlm.core.evaluation.held_out import evaluate
 
         return text_figures(evaluate(model, self.data, self.eval_teacher, split="test"), suffix)
 
     def search(self, seed: int, start: str | None = None):
-        from darwinlm.core.search.evolution import Search
+        """The pipeline's search at `seed` (its start overridden by `start`), on this target's live assembly."""
+        from darwinlm.core.compression import build_search
 
-        search_config = replace(self.config.search, seed=seed, **({"start": start} if start else {}))
-        return Search(self.assembly, self.fitness_teacher, self.data.train_ids, search_config, progress=True)
+        search = replace(self.config.search, seed=seed, **({"start": start} if start else {}))
+        return build_search(replace(self.config, search=search), self.assembly, self.data, self.fitness_teacher,
+                            progress=True)
 
     def genome_row(self, genome, wall_s: float) -> dict:
         """A genome of the database as selected, then refitted and post-trained as the compress flow does."""
-        from darwinlm.core.database.refit import RefitDatabase, refit_genome
-        from darwinlm.core.pipeline import post_train
+        from darwinlm.core.compression import post_train, refit_weights
+        from darwinlm.core.database.refit import RefitDatabase
 
         self.assembly.apply(genome.assignment(), rebuild=True)
         row = {"params_kept": int(self.budget.cost(genome.levels)), "wall_s": wall_s, **self.evaluate(self.model)}
         start = time.perf_counter()
         if self.config.post_train.refit:
             self.assembly.apply({key: 0 for key in genome.assignment()}, rebuild=True)  # the refit starts dense
-            self.assembly.database = RefitDatabase(self.database, refit_genome(
-                self.model, self.database, genome.assignment(), self.data.calibration_ids,
-                dense_weight=self.config.post_train.refit_dense_weight))
+            self.assembly.database = RefitDatabase(self.database, refit_weights(
+                self.config, self.model, self.database, genome, self.data))
         try:
             post_train(self.assembly, genome, self.data.post_train_ids, self.config, teacher=self.post_teacher,
                        progress=True)

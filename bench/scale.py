@@ -31,11 +31,11 @@ def _demo_setup(generations: int):
     from darwinlm.core.database.store import build_database
     from darwinlm.core.home import data_home
     from darwinlm.core.model.loading import load_model
-    from darwinlm.core.pipeline import prepare_data
+    from darwinlm.core.data.prepared import prepare_data
 
     config = load_preset("smollm2-demo", {"search": {"generations": generations}})
     model, tokenizer = load_model("smollm2")
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config.data, tokenizer)
     database = build_database(model, data.calibration_ids, str(data_home() / "databases"),
                               calibration_digest=data.calibration_digest, config=config.database, progress=True)
     return config, model, data, database

@@ -13,33 +13,13 @@ from pathlib import Path
 
 import yaml
 
+from darwinlm.core.data.prepared import DataConfig
 from darwinlm.core.database.store import DatabaseConfig
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig
 from darwinlm.core.search.evolution import SearchConfig, StageConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    text: str | None = None  # None: the default State of the Union + Moby-Dick split
-    text_field: str = "text"
-    seq_len: int = 512
-    calibration_rows: int = 64  # for the database's Hessians
-    teacher_pool_rows: int = 16  # teacher pool the search samples its fitness rows from (disjoint from the above)
-    train_rows: int = 64  # training-split pool for finetunes inside selection
-    post_train_rows: int = 32
-    # Held-out windows per evaluation set and split: this many test windows (read for reported results) and as
-    # many validation windows (read to choose), alternating, spread over the whole held-out text (data.windows).
-    eval_windows: int = 40
-    # Shuffles the calibration and training rows. Apart from the search seed on purpose: a new search seed
-    # reuses the database (same calibration rows, same content address) and changes only the search.
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.seq_len < 8 or min(self.calibration_rows, self.teacher_pool_rows, self.eval_windows) < 1:
-            raise DarwinLMError("data: seq_len must be ≥ 8 and calibration_rows, teacher_pool_rows, eval_windows ≥ 1")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,30 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_local(uri: str) -> bool:
+    """Whether `uri` is on this machine's file system (a plain path or file://)."""
+    return "file" in _fs(uri)[0].protocol  # protocol is a str or a tuple of aliases
+
+
+def local_path(uri: str, into: str | None = None) -> str:
+    """A local path holding what `uri` names (a file or a folder): the path itself when it is local, else a copy
+    downloaded whole into the folder `into` (created; a new temporary folder when None). A folder's copy is
+    `into` itself, a file's is `into/<its name>` (so a GGUF or a model card keeps its file name)."""
+    fs, path = _fs(uri)
+    if is_local(uri):
+        return path
+    import tempfile
+
+    target = into or tempfile.mkdtemp(prefix="darwinlm-download-")
+    os.makedirs(target, exist_ok=True)
+    if _retrying("checking", uri, lambda: fs.isdir(path)):
+        _retrying("downloading", uri, lambda: fs.get(path.rstrip("/") + "/", target, recursive=True))
+        return target
+    local = os.path.join(target, path.rsplit("/", 1)[-1])
+    _retrying("downloading", uri, lambda: fs.get_file(path, local))
+    return local
+
+
 @contextlib.contextmanager
 def lock(uri: str, on_wait=None):
     """Hold an exclusive lock named `uri` while the block runs, so concurrent processes share one piece of work

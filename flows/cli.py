@@ -186,7 +186,7 @@ def _compress(args) -> None:
 
     from pydantic import ValidationError
 
-    from darwinlm.core.pipeline import preflight
+    from darwinlm.core.compression import preflight
 
     try:
         parameters = CompressParameters.of(args.preset, model=args.model, text=args.text,
@@ -211,7 +211,7 @@ def _compress(args) -> None:
 def _export(args) -> None:
     from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.store import Database
-    from darwinlm.core.database.structure import MODULE_KINDS
+    from darwinlm.core.compression import export_metadata
     from darwinlm.core.export.huggingface import export_model, read_level_assignment
     from darwinlm.core.export.gguf import check_gguf_exportable, check_gguf_quant, export_gguf
     from darwinlm.core.model.loading import load_config, load_model
@@ -230,11 +230,7 @@ def _export(args) -> None:
     if database is not None:
         assembly = LiveAssembly(model, database)
         assembly.apply(levels, masked=args.format == "padded")
-        layers = range(database.manifest["base_model"]["num_layers"])
-        metadata.update({"database": database.digest, "base_model_digest": database.manifest["base_model"]["digest"],
-                         "levels": {kind: [levels[(i, kind)] for i in layers] for kind in MODULE_KINDS},
-                         "kept_block_params": assembly.kept_params(),
-                         "dense_block_params": database.manifest["dense_params"]})
+        metadata.update(export_metadata(database, levels, assembly.kept_params()))
     if gguf:
         export_gguf(model, tokenizer, args.out, quant=args.quant, metadata=metadata)
     else:

@@ -19,12 +19,13 @@ import yaml
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from darwinlm.core import uri_io
+from darwinlm.core import store_layout, uri_io
 from darwinlm.core.config import CompressConfig, config_from_dict, load_preset, preset_names
 from darwinlm.core.database.store import Database
 from darwinlm.core.evaluation.metrics import is_se_key
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.home import data_home
+from darwinlm.core.store_layout import readable_name
 from darwinlm.tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
                           gguf_task, post_train_task, prepare_data_task, refit_task, search_finish_task,
                           search_generation_task)
@@ -84,7 +85,7 @@ class CompressParameters(BaseModel):
 def run_root(parameters: CompressParameters) -> str:
     """Same config (which names the model and the text) → same run root: re-running resumes or does nothing."""
     config = parameters.config()
-    return uri_io.join(parameters.store_uri(), "runs", f"{config.digest}-{_safe(config.model)}")
+    return store_layout.run_root(parameters.store_uri(), config.digest, config.model)
 
 
 @flow(name="compress", log_prints=True)
@@ -97,7 +98,7 @@ def compress(parameters: CompressParameters = CompressParameters()) -> dict:
     logger = get_run_logger()
     run_uri = run_root(parameters)
     waiting = lambda: logger.info("another compression of %s is running; waiting for it", run_uri)  # noqa: E731
-    with uri_io.lock(uri_io.join(run_uri, "run.lock"), on_wait=waiting):  # the twin then finds its work done
+    with uri_io.lock(store_layout.RunLayout(run_uri).lock, on_wait=waiting):  # the twin then finds its work done
         return _run_stages(parameters, config, values, store, run_uri, started, logger)
 
 
@@ -159,7 +160,7 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                "kept_params": genome_ref.kept_params,
                "dense_params": genome_ref.dense_params, "wall_s": time.perf_counter() - started}
     logger.info("compressed %s: %s", config.model, json.dumps({k: summary[k] for k in ("model_uri", "mlflow_run_id")}))
-    publish_summary(_safe(config.model), summary, tracker.experiment_id)
+    publish_summary(readable_name(config.model), summary, tracker.experiment_id)
     return summary
 
 
@@ -168,7 +169,7 @@ def search_flow(values: dict, run_uri: str, database_ref: DatabaseRef, search_ru
     """The search's generations, each a task with a task per selection stage; with a Dask task runner
     (`distributed`), every candidate's finetune-and-fitness is its own task on a Dask worker."""
     config, logger, tracker = config_from_dict(values), get_run_logger(), Tracker()
-    progress = SearchProgress(_safe(config.model), config.search.generations)
+    progress = SearchProgress(readable_name(config.model), config.search.generations)
     for generation in range(config.search.generations):
         record = search_generation_task(values, run_uri, database_ref, generation, distributed)
         if generation == 0:  # the start, so the trajectory begins where the search did
@@ -212,25 +213,19 @@ def _stage(tracker: Tracker, parent: str, name: str, work):
     return result
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/").split("/")[-1])[:40]
-
-
 def _registered_name(config: CompressConfig) -> str:
-    return f"{_safe(config.model)}-pruned"
+    return f"{readable_name(config.model)}-pruned"
 
 
 def _register(tracker, parent, config, model_ref, lineage, database_ref, search_run, run_uri, description,
               gguf_ref=None) -> str:
     """Register the export (and its GGUF, when made) once per run: registered.json on the store marks it done.
     A GGUF asked for after registration is logged to the run and tagged on the version then."""
-    from darwinlm.tasks.stages import local_model_dir, local_file
-
-    marker = uri_io.join(run_uri, "registered.json")
+    marker = store_layout.RunLayout(run_uri).registered
     if uri_io.exists(marker):
         record = json.loads(uri_io.read_bytes(marker))
         if gguf_ref is not None and record.get("gguf") != gguf_ref.uri:
-            tracker.add_gguf(record["name"], record["version"], parent, local_file(gguf_ref.uri))
+            tracker.add_gguf(record["name"], record["version"], parent, uri_io.local_path(gguf_ref.uri))
             uri_io.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref.uri}).encode())
         return record["version"]
     tags = {**lineage, "database_digest": database_ref.digest, "database_uri": database_ref.uri,
@@ -239,10 +234,10 @@ def _register(tracker, parent, config, model_ref, lineage, database_ref, search_
     version = tracker.registered_version(_registered_name(config), {"run_uri": run_uri})
     if version is None:
         version = _stage(tracker, parent, "register", lambda: tracker.register(
-            parent, local_model_dir(model_ref.uri), _registered_name(config), tags, description))
+            parent, uri_io.local_path(model_ref.uri), _registered_name(config), tags, description))
     record = {"name": _registered_name(config), "version": version}
     if gguf_ref is not None:
-        tracker.add_gguf(record["name"], version, parent, local_file(gguf_ref.uri))
+        tracker.add_gguf(record["name"], version, parent, uri_io.local_path(gguf_ref.uri))
         record["gguf"] = gguf_ref.uri
     uri_io.write_bytes(marker, json.dumps(record).encode())
     return version

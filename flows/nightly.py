@@ -18,6 +18,7 @@ from darwinlm.core import uri_io
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.home import data_home
+from darwinlm.core.store_layout import RunLayout
 from darwinlm.flows.compress import CompressParameters, compress, run_root
 
 REGISTRY_PREFIX = "models:/"
@@ -56,10 +57,8 @@ def _registered_versions(name: str) -> list[str]:
 
 def local_copy(uri: str) -> str:
     """A local folder for a checkpoint URI: itself when local, else a one-time download under the data home."""
-    if not uri.startswith(REGISTRY_PREFIX):
-        fs, path = fsspec.core.url_to_fs(uri)
-        if "file" in fs.protocol:
-            return path
+    if not uri.startswith(REGISTRY_PREFIX) and uri_io.is_local(uri):
+        return uri_io.local_path(uri)
     target = data_home() / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / "config.json").exists():
         partial = target.with_suffix(".partial")
@@ -67,7 +66,7 @@ def local_copy(uri: str) -> str:
         if uri.startswith(REGISTRY_PREFIX):
             _download_registered(uri, partial)
         else:
-            fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
+            uri_io.local_path(uri, into=str(partial))
         partial.rename(target)
     return str(target)
 
@@ -99,7 +98,7 @@ def nightly(location: str, preset: str = "smollm2-demo", text: str | None = None
     summaries = []
     for checkpoint in find_checkpoints(location):
         parameters = CompressParameters.of(preset, model=local_copy(checkpoint), text=text, store=store)
-        if uri_io.exists(uri_io.join(run_root(parameters), "registered.json")):
+        if uri_io.exists(RunLayout(run_root(parameters)).registered):
             logger.info("checkpoint %s: compressed before, skipped", checkpoint)
             continue
         logger.info("checkpoint %s: compressing", checkpoint)

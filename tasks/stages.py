@@ -11,10 +11,13 @@ import json
 import torch
 from prefect import get_run_logger, task
 
-from darwinlm.core import uri_io
-from darwinlm.core.database.assembly import LiveAssembly
+from darwinlm.core import store_layout, uri_io
+from darwinlm.core.compression import (build_search, export_metadata, post_train, refit_weights,
+                                       start_needs_a_model, winner_levels)
 from darwinlm.core.config import CompressConfig, config_from_dict
-from darwinlm.core.database.refit import RefitDatabase, RefitResult, refit_genome
+from darwinlm.core.data.prepared import prepare_data
+from darwinlm.core.database.assembly import LiveAssembly
+from darwinlm.core.database.refit import RefitDatabase, RefitResult
 from darwinlm.core.database.store import (Database, DatabaseBuilder, database_root, layer_record_uri, manifest_uri,
                                           model_digest)
 from darwinlm.core.data.windows import TEST, WINDOWS_PROTOCOL
@@ -24,8 +27,9 @@ from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
 from darwinlm.core.search.genome import Budget, Genome
 from darwinlm.core.export.model_card import write_model_card
 from darwinlm.core.model.loading import load_config, load_model
-from darwinlm.core.pipeline import evaluate, evaluate_dense, post_train, prepare_data
+from darwinlm.core.evaluation.held_out import evaluate, evaluate_dense, evaluation_table, zero_shot_scores
 from darwinlm.core.search.evolution import Search, SearchState, rank
+from darwinlm.core.store_layout import RunLayout
 from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, GgufRef, ModelRef, RefitRef
 from darwinlm.tasks.stored import LiveObjects, built_unless_marked, read_json, stored_or_computed, write_json
 
@@ -44,7 +48,7 @@ def _config(values: dict) -> CompressConfig:
 def _dense_model_and_data(config: CompressConfig):
     """A fresh dense model, its tokenizer, and the run's rows (tokenizing is seconds; cheaper than storing)."""
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    return model, tokenizer, prepare_data(config, tokenizer)
+    return model, tokenizer, prepare_data(config.data, tokenizer)
 
 
 # One per process: a flow process, or a Dask worker that keeps its search between candidates.
@@ -61,12 +65,12 @@ def prepare_data_task(config_values: dict, run_uri: str, store_uri: str | None =
                        calibration_digest=data.calibration_digest, base_model_digest=model_digest(model),
                        store_uri=store_uri, eval_windows=data.windows_record())
 
-    return stored_or_computed(uri_io.join(run_uri, "data.json"), record, DataRef)
+    return stored_or_computed(RunLayout(run_uri).data, record, DataRef)
 
 
 def _run_data(run_uri: str) -> DataRef:
     """The run's data record (prepare_data_task writes it before any later stage runs)."""
-    return DataRef.model_validate(read_json(uri_io.join(run_uri, "data.json")))
+    return DataRef.model_validate(read_json(RunLayout(run_uri).data))
 
 
 def _dense_work_key(config: CompressConfig, data_ref: DataRef, model, inputs: dict) -> str:
@@ -85,12 +89,12 @@ def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run
              ) -> CompactTeacher:
     """The dense `model`'s compact teacher on the rows `ids`: stored once per model, rows, top-k, dtype and
     device kind under the store's teachers/, where every run that needs it reads it. A run prepared before
-    teachers were shared keeps its own at `run_local` under the run root (None: not stored)."""
+    teachers were shared keeps its own at `run_local` (a URI under the run root; None: not stored)."""
     data_ref = _run_data(run_uri)
-    uri = uri_io.join(run_uri, run_local) if run_local else None
+    uri = run_local
     if data_ref.store_uri is not None:
         key = _dense_work_key(config, data_ref, model, {"rows": _ids_digest(ids), "top_k": config.teacher_top_k})
-        uri = uri_io.join(data_ref.store_uri, "teachers", f"{key}.safetensors")
+        uri = store_layout.teacher(data_ref.store_uri, key)
     if uri is not None and uri_io.exists(uri):
         get_run_logger().info("dense teacher of %d rows read from %s", ids.shape[0], uri)
         return CompactTeacher.from_bytes(uri_io.read_bytes(uri))
@@ -101,14 +105,14 @@ def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run
 
 
 def _database_root(config: CompressConfig, store_uri: str, data_ref: DataRef) -> str:
-    return database_root(uri_io.join(store_uri, "databases"), data_ref.base_model_digest,
+    return database_root(store_layout.databases(store_uri), data_ref.base_model_digest,
                          data_ref.calibration_digest, config.database)
 
 
 def _database_builder(config: CompressConfig, store_uri: str, data_ref: DataRef) -> DatabaseBuilder:
     def builder() -> DatabaseBuilder:
         model, tokenizer, data = _dense_model_and_data(config)
-        return DatabaseBuilder(model, data.calibration_ids, uri_io.join(store_uri, "databases"),
+        return DatabaseBuilder(model, data.calibration_ids, store_layout.databases(store_uri),
                                calibration_digest=data.calibration_digest, config=config.database,
                                base_model_digest=data_ref.base_model_digest)
 
@@ -149,16 +153,16 @@ def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
     candidates). The teacher is stored (once per dense model and rows, see _teacher), so workers read it."""
     def search() -> Search:
         model, tokenizer, data = _dense_model_and_data(config)
-        teacher = _teacher(config, run_uri, model, data.teacher_pool_ids, "teacher.safetensors")  # dense: before pruning
-        assembly = LiveAssembly(model, Database.open(database_ref.uri))
-        return Search(assembly, teacher, data.train_ids, config.search,
-                      state_uri=uri_io.join(run_uri, "search_state.json"))
+        layout = RunLayout(run_uri)
+        teacher = _teacher(config, run_uri, model, data.teacher_pool_ids, layout.own_teacher)  # dense: before pruning
+        return build_search(config, LiveAssembly(model, Database.open(database_ref.uri)), data, teacher,
+                            state_uri=layout.search_state)
 
     return live_objects.get(run_uri, search)
 
 
 def _saved_search_state(run_uri: str) -> SearchState | None:
-    uri = uri_io.join(run_uri, "search_state.json")
+    uri = RunLayout(run_uri).search_state
     return SearchState.from_json(uri_io.read_bytes(uri)) if uri_io.exists(uri) else None
 
 
@@ -209,7 +213,7 @@ def search_generation_task(config_values: dict, run_uri: str, database_ref: Data
 @task(name="finish-search", **IO_RETRIES)
 def search_finish_task(config_values: dict, run_uri: str, database_ref: DatabaseRef) -> GenomeRef:
     """The winner (genome.json, written last) from the final search state."""
-    genome = stored_or_computed(uri_io.join(run_uri, "genome.json"),
+    genome = stored_or_computed(RunLayout(run_uri).genome,
                                 lambda: _winner(_config(config_values), run_uri, database_ref), GenomeRef)
     live_objects.release(run_uri)
     return genome
@@ -218,21 +222,13 @@ def search_finish_task(config_values: dict, run_uri: str, database_ref: Database
 def _winner(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> GenomeRef:
     database = Database.open(database_ref.uri)
     state = _saved_search_state(run_uri) if config.search.generations else None
-    if state is not None and state.config_digest != config.search.digest:
-        raise DarwinLMError(f"search state at {run_uri} belongs to another search config",
-                            "use a new run location, or delete the state to start over")
-    if config.search.generations and (state is None or state.generation < config.search.generations):
-        raise DarwinLMError(f"search at {run_uri} has not finished its {config.search.generations} generations",
-                            "run the search generations first")
+    try:
+        levels = winner_levels(config, database, state, lambda: _search(config, run_uri, database_ref))
+    except DarwinLMError as error:
+        raise DarwinLMError(f"{error} (run {run_uri})") from error
+    if not config.search.generations and start_needs_a_model(config):
+        get_run_logger().info("0 generations: the search's start is the genome (%s)", config.search.start)
     params = Budget.from_database(database, fraction_removed=config.search.fraction_removed)  # for the record
-    if state is not None:
-        levels = tuple(state.parent)
-    elif config.search.budget_kind == "latency" or config.search.start != "uniform":
-        # no generations, but the start needs the live model (a latency table, or KL on the fixed rows)
-        levels = _search(config, run_uri, database_ref).choose_start()[0]
-    else:  # no generations: the uniform genome of the search's budget, without loading a model
-        levels = Budget.from_database(database, fraction_removed=config.search.fraction_removed,
-                                      kind=config.search.budget_kind, seq_len=config.data.seq_len).uniform()
     genome = Genome(levels, database.digest)
     return GenomeRef(**genome.to_json(), kept_params=params.cost(genome.levels), dense_params=params.dense,
                      budget_kind=config.search.budget_kind, fitness=state.parent_fitness if state else None,
@@ -248,21 +244,21 @@ def refit_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, gen
     config = _config(config_values)
     if not config.post_train.refit:
         return None
-    uri = uri_io.join(run_uri, "refit.safetensors")
+    layout = RunLayout(run_uri)
+    uri = layout.refit_weights
 
     def refit() -> RefitRef:
         model, tokenizer, data = _dense_model_and_data(config)
         database = Database.open(database_ref.uri)
         genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
-        result = refit_genome(model, database, genome.assignment(), data.calibration_ids,
-                              dense_weight=config.post_train.refit_dense_weight)
+        result = refit_weights(config, model, database, genome, data)
         uri_io.write_bytes(uri, result.to_bytes())
         errors = list(result.errors.values())
         return RefitRef(uri=uri, error_before=sum(before for before, _ in errors) / max(1, len(errors)),
                         error_after=sum(after for _, after in errors) / max(1, len(errors)))
 
     # refit.json, written after the weights, is the marker and the record: a rerun reads it, not the weights
-    return stored_or_computed(uri_io.join(run_uri, "refit.json"), refit, RefitRef)
+    return stored_or_computed(layout.refit_record, refit, RefitRef)
 
 
 @task(name="post-train-and-export", **IO_RETRIES)
@@ -270,7 +266,7 @@ def post_train_task(config_values: dict, run_uri: str, database_ref: DatabaseRef
                     refit_ref: RefitRef | None = None) -> ModelRef:
     """Post-train the winner (warmup + cosine, distillation), from its refitted weights when there are any,
     and export it; the export is the artifact (its config.json is written last)."""
-    model_uri = uri_io.join(run_uri, "model")
+    model_uri = RunLayout(run_uri).model
     built_unless_marked(uri_io.join(model_uri, "config.json"), lambda: _post_train_and_export(
         _config(config_values), run_uri, database_ref, genome_ref, refit_ref, model_uri))
     return ModelRef(uri=model_uri)
@@ -288,11 +284,9 @@ def _post_train_and_export(config: CompressConfig, run_uri: str, database_ref: D
     assembly = LiveAssembly(model, database)
     genome = Genome.from_json({**genome_ref.model_dump(), "database": database.digest})
     losses = post_train(assembly, genome, data.post_train_ids, config, teacher=teacher, progress=True)
-    metadata = {"database": database.digest, "genome": genome.digest, "levels": genome.to_json(),
-                "base_model": config.model, "base_model_digest": database.manifest["base_model"]["digest"],
-                "config_digest": config.digest, "kept_block_params": assembly.kept_params(),
-                "dense_block_params": database.manifest["dense_params"], "post_train_losses": losses,
-                "refit": refit_ref is not None}
+    metadata = export_metadata(database, genome.assignment(), assembly.kept_params(), genome=genome.digest,
+                               base_model=config.model, config_digest=config.digest, post_train_losses=losses,
+                               refit=refit_ref is not None)
     # the exporters import transformers: not at module import, which must not read the hub settings early
     from darwinlm.core.export.huggingface import export_model
 
@@ -306,14 +300,14 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef
     quant = _config(config_values).export.gguf
     if quant is None:
         return None
-    uri = uri_io.join(run_uri, f"model-{quant}.gguf")
+    uri = RunLayout(run_uri).gguf(quant)
 
     def export() -> None:
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         from darwinlm.core.export.gguf import export_gguf
 
-        folder = local_model_dir(model_ref.uri)
+        folder = uri_io.local_path(model_ref.uri)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         info = read_json(uri_io.join(model_ref.uri, "darwinlm.json"))
         export_gguf(model, PreTrainedTokenizerFast.from_pretrained(folder), uri, quant=quant,
@@ -326,7 +320,7 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef
 @task(name="evaluate", **IO_RETRIES)
 def evaluate_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> dict:
     """Dense vs pruned: parameters, held-out perplexity, KL, zero-shot accuracy, prefill speed."""
-    uri = uri_io.join(run_uri, "evaluation.json")
+    uri = RunLayout(run_uri).evaluation
     if uri_io.exists(uri):
         return read_json(uri)
     results = _evaluate(_config(config_values), run_uri, model_ref)
@@ -339,17 +333,13 @@ def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict
     from transformers import AutoModelForCausalLM
 
     dense, tokenizer, data = _dense_model_and_data(config)
-    pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(model_ref.uri)).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(uri_io.local_path(model_ref.uri)).eval()
     pruned = pruned.to(next(dense.parameters()).device)
     dense_row, teacher = _dense_evaluation(config, _run_data(run_uri), dense, tokenizer, data)
     pruned_row = evaluate(pruned, data, teacher, progress=True, split=REPORTED_SPLIT)
     pruned_row["params"] = sum(p.numel() for p in pruned.parameters())
-    pruned_row.update(zero_shot_scores(pruned, tokenizer, data, config))
-    # Which windows both rows read sits beside them, once: the rows stay figures only (each is logged as metrics).
-    windows_used = pruned_row.pop("windows")
-    if dense_row.pop("windows", windows_used) != windows_used:
-        raise RuntimeError(f"the dense and pruned evaluations read different windows: {windows_used}")
-    results = {"dense": dense_row, "pruned": pruned_row, "windows": windows_used}
+    pruned_row.update(_zero_shot(pruned, tokenizer, data, config))
+    results = evaluation_table(dense_row, pruned_row)
     windows = next(iter(data.eval_windows(REPORTED_SPLIT).values()))
     speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed
@@ -379,69 +369,19 @@ def _dense_evaluation(config: CompressConfig, data_ref: DataRef, dense, tokenize
             "split": data_ref.split_digest, "windows": windows, "windows_protocol": WINDOWS_PROTOCOL,
             "windows_split": REPORTED_SPLIT, "top_k": config.teacher_top_k,
             "evaluate": dataclasses.asdict(config.evaluate), "lm_eval": lm_eval})
-        folder = uri_io.join(data_ref.store_uri, "dense-evaluations", key)
-        if uri_io.exists(uri_io.join(folder, "evaluation.json")):
+        folder = store_layout.dense_evaluation(data_ref.store_uri, key)
+        if uri_io.exists(uri_io.join(folder, store_layout.EVALUATION)):
             get_run_logger().info("dense model's evaluation read from %s (an earlier run's)", folder)
-            teacher = CompactTeacher.from_bytes(uri_io.read_bytes(uri_io.join(folder, "teacher.safetensors")))
-            return read_json(uri_io.join(folder, "evaluation.json")), teacher
+            teacher = CompactTeacher.from_bytes(uri_io.read_bytes(uri_io.join(folder, store_layout.TEACHER)))
+            return read_json(uri_io.join(folder, store_layout.EVALUATION)), teacher
     row, teacher = evaluate_dense(dense, data, config.teacher_top_k, progress=True, split=REPORTED_SPLIT)
     row["params"] = sum(p.numel() for p in dense.parameters())
-    row.update(zero_shot_scores(dense, tokenizer, data, config))
+    row.update(_zero_shot(dense, tokenizer, data, config))
     if folder is not None:
-        uri_io.write_bytes(uri_io.join(folder, "teacher.safetensors"), teacher.to_bytes())
-        write_json(uri_io.join(folder, "evaluation.json"), row)
+        uri_io.write_bytes(uri_io.join(folder, store_layout.TEACHER), teacher.to_bytes())
+        write_json(uri_io.join(folder, store_layout.EVALUATION), row)
     return row, teacher
 
 
-def zero_shot_scores(model, tokenizer, data, config: CompressConfig) -> dict:
-    """Accuracy per configured lm-eval task (offline `local` tasks expanded) as acc_<task>, with its binomial
-    standard error acc_<task>_se, and their mean as zeroshot_acc ± zeroshot_acc_se (tasks independent)."""
-    if not config.evaluate.tasks:
-        return {}
-    import tempfile
-
-    from darwinlm.core.evaluation.lm_eval_run import run_lm_eval
-    from darwinlm.core.evaluation.metrics import mean_se
-    from darwinlm.core.evaluation.task_files import expand_local, task_names, write_local_tasks
-
-    with tempfile.TemporaryDirectory() as folder:
-        tasks = expand_local(task_names(config.evaluate.tasks), write_local_tasks(data.split, folder))
-        scores = run_lm_eval(model, tokenizer, tasks, include_path=folder, limit=config.evaluate.task_limit,
-                             device=str(next(model.parameters()).device))
-    scored = {name: metrics for name, metrics in scores.items() if "acc" in metrics}
-    if not scored:
-        return {}
-    results = {}
-    for name, metrics in scored.items():
-        results[f"acc_{name}"], results[f"acc_{name}_se"] = metrics["acc"], metrics["acc_se"]
-    results["zeroshot_acc"] = sum(metrics["acc"] for metrics in scored.values()) / len(scored)
-    results["zeroshot_acc_se"] = mean_se([metrics["acc_se"] for metrics in scored.values()])
-    return results
-
-
-def local_model_dir(uri: str) -> str:
-    """A local folder holding the export: the URI itself, or a download of a remote one."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if "file" in fs.protocol:
-        return path
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="darwinlm-model-")
-    fs.get(path.rstrip("/") + "/", folder, recursive=True)
-    return folder
-
-
-def local_file(uri: str) -> str:
-    """A local path of the file at `uri`: the path itself, or a download of a remote one (e.g. a GGUF to log)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if "file" in fs.protocol:
-        return path
-    import tempfile
-
-    target = f"{tempfile.mkdtemp(prefix='darwinlm-file-')}/{path.rsplit('/', 1)[-1]}"
-    fs.get_file(path, target)
-    return target
+def _zero_shot(model, tokenizer, data, config: CompressConfig) -> dict:
+    return zero_shot_scores(model, tokenizer, data.split, config.evaluate.tasks, config.evaluate.task_limit)

@@ -58,7 +58,7 @@ def test_unknown_preset_name_lists_the_known_ones():
 def test_a_new_search_seed_reuses_the_database_rows_and_a_new_data_seed_does_not(tmp_path):
     import random
 
-    from darwinlm.core.pipeline import prepare_data
+    from darwinlm.core.data.prepared import prepare_data
     from tests.support.tiny_models import tiny_tokenizer
 
     corpus = tmp_path / "corpus"
@@ -72,7 +72,7 @@ def test_a_new_search_seed_reuses_the_database_rows_and_a_new_data_seed_does_not
     def digest(search_seed: int, data_seed: int) -> str:
         config = load_preset("tiny", {"data": {"text": str(corpus), "seed": data_seed},
                                       "search": {"seed": search_seed}})
-        return prepare_data(config, tokenizer).calibration_digest
+        return prepare_data(config.data, tokenizer).calibration_digest
 
     assert digest(0, 0) == digest(7, 0)  # the database's content address does not move with the search seed
     assert digest(0, 0) != digest(0, 1)

@@ -12,7 +12,8 @@ from darwinlm.core.data.windows import (EVAL_SPLITS, WINDOWS_PROTOCOL, check_eva
                                         spread_starts, windows_of_stream)
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.evaluation.metrics import perplexity_with_se
-from darwinlm.core.pipeline import evaluate, evaluate_dense, prepare_data
+from darwinlm.core.data.prepared import prepare_data
+from darwinlm.core.evaluation.held_out import evaluate, evaluate_dense
 from tests.support import crash_campaign as campaign
 from tests.support.tiny_models import tiny_model, tiny_tokenizer
 
@@ -97,7 +98,7 @@ def workspace(tmp_path_factory):
 def test_prepared_data_splits_every_evaluation_set_and_evaluate_reads_the_split_it_is_told(workspace):
     _, config = workspace
     model = tiny_model("llama")
-    data = prepare_data(config, tiny_tokenizer())
+    data = prepare_data(config.data, tiny_tokenizer())
     record = data.windows_record()
     assert set(record["sets"]) == set(data.split.evaluation)
     for name, windows in record["sets"].items():
@@ -131,7 +132,7 @@ def test_the_compressions_reported_evaluation_reads_the_test_windows(workspace, 
         return stages.evaluate_task.fn(values, run_uri, ModelRef(uri=str(root / "model")))
 
     results = evaluation("run")
-    data = prepare_data(config, tiny_tokenizer())
+    data = prepare_data(config.data, tiny_tokenizer())
     model = tiny_model("llama")  # the workspace's checkpoint: dense and "pruned" are both it here
     assert results["windows"] == data.windows_used("test")
     assert "windows" not in results["dense"] and "windows" not in results["pruned"]  # rows hold figures only

@@ -253,7 +253,7 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
     import fsspec
 
     from darwinlm.flows.compress import compress
-    from darwinlm.tasks.stages import local_model_dir
+    from darwinlm.core.uri_io import local_path
 
     summary = compress(parameters(workspace).model_copy(update={"store": "s3://darwinlm/store"}))
     assert summary["model_uri"].startswith("s3://darwinlm/store/runs/")
@@ -265,7 +265,7 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
     assert fs.exists(summary["database"]["uri"].removeprefix("s3://") + "/manifest.json")
     assert len(fs.glob("darwinlm/store/teachers/*.safetensors")) == 2  # the shared dense-model work too
     assert len(fs.glob("darwinlm/store/dense-evaluations/*/evaluation.json")) == 1
-    pruned = AutoModelForCausalLM.from_pretrained(local_model_dir(summary["model_uri"]))
+    pruned = AutoModelForCausalLM.from_pretrained(local_path(summary["model_uri"]))
     assert sum(p.numel() for p in pruned.parameters()) == summary["evaluation"]["pruned"]["params"]
     assert not (workspace / "store").exists()  # nothing went to local disk instead
 

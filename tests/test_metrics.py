@@ -10,7 +10,8 @@ from darwinlm.core.evaluation.lm_eval_run import clean_results
 from darwinlm.core.evaluation.metrics import (binomial_se, mean_se, perplexity, perplexity_with_se, standard_error,
                                               with_se, within_noise)
 from darwinlm.core.data.windows import windows_of_stream
-from darwinlm.core.pipeline import PreparedData, evaluate
+from darwinlm.core.data.prepared import PreparedData
+from darwinlm.core.evaluation.held_out import evaluate
 from tests.support.tiny_models import tiny_model
 
 
@@ -104,7 +105,7 @@ def test_pipeline_evaluation_records_perplexity_standard_errors(model):
 def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate_passes_figures(model):
     """evaluate_dense makes the KL teacher from its in-domain perplexity pass, and evaluate takes the KL from
     the same pass as the in-domain perplexity: one forward per window set, the figures of separate passes."""
-    from darwinlm.core.pipeline import dense_eval_teacher, evaluate_dense
+    from darwinlm.core.evaluation.held_out import dense_eval_teacher, evaluate_dense
     from darwinlm.core.search.fitness import kl_per_token
 
     data = held_out_data(in_domain=5, out_of_domain=3)

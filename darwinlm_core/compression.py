@@ -1,0 +1,94 @@
+"""A compression composed once from the core's parts: what the Prefect tasks and the benches both call.
+
+    prepare_data (data.prepared) → build_database (database.store) → compute_teacher (search.fitness)
+    → build_search → Search.run, or its generations one by one → winner_levels
+    → refit_weights → post_train → export_model with export_metadata → evaluate (evaluation.held_out)
+
+Each function takes the loaded objects (model, database, data, teacher) and the CompressConfig, never URIs of a
+run: where artifacts live is the caller's business (darwinlm.core.store_layout names the places).
+"""
+
+from typing import Callable
+
+import torch
+
+from darwinlm.core.config import CompressConfig
+from darwinlm.core.data.prepared import PreparedData, prepare_data
+from darwinlm.core.database.assembly import LiveAssembly
+from darwinlm.core.database.refit import RefitResult, refit_genome
+from darwinlm.core.database.store import Database
+from darwinlm.core.database.structure import MODULE_KINDS
+from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.search.evolution import Search, SearchState
+from darwinlm.core.search.finetune import finetune
+from darwinlm.core.search.fitness import CompactTeacher
+from darwinlm.core.search.genome import Budget, Genome
+
+
+def preflight(config: CompressConfig) -> None:
+    """What a compression can check in seconds, before weights load or a workflow starts: the model's
+    architecture is supported, its tokenizer fits it, and the text gives enough rows for every stage."""
+    from darwinlm.core.model.loading import load_tokenizer
+
+    prepare_data(config.data, load_tokenizer(config.model))
+
+
+def build_search(config: CompressConfig, assembly: LiveAssembly, data: PreparedData, teacher: CompactTeacher,
+                 state_uri: str | None = None, progress: bool = False) -> Search:
+    """The search of `config` on `assembly` (the dense model and its database; candidates are swapped into it),
+    scored against `teacher` (the dense model's, on data.teacher_pool_ids), finetuning inside selection on
+    data.train_ids; its state is saved at `state_uri` after every generation (None: not saved)."""
+    return Search(assembly, teacher, data.train_ids, config.search, state_uri=state_uri, progress=progress)
+
+
+def start_needs_a_model(config: CompressConfig) -> bool:
+    """Whether the genome at 0 generations needs the live model: a latency budget's table, or the start's KL
+    on fixed rows. A uniform start counts parameters from the database alone."""
+    return config.search.budget_kind == "latency" or config.search.start != "uniform"
+
+
+def winner_levels(config: CompressConfig, database: Database, state: SearchState | None,
+                  live_search: Callable[[], Search]) -> tuple[int, ...]:
+    """The levels a compression ships: the final parent of its finished search or, with 0 generations, the
+    search's start (uniform from the database alone; otherwise `live_search()` is built to choose it)."""
+    generations = config.search.generations
+    if generations and state is not None and state.config_digest != config.search.digest:
+        raise DarwinLMError("the saved search state belongs to another search config",
+                            "use a new run location, or delete the state to start over")
+    if generations and (state is None or state.generation < generations):
+        raise DarwinLMError(f"the search has not finished its {generations} generations",
+                            "run the search generations first")
+    if generations:
+        return tuple(state.parent)
+    if start_needs_a_model(config):
+        return live_search().choose_start()[0]
+    return Budget.from_database(database, fraction_removed=config.search.fraction_removed,
+                                kind=config.search.budget_kind, seq_len=config.data.seq_len).uniform()
+
+
+def refit_weights(config: CompressConfig, model, database: Database, genome: Genome, data: PreparedData
+                  ) -> RefitResult:
+    """The chosen levels' weights refitted on inputs propagated through the pruned layers below, pulled
+    `post_train.refit_dense_weight` of the way to the dense model's outputs (database.refit). `model` is dense."""
+    return refit_genome(model, database, genome.assignment(), data.calibration_ids,
+                        dense_weight=config.post_train.refit_dense_weight)
+
+
+def post_train(assembly: LiveAssembly, genome: Genome, rows: torch.Tensor, config: CompressConfig,
+               teacher: CompactTeacher | None = None, progress: bool = False) -> list[float]:
+    """Assemble the winner afresh (from the assembly's database: a RefitDatabase gives the refitted weights) and
+    finetune it on `rows` with the post-training schedule (warmup + cosine, distillation from `teacher`)."""
+    assembly.apply(genome.assignment(), rebuild=True)
+    if rows.shape[0] == 0:
+        return []
+    return finetune(assembly.model, rows, config.post_train.finetune, teacher=teacher, progress=progress)
+
+
+def export_metadata(database: Database, assignment: dict[tuple[int, str], int], kept_params: int, **extra) -> dict:
+    """What an exported pruned model records about itself (darwinlm.json, the model card, the GGUF): its
+    database, base model, levels per module kind and layer, kept and dense block parameters, plus `extra`
+    (a compression adds its genome and config digests, post-training losses and whether it was refitted)."""
+    layers = range(database.manifest["base_model"]["num_layers"])
+    return {"database": database.digest, "base_model_digest": database.manifest["base_model"]["digest"],
+            "levels": {kind: [assignment[(layer, kind)] for layer in layers] for kind in MODULE_KINDS},
+            "kept_block_params": kept_params, "dense_block_params": database.manifest["dense_params"], **extra}
