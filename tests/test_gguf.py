@@ -134,8 +134,17 @@ def test_gguf_carries_tokenizer_and_chat_template(pruned, tokenizer, tmp_path):
     assert llm.detokenize(tokenizer(text).input_ids).decode() == text
     assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
     assert llm.token_eos() == tokenizer.eos_token_id
-    reply = llm.create_chat_completion([{"role": "user", "content": "Four score"}], max_tokens=3)  # as the card shows
-    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    # a chat reply, as the card shows, is the exported template's prompt continued greedily: the same prompt tokens
+    # and the same text as a plain completion of that rendered prompt (a missing or wrong template in the GGUF
+    # makes llama.cpp fall back to another chat format, which reads other tokens)
+    messages = [{"role": "user", "content": "Four score"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nFour score<|im_end|>\n"
+    tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    reply = llm.create_chat_completion(messages, max_tokens=3, temperature=0.0)
+    plain = llm.create_completion(tokens, max_tokens=3, temperature=0.0)
+    assert reply["usage"]["prompt_tokens"] == len(tokens)
+    assert reply["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
 
 
 def test_gguf_per_layer_shapes(pruned, tokenizer, tmp_path):
