@@ -16,10 +16,10 @@ import yaml
 from darwinlm.core.data.prepared import DataConfig
 from darwinlm.core.database.store import DatabaseConfig
 from darwinlm.core.errors import DarwinLMError
+from darwinlm.core.preset_files import PRESET_DIR, preset_names  # noqa: F401 (callers import them from here too)
 from darwinlm.core.search.finetune import FinetuneConfig
 from darwinlm.core.search.evolution import SearchConfig, StageConfig
 
-PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass(frozen=True)
@@ -168,10 +168,6 @@ _NESTED = {
 }
 
 
-def preset_names() -> list[str]:
-    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
-
-
 def load_preset(name_or_path: str, overrides: dict | None = None) -> CompressConfig:
     """A preset by name (see preset_names()) or a YAML file path, with optional nested overrides."""
     path = Path(name_or_path)
@@ -191,6 +187,39 @@ def _merge(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
     return merged
+
+
+def dotted_overrides(settings: dict[str, object]) -> dict:
+    """Nested preset overrides from dotted option names: {"search.generations": 20} → {"search": {"generations":
+    20}}. A string value is read as a YAML scalar ("20" → 20, "false" → False, "null" → None), so a setting
+    typed on a command line means what it would in a preset; unknown names are refused when the preset is built."""
+    nested: dict = {}
+    for name, value in settings.items():
+        *parents, leaf = name.split(".")
+        if not leaf or not all(parents):
+            raise DarwinLMError(f"setting '{name}' is not a dotted option name", "write it as e.g. search.generations")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DarwinLMError(f"setting '{name}' goes inside '{part}', which is set to a value")
+        node[leaf] = _yaml_scalar(value) if isinstance(value, str) else value
+    return nested
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """'search.generations=20' → ('search.generations', '20'): a command line's --set."""
+    name, separator, value = text.partition("=")
+    if not separator or not name.strip():
+        raise DarwinLMError(f"--set {text!r} is not NAME=VALUE", "write it as e.g. --set search.generations=20")
+    return name.strip(), value.strip()
+
+
+def _yaml_scalar(text: str):
+    try:
+        return yaml.safe_load(text) if text else text
+    except yaml.YAMLError:
+        return text
 
 
 def config_from_dict(values: dict, where: str = "compress parameters") -> CompressConfig:

@@ -32,6 +32,27 @@ def _add_text_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl / hf datasets")
 
 
+# CompressParameters fields given their own option elsewhere (--preset, --model and the text options, shared with
+# other commands) or through --set (settings).
+OWN_OPTIONS = {"preset", "preset_file", "model", "text", "text_field", "settings"}
+
+
+def _add_parameter_options(parser: argparse.ArgumentParser) -> None:
+    """One option per remaining CompressParameters field, typed and described as the field is: the Prefect form
+    and the command line read one declaration."""
+    import typing
+
+    from darwinlm.flows.parameters import CompressParameters
+
+    for name, field in CompressParameters.model_fields.items():
+        if name in OWN_OPTIONS:
+            continue
+        kinds = [kind for kind in typing.get_args(field.annotation) or (field.annotation,) if kind is not type(None)]
+        choices = list(typing.get_args(kinds[0])) if typing.get_origin(kinds[0]) is typing.Literal else None
+        parser.add_argument("--" + name.replace("_", "-"), default=field.default, choices=choices,
+                            type=None if choices else kinds[0], help=field.description)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(
         prog="darwinlm",
@@ -91,20 +112,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="tiny, smollm2-demo (default; ~16 min on 2 CPU cores), paper, or a YAML file")
     compress.add_argument("--model", default=None, help="override the preset's model: `smollm2`, a HF folder, a hub id")
     _add_text_options(compress)
-    compress.add_argument("--fraction-removed", type=float, default=None, help="share of block parameters to remove")
-    compress.add_argument("--generations", type=int, default=None, help="override the search's generations")
-    compress.add_argument("--seed", type=int, default=None, help="override the search seed")
-    compress.add_argument("--offspring", type=int, default=None, help="override the offspring per generation")
-    compress.add_argument("--budget-kind", default=None, help="params, flops or latency: what the budget counts")
-    compress.add_argument("--start", default=None,
-                          help="the search's first parent: best (of uniform and informed, on fixed rows), informed, "
-                          "or uniform")
-    compress.add_argument("--store", default=None, help="artifact root: a folder or s3://bucket/prefix "
-                          "(default: $DARWINLM_HOME, ~/.cache/darwinlm)")
-    compress.add_argument("--dask-workers", type=int, default=0,
-                          help="evaluate the search's offspring on a local Dask cluster of N worker processes")
-    compress.add_argument("--dask-address", default=None,
-                          help="or on a running Dask cluster, e.g. tcp://scheduler:8786 (same genome either way)")
+    _add_parameter_options(compress)
+    compress.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                          help="any other preset option by its dotted name, e.g. --set search.accept_z=0.5 "
+                          "(repeatable; values read as in a preset)")
     compress.add_argument("--json", action="store_true", help="print the run summary as JSON")
     compress.add_argument("--results", default=None, help="also write the summary table as JSON to this file")
     compress.set_defaults(handler=_compress)
@@ -187,13 +198,12 @@ def _compress(args) -> None:
     from pydantic import ValidationError
 
     from darwinlm.core.compression import preflight
+    from darwinlm.core.config import parse_setting
 
     try:
-        parameters = CompressParameters.of(args.preset, model=args.model, text=args.text,
-                                           text_field=args.text_field, fraction_removed=args.fraction_removed,
-                                           generations=args.generations, seed=args.seed, offspring=args.offspring,
-                                           budget_kind=args.budget_kind, start=args.start, store=args.store,
-                                           dask_workers=args.dask_workers, dask_address=args.dask_address)
+        fields = {name: getattr(args, name) for name in CompressParameters.model_fields if name not in OWN_OPTIONS}
+        parameters = CompressParameters.of(args.preset, model=args.model, text=args.text, text_field=args.text_field,
+                                           settings=dict(map(parse_setting, args.settings)), **fields)
     except ValidationError as error:
         first = error.errors()[0]
         option = "--" + str(first["loc"][0]).replace("_", "-")

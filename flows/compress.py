@@ -13,18 +13,16 @@ post-training settings share it. Parameters are a pydantic model, so the Prefect
 
 import json
 import time
-from typing import Literal
 
 import yaml
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
 
 from darwinlm.core import store_layout, uri_io
-from darwinlm.core.config import CompressConfig, config_from_dict, load_preset, preset_names
+from darwinlm.core.config import CompressConfig, config_from_dict
 from darwinlm.core.database.store import Database
 from darwinlm.core.evaluation.metrics import is_se_key
 from darwinlm.flows.offline import apply_offline_defaults
-from darwinlm.core.home import data_home
+from darwinlm.flows.parameters import CompressParameters
 from darwinlm.core.store_layout import readable_name
 from darwinlm.tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
                           gguf_task, post_train_task, prepare_data_task, refit_task, search_finish_task,
@@ -32,54 +30,6 @@ from darwinlm.tasks.stages import (database_finish_task, database_layer_task, da
 from darwinlm.flows.artifacts import SearchProgress, publish_summary
 from darwinlm.tasks.refs import DatabaseRef, DataRef
 from darwinlm.tasks.tracking import Tracker, flat_params, generation_metrics, plots
-
-
-PresetName = Literal[tuple(preset_names())]  # the Prefect form renders a choice list
-
-
-class CompressParameters(BaseModel):
-    """What a user sets when starting a compression; unset fields keep the preset's values."""
-
-    preset: PresetName = Field("smollm2-demo", description="a preset shipped with darwinlm")
-    preset_file: str | None = Field(None, description="or: the path of a preset YAML of your own (wins over preset)")
-    model: str | None = Field(None, description="`smollm2`, a Hugging Face folder, or a hub id")
-    text: str | None = Field(None, description="folder of .txt, a .jsonl, or hf:NAME:SPLIT; default: built-in text")
-    text_field: str = Field("text", description="the text field of .jsonl / hf datasets")
-    fraction_removed: float | None = Field(None, ge=0.0, lt=1.0, description="share of block parameters to remove")
-    generations: int | None = Field(None, ge=0, description="search generations")
-    seed: int | None = Field(None, description="search seed")
-    offspring: int | None = Field(None, ge=1, description="offspring per generation")
-    budget_kind: Literal["params", "flops", "latency"] | None = Field(
-        None, description="what the budget counts: kept parameters, FLOPs per token, or measured latency")
-    start: Literal["best", "informed", "uniform"] | None = Field(
-        None, description="the search's first parent: the better on fixed rows of uniform and informed (best)")
-    store: str | None = Field(None, description="artifact root (path or s3://...); default: the data home")
-    dask_workers: int = Field(0, ge=0, description="evaluate offspring on a local Dask cluster of this many "
-                              "worker processes (0: in the flow's process); the genome does not change")
-    dask_address: str | None = Field(None, description="or: the scheduler address of a running Dask cluster, "
-                                     "e.g. tcp://10.0.0.5:8786 (workers must reach the model and the store)")
-
-    def config(self) -> CompressConfig:
-        overrides: dict = {}
-        if self.model is not None:
-            overrides["model"] = self.model
-        if self.text is not None:
-            overrides["data"] = {"text": self.text, "text_field": self.text_field}
-        search = {key: getattr(self, key) for key in ("fraction_removed", "generations", "seed", "offspring",
-                                                       "budget_kind", "start") if getattr(self, key) is not None}
-        if search:
-            overrides["search"] = search
-        return load_preset(self.preset_file or self.preset, overrides)
-
-    @classmethod
-    def of(cls, preset: str, **values) -> "CompressParameters":
-        """Parameters for a preset given by name or as a YAML path (the CLI and the nightly flow take either)."""
-        if preset in preset_names():
-            return cls(preset=preset, **values)
-        return cls(preset_file=preset, **values)
-
-    def store_uri(self) -> str:
-        return self.store or str(data_home())
 
 
 def run_root(parameters: CompressParameters) -> str:
