@@ -117,6 +117,26 @@ def test_layers_import_only_downwards_and_under_the_namespace():
     assert layering_violations() == []
 
 
+def bench_imports_by_name(root: Path = ROOT) -> list[str]:
+    """Tests that reach bench/ by a module name in a string (importorskip("bench..."), import_module), which the
+    import statements above do not show: 'file:line'."""
+    found = []
+    for path in sorted((root / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str) and node.args[0].value.split(".")[0] == "bench"
+                    and ast.unparse(node.func).split(".")[-1] in ("importorskip", "import_module", "__import__")):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_tests_do_not_import_bench_by_name_either(tmp_path):
+    assert bench_imports_by_name() == []
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "e.py").write_text('import pytest\nsearch = pytest.importorskip("bench.headline")\n')
+    assert bench_imports_by_name(tmp_path) == ["tests/e.py:2"]
+
+
 def test_no_package_uses_another_packages_private_names():
     assert private_imports_across_packages() == []
 
