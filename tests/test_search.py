@@ -20,12 +20,18 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def tiny_database(tmp_path_factory):
     model = tiny_model("llama", num_hidden_layers=4)
     rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
-    database = build_database(model, rows, str(tmp_path_factory.mktemp("db")), calibration_digest="tiny",
-                              config=DatabaseConfig(storage_dtype="float32"))
-    return model, database
+    return build_database(model, rows, str(tmp_path_factory.mktemp("db")), calibration_digest="tiny",
+                          config=DatabaseConfig(storage_dtype="float32"))
+
+
+@pytest.fixture
+def tiny_setup(tiny_database):
+    """A fresh dense model (the database's: same arguments, same weights) and the module's database: a test that
+    assembles, finetunes or prunes the model leaves nothing behind for the next."""
+    return tiny_model("llama", num_hidden_layers=4), tiny_database
 
 
 @pytest.mark.parametrize("kind", ["params", "flops"])
