@@ -147,11 +147,25 @@ def plots(genome_ref: GenomeRef, database_manifest: dict):
     structure, axis = pyplot.subplots(figsize=(8, 3))
     axis.bar([i - 0.2 for i in layers], kept["attn"], width=0.4, label="attention heads kept")
     axis.bar([i + 0.2 for i in layers], kept["mlp"], width=0.4, label="MLP channels kept")
-    axis.set(xlabel="layer", ylabel="fraction kept", ylim=(0, 1))
-    axis.legend()
+    axis.set(xlabel="layer", ylabel="fraction kept", ylim=(0, 1), title="What the pruned model keeps, per layer")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
     curve, axis = pyplot.subplots(figsize=(6, 3))
-    history = genome_ref.history
-    # the parent's KL on the fixed rows (never selected on): comparable from one generation to the next
-    axis.plot([h["generation"] + 1 for h in history], [h["fixed_kl"] for h in history], marker="o")
-    axis.set(xlabel="generation", ylabel="parent's KL to dense, fixed rows")
+    steps, values = fitness_curve(genome_ref)
+    axis.plot(steps, values, marker="o", label="parent")
+    uniform_kl = genome_ref.start.get("uniform_kl")
+    if uniform_kl is not None:  # the start chose between uniform and informed: uniform's KL is the bar to beat
+        axis.axhline(uniform_kl, color="grey", linestyle=":", label="uniform pruning")
+    axis.set(xlabel="generations completed (0: the start)", ylabel="KL to dense, fixed rows",
+             title="The search's parent on rows it never selects on")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return structure, curve
+
+
+def fitness_curve(genome_ref: GenomeRef) -> tuple[list[int], list[float]]:
+    """(generations completed, the parent's KL on the fixed rows then), from the start (0) on; the fixed rows are
+    never selected on, so the figures are comparable from one generation to the next."""
+    history = genome_ref.history
+    if not history:
+        return ([0], [genome_ref.fixed_kl]) if genome_ref.fixed_kl is not None else ([], [])
+    return ([0] + [h["generation"] + 1 for h in history],
+            [history[0]["previous_fixed_kl"]] + [h["fixed_kl"] for h in history])

@@ -24,3 +24,22 @@ def test_a_kept_parent_logs_accepted_zero():
 def test_an_unbounded_z_is_not_logged():  # two identical genomes on rows with no spread: ±inf cannot be plotted
     assert "paired_z" not in generation_metrics(record(paired_z=float("-inf")))
     assert "paired_z" not in generation_metrics(record(paired_z=None))
+
+
+def test_the_fitness_curve_starts_at_the_start_and_counts_generations_completed():
+    from darwinlm.tasks.refs import GenomeRef
+    from darwinlm.tasks.tracking import fitness_curve, plots
+
+    history = [{"generation": 0, "previous_fixed_kl": 0.9, "fixed_kl": 0.85},
+               {"generation": 1, "previous_fixed_kl": 0.85, "fixed_kl": 0.85}]
+    ref = GenomeRef(database="d", attn=[0, 1], mlp=[1, 0], kept_params=1, dense_params=2, budget_kind="params",
+                    fitness=0.8, fixed_kl=0.85, start={"chosen": "informed", "uniform_kl": 0.93}, history=history)
+    assert fitness_curve(ref) == ([0, 1, 2], [0.9, 0.85, 0.85])
+    manifest = {"modules": [{"layer": layer, "kind": kind, "n_units": 4,
+                             "levels": [{"units_removed": 0}, {"units_removed": 2}]}
+                            for layer in range(2) for kind in ("attn", "mlp")]}
+    structure, curve = plots(ref, manifest)
+    axis = curve.axes[0]
+    assert axis.get_title() and list(axis.lines[0].get_xdata()) == [0, 1, 2]
+    assert [line.get_ydata()[0] for line in axis.lines[1:]] == [0.93]  # uniform's KL, the reference line
+    assert structure.axes[0].get_legend().get_bbox_to_anchor() is not None
