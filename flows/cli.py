@@ -123,6 +123,12 @@ def _build_parser() -> argparse.ArgumentParser:
     server = commands.add_parser("server", help="start a local Prefect server (UI on http://127.0.0.1:4200)",
                                  description="Runs `prefect server start --host 127.0.0.1` with telemetry off.")
     server.set_defaults(handler=lambda _args: _run_prefect("server", "start", "--host", "127.0.0.1"))
+    mlflow_ui = commands.add_parser(
+        "mlflow-ui", help="start the MLflow UI on darwinlm's tracking store (http://127.0.0.1:5000)",
+        description="Runs `mlflow ui` on the store darwinlm tracks to (MLFLOW_TRACKING_URI, else sqlite under "
+        "$DARWINLM_HOME) with telemetry off.")
+    mlflow_ui.add_argument("--port", type=int, default=5000)
+    mlflow_ui.set_defaults(handler=_mlflow_ui)
     worker = commands.add_parser(
         "worker",
         help="start a Prefect worker for darwinlm's deployments",
@@ -167,14 +173,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_prefect(*arguments: str, check: bool = True) -> int:
+    return _run_tool("prefect", *arguments, check=check)
+
+
+def _run_tool(name: str, *arguments: str, check: bool = True) -> int:
+    """Run one of the venv's command-line tools in the foreground. Ctrl-C reaches it too (same process group):
+    it shuts down, and we wait for that, then stop quietly rather than with a traceback of our own."""
     import shutil
     import subprocess
 
-    executable = shutil.which("prefect") or str(Path(sys.executable).with_name("prefect"))
-    code = subprocess.call([executable, *arguments])
+    executable = shutil.which(name) or str(Path(sys.executable).with_name(name))
+    child = subprocess.Popen([executable, *arguments])
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        code = child.wait()
+        print(f"darwinlm: {name} stopped", file=sys.stderr)
+        return code
     if check and code != 0:
-        raise DarwinLMError(f"`prefect {' '.join(arguments)}` exited with status {code}", "see its output above")
+        raise DarwinLMError(f"`{name} {' '.join(arguments)}` exited with status {code}", "see its output above")
     return code
+
+
+def _mlflow_ui(args) -> None:
+    from darwinlm.tasks.tracking import mlflow_ui_arguments
+
+    _run_tool("mlflow", *mlflow_ui_arguments(args.port))
 
 
 def _worker(_args) -> None:

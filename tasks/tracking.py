@@ -24,6 +24,15 @@ def tracking_uri() -> str:
     return f"sqlite:///{data_home() / 'mlflow.db'}"
 
 
+def mlflow_ui_arguments(port: int) -> list[str]:
+    """`mlflow ui`'s arguments for darwinlm's store: the tracking URI and, beside a sqlite store, its artifacts.
+    The caller runs it with darwinlm's environment (telemetry off: flows.offline)."""
+    uri = tracking_uri()
+    arguments = ["ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    location = _artifact_location(uri)
+    return arguments + (["--default-artifact-root", location] if location else [])
+
+
 def _artifact_location(uri: str) -> str | None:
     """Next to a sqlite store (MLflow would otherwise use ./mlruns in whatever folder we run from); a tracking
     server decides for itself."""
