@@ -14,6 +14,7 @@ from darwinlm.core.home import data_home
 from darwinlm.tasks.refs import GenomeRef
 
 EXPERIMENT = "darwinlm"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 CURRENT_ALIAS = "current"
 
 
@@ -52,6 +53,10 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
+        if found is None or found.tags.get(EXPERIMENT_KIND_TAG) is None:
+            # Without it, MLflow 3's UI opens the experiment in its GenAI view (traces, an assistant panel) until a
+            # user picks "model training"; set on experiments made before this tag was, too.
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def start(self, name: str, params: dict | None = None, tags: dict | None = None,
               parent: str | None = None) -> str:

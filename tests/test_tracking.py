@@ -1,5 +1,5 @@
-"""What a search generation's record becomes in MLflow: the figures a user watches, and nothing that cannot
-be plotted."""
+"""What MLflow shows: a search generation's record as the figures a user watches (nothing that cannot
+be plotted), the plots, and the experiment's view."""
 
 from darwinlm.tasks.tracking import generation_metrics
 
@@ -43,3 +43,17 @@ def test_the_fitness_curve_starts_at_the_start_and_counts_generations_completed(
     assert axis.get_title() and list(axis.lines[0].get_xdata()) == [0, 1, 2]
     assert [line.get_ydata()[0] for line in axis.lines[1:]] == [0.93]  # uniform's KL, the reference line
     assert structure.axes[0].get_legend().get_bbox_to_anchor() is not None
+
+
+def test_the_experiment_opens_in_mlflow_s_model_training_view(tmp_path):
+    from mlflow import MlflowClient
+
+    from darwinlm.tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    older = client.create_experiment("made-before-the-tag")  # an experiment an older darwinlm created
+    for name, expected_id in (("darwinlm-new", None), ("made-before-the-tag", older)):
+        tracker = Tracker(uri, experiment=name)
+        assert expected_id in (None, tracker.experiment_id)
+        assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
