@@ -28,12 +28,12 @@ from dataclasses import replace
 
 from bench.results_file import provenance, resumable_partial, write_partial, write_results
 from darwinlm.core import store_layout
+from darwinlm.core.data.default_corpus import EVALUATION_LABELS, IN_DOMAIN_SET
 from darwinlm.flows.offline import apply_offline_defaults
 
-# Each reported text and the evaluation set that holds its windows in the default corpus (in-domain: State of
-# the Union 1990+, out-of-domain: Moby-Dick).
-TEXTS = {"sotu": "in_domain", "moby": "out_of_domain"}
-OOD_TEXTS = ["moby"]
+# The default corpus's out-of-domain texts: every evaluation set but the calibration text's own (moby). The
+# core names each figure by its text (ppl_sotu, ppl_moby), so the rows carry the core's names as they are.
+OOD_TEXTS = [name for name in EVALUATION_LABELS if name != IN_DOMAIN_SET]
 SEEDED_METHODS = ("darwinlm",)
 PEERS = {"tp_taylor_uniform": "uniform", "tp_global": "global"}
 MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/headline.py", "bench/peer_torch_pruning.py")
@@ -48,13 +48,11 @@ def headline_preset(model: str, fraction: float):
 
 
 def text_figures(scores: dict, suffix: str = "") -> dict:
-    """`ppl_<text><suffix>` and its `_se` from an evaluation's `ppl_<set>` figures."""
-    figures = {}
-    for text, eval_set in TEXTS.items():
-        if f"ppl_{eval_set}" in scores:
-            figures[f"ppl_{text}{suffix}"] = scores[f"ppl_{eval_set}"]
-            figures[f"ppl_{text}{suffix}_se"] = scores[f"ppl_{eval_set}_se"]
-    return figures
+    """`ppl_<text><suffix>` and its `_se` from an evaluation's `ppl_<text>` figures (each set is named by its
+    text); the rest of the evaluation (KL, windows) is left out."""
+    texts = [key.removeprefix("ppl_") for key in scores if key.startswith("ppl_") and not key.endswith("_se")]
+    return {figure: value for text in texts for figure, value in (
+        (f"ppl_{text}{suffix}", scores[f"ppl_{text}"]), (f"ppl_{text}{suffix}_se", scores[f"ppl_{text}_se"]))}
 
 
 def seed_mean(rows: list[dict]) -> dict:
@@ -149,8 +147,9 @@ class Target:
         return {**row, **self.evaluate(peer_model, "_posttrained")}
 
 
-def run_target(fraction: float, args, rows: dict, save) -> None:
-    """Fill `rows` (method → row) for one fraction, saving as rows arrive; rows already there are kept."""
+def run_target(fraction: float, args, rows: dict, save) -> dict:
+    """Fill `rows` (method → row) for one fraction, saving as rows arrive; rows already there are kept. Returns
+    the record of the held-out windows the rows read."""
     from darwinlm.core.search.genome import Genome
 
     target = Target(fraction, args.model)
@@ -182,6 +181,7 @@ def run_target(fraction: float, args, rows: dict, save) -> None:
         if name not in rows and not args.skip_peers:
             rows[name] = target.peer_row(scope)
             save()
+    return target.data.windows_used("test")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,11 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:  # a long run keeps its rows as they arrive, outside bench/results
         write_partial(args.results, {**results, "run": run, "origin": first_origin})
 
+    windows = None
     for fraction in args.targets:
         rows = results["targets"].setdefault(str(fraction), {})
-        run_target(fraction, args, rows, save)
+        windows = run_target(fraction, args, rows, save)
         print_target(str(fraction), rows)
     results["dense"] = next(iter(results["targets"].values()))["dense"]
+    results["windows"] = windows  # which held-out windows every row read: the test split, never used to choose
     for rows in results["targets"].values():
         rows.pop("dense")
     resumed = {"resumed_rows_provenance": first_origin} if earlier else {}
