@@ -63,8 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="held-out perplexity of a model",
-        description="Print token-level perplexity over fixed-length held-out windows: in-domain (State of the "
-        "Union 1990 on, by default) and out-of-domain (Moby-Dick). Text is never used for calibration or training.",
+        description="Print token-level perplexity over fixed-length held-out windows of each evaluation set, "
+        "named by its text: by default sotu (State of the Union 1990 on, the calibration text's domain) and moby "
+        "(Moby-Dick, out of domain); with --text, in_domain (held out of that text). Text is never used for "
+        "calibration or training.",
     )
     evaluate.add_argument("--model", required=True, help="`smollm2` (the cached default), a HF folder, or a hub id")
     _add_text_options(evaluate)
@@ -305,13 +307,14 @@ def _evaluate(args) -> None:
     if args.json:
         extra = {"tasks": tasks} if requested else {}
         print(json.dumps({"model": args.model, "split_digest": split.digest, "windows_protocol": WINDOWS_PROTOCOL,
-                          "results": results, **extra}))
+                          "in_domain": split.in_domain, "results": results, **extra}))
         return
     print(f"model {args.model} · split {split.digest[:12]} · {args.seq_len}-token {TEST} windows "
           f"({WINDOWS_PROTOCOL}: spread over the whole text)")
-    print(f"{'evaluation set':<16} {'windows':>8} {'perplexity ± se':>18}")
-    for name, row in results.items():
-        print(f"{name:<16} {row['windows']:>8} {with_se(row, 'perplexity'):>18}")
+    print(f"{'evaluation set':<16} {'windows':>8} {'perplexity ± se':>18}  domain")
+    for name, row in results.items():  # in domain: the calibration text's own; the rest is out of domain
+        domain = "in" if name == split.in_domain else "out"
+        print(f"{name:<16} {row['windows']:>8} {with_se(row, 'perplexity'):>18}  {domain} ({split.label(name)})")
     if requested:
         _print_task_table(tasks)
 

@@ -7,9 +7,10 @@ from darwinlm.core.evaluation.metrics import is_se_key, with_se
 from darwinlm.tasks.tracking import tracking_uri
 
 def rows(evaluation: dict, labels: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(label, key, format spec) per row: one perplexity row per evaluation set, named by the data source."""
-    sets = sorted({key.removeprefix("ppl_") for row in evaluation.values() if isinstance(row, dict)
-                   for key in row if key.startswith("ppl_") and not is_se_key(key)})
+    """(label, key, format spec) per row: one perplexity row per evaluation set, named by the data source, in
+    the order the rows hold them (the split's: the in-domain set first)."""
+    sets = list(dict.fromkeys(key.removeprefix("ppl_") for side in ("dense", "pruned") if side in evaluation
+                              for key in evaluation[side] if key.startswith("ppl_") and not is_se_key(key)))
     return [("parameters", "params", ",.0f"),
             *[(f"ppl {labels.get(name, name.replace('_', '-'))}", f"ppl_{name}", ".2f") for name in sets],
             ("KL to dense / token", "kl", ".4f"),
@@ -48,7 +49,7 @@ def windows_line(windows: dict) -> str:
 
 def write_results(summary: dict, path: str) -> None:
     """{"wall_s": t, "dense": {...}, "pruned": {...}} plus what identifies the run; atomic write. Each figure
-    that has a standard error carries it beside it as `<figure>_se` (ppl_in_domain_se, acc_<task>_se)."""
+    that has a standard error carries it beside it as `<figure>_se` (ppl_sotu_se, acc_<task>_se)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"wall_s": summary["wall_s"], "dense": summary["evaluation"]["dense"],

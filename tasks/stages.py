@@ -339,7 +339,7 @@ def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict
     pruned_row = evaluate(pruned, data, teacher, progress=True, split=REPORTED_SPLIT)
     pruned_row["params"] = sum(p.numel() for p in pruned.parameters())
     pruned_row.update(_zero_shot(pruned, tokenizer, data, config))
-    results = evaluation_table(dense_row, pruned_row)
+    results = evaluation_table(dense_row, pruned_row, data.split)  # with the sets' labels, for the card
     windows = next(iter(data.eval_windows(REPORTED_SPLIT).values()))
     speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed

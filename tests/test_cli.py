@@ -43,6 +43,7 @@ def test_evaluate_prints_perplexity_json(capsys, model_dir, corpus):
                            "--seq-len", "32", "--windows", "3", "--json")
     assert code == 0
     result = json.loads(out)
+    assert list(result["results"]) == ["in_domain"] and result["in_domain"] == "in_domain"  # a user's text: one set
     in_domain = result["results"]["in_domain"]
     assert in_domain["windows"] == 3 and in_domain["tokens"] == 96
     assert 1.0 < in_domain["perplexity"] < 1000  # random tiny model over a 99-token vocabulary
@@ -55,6 +56,7 @@ def test_evaluate_table_shows_perplexity_with_its_standard_error(capsys, model_d
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("in_domain"))
     assert row.split()[1] == "3" and row.split()[3] == "±"
+    assert row.endswith("in (held-out corpus)")
 
 
 def expect_one_line_error(capsys, *argv, match: str) -> str:

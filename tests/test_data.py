@@ -142,17 +142,25 @@ def test_default_split_by_year_and_disjoint(text_dir):
     split = default_split(text_dir)
     assert years(split.training) == {1790, 1800, 1944}
     assert years(split.calibration) == {1945, 1953, 1989} and len(split.calibration) == 4
-    assert years(split.evaluation["in_domain"]) == {1990, 2016}
-    assert [doc.id for doc in split.evaluation["out_of_domain"]] == [
+    assert years(split.evaluation["sotu"]) == {1990, 2016}
+    assert [doc.id for doc in split.evaluation["moby"]] == [
         "moby-dick/chapter_1.txt", "moby-dick/chapter_10.txt", "moby-dick/chapter_2.txt"
     ]
     assert_disjoint(split)
-    assert split.describe()["labels"] == {"in_domain": "State of the Union 1990+", "out_of_domain": "Moby-Dick"}
+    assert split.describe()["labels"] == {"moby": "Moby-Dick", "sotu": "State of the Union 1990+"}
+
+
+def test_default_split_names_each_evaluation_set_by_its_text_and_says_sotu_is_in_domain(text_dir):
+    split = default_split(text_dir)
+    assert list(split.evaluation) == ["sotu", "moby"]  # the in-domain set first: the KL is taken on it
+    assert split.in_domain == "sotu" and split.out_of_domain == ("moby",)
+    assert split.describe()["in_domain"] == "sotu"
+    assert "in_domain" not in split.rule and "out_of_domain" not in split.rule
 
 
 def test_default_split_ignores_whole_book_beside_chapters(text_dir):
     write(text_dir / "moby-dick" / "data.txt", "CHAPTER 1. Call me\nIshmael, again.")
-    assert "moby-dick/data.txt" not in {doc.id for doc in default_split(text_dir).evaluation["out_of_domain"]}
+    assert "moby-dick/data.txt" not in {doc.id for doc in default_split(text_dir).evaluation["moby"]}
 
 
 def test_default_split_missing_text_says_setup(tmp_path):
@@ -175,7 +183,7 @@ def test_digest_stable_and_sensitive(text_dir):
     json.dumps(description)  # manifests need it JSON-able
     assert description["digest"] == first.digest
     assert description["calibration"]["documents"] == 4
-    assert set(description["evaluation"]) == {"in_domain", "out_of_domain"}
+    assert set(description["evaluation"]) == {"sotu", "moby"}
     write(text_dir / "sotu" / "1945_some_president_x.txt", "Address of 1945, revised.")
     changed = default_split(text_dir)
     assert changed.digest != first.digest
@@ -193,6 +201,20 @@ def test_corpus_split_refuses_overlap():
         CorpusSplit([], [b], {"in_domain": [c]}, rule="test")
     split = CorpusSplit([a], [b], {"in_domain": [c]}, rule="test")
     assert split.calibration == (a,) and split.evaluation == {"in_domain": (c,)}
+
+
+def test_corpus_split_says_which_evaluation_set_is_in_domain():
+    a, b, c, d = (Document(name, f"text {name}") for name in "abcd")
+    assert CorpusSplit([a], [b], {"news": [c]}, rule="test").in_domain == "news"  # the only set
+    with pytest.raises(DarwinLMError, match="in_domain must name one of the evaluation sets") as excinfo:
+        CorpusSplit([a], [b], {"news": [c], "poems": [d]}, rule="test")  # two sets: which is in domain?
+    one_line_error(excinfo)
+    with pytest.raises(DarwinLMError, match="not 'blogs'"):
+        CorpusSplit([a], [b], {"news": [c]}, rule="test", in_domain="blogs")
+    split = CorpusSplit([a], [b], {"poems": [d], "news": [c]}, rule="test", in_domain="news")
+    assert list(split.evaluation) == ["news", "poems"] and split.out_of_domain == ("poems",)
+    # which set is in domain is part of the digest: it decides what a report calls out of domain
+    assert CorpusSplit([a], [b], {"poems": [d], "news": [c]}, rule="test", in_domain="poems").digest != split.digest
 
 
 def corpus(n: int, start: int = 0) -> list[Document]:
@@ -277,8 +299,8 @@ def test_real_default_split():
     split = default_split()
     assert min(years(split.training)) == 1790 and max(years(split.training)) == 1944
     assert min(years(split.calibration)) == 1945 and max(years(split.calibration)) == 1989
-    assert min(years(split.evaluation["in_domain"])) == 1990
-    assert len(split.evaluation["out_of_domain"]) > 100
+    assert min(years(split.evaluation["sotu"])) == 1990
+    assert len(split.evaluation["moby"]) > 100
     assert_disjoint(split)
 
 
@@ -291,4 +313,7 @@ def test_load_split_of_the_users_text_is_labelled_by_its_name(tmp_path):
         write(corpus / f"s{index}.txt", f"speech number {index} about the harbor and the budget")
     split = load_split(str(corpus))
     assert split.describe()["labels"] == {"in_domain": "held-out speeches"}
+    # a user's own text has one held-out set, of its own domain: named in_domain, and in domain
+    assert list(split.evaluation) == ["in_domain"] and split.in_domain == "in_domain"
+    assert split.out_of_domain == () and split.describe()["in_domain"] == "in_domain"
     assert split.digest == split_documents(read_documents(corpus)).digest  # the label is not part of the digest

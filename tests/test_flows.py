@@ -61,7 +61,11 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert summary["evaluation"]["pruned"]["kl"] > 0
     assert summary["evaluation"]["dense"]["kl"] == pytest.approx(0.0, abs=1e-5)
     for row in (summary["evaluation"]["dense"], summary["evaluation"]["pruned"]):  # over the eval windows
-        assert 0 < row["ppl_in_domain_se"] < row["ppl_in_domain"]
+        assert 0 < row["ppl_in_domain_se"] < row["ppl_in_domain"]  # a user's text: one set, held out of it
+    assert summary["evaluation"]["in_domain"] == "in_domain"
+    assert summary["evaluation"]["labels"] == summary["evaluation_labels"] == {"in_domain": "held-out corpus"}
+    card = (Path(summary["model_uri"]) / "README.md").read_text()
+    assert "| perplexity, held-out corpus (in domain) |" in card  # labelled by the split, as the table is
     # the greedy sample is each model's own continuation of the held-out prompt: regenerate both and compare
     sample = summary["evaluation"]["sample"]
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")

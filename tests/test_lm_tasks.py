@@ -26,7 +26,8 @@ def synthetic_split(seed: int = 0) -> CorpusSplit:
     rng = random.Random(seed)
     docs = [synthetic_document(rng, index) for index in range(22)]
     return CorpusSplit(calibration=docs[:5], training=docs[5:10],
-                       evaluation={"in_domain": docs[10:16], "out_of_domain": docs[16:]}, rule="synthetic test split")
+                       evaluation={"sotu": docs[10:16], "moby": docs[16:]}, rule="synthetic test split",
+                       in_domain="sotu")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,7 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-ALL_TASKS = ["darwinlm_lastword_in_domain", "darwinlm_lastword_out_of_domain",
-             "darwinlm_nextsent_in_domain", "darwinlm_nextsent_out_of_domain"]
+ALL_TASKS = ["darwinlm_lastword_moby", "darwinlm_lastword_sotu", "darwinlm_nextsent_moby", "darwinlm_nextsent_sotu"]
 
 
 def test_tasks_are_written_deterministically(split, tmp_path):
@@ -71,7 +71,7 @@ def test_tasks_are_written_deterministically(split, tmp_path):
 
 
 def test_next_sentence_choices_hold_the_truth_once(split, task_dir):
-    for set_name in ("in_domain", "out_of_domain"):
+    for set_name in ("sotu", "moby"):
         documents = {doc.id: flat(doc.text) for doc in split.evaluation[set_name]}
         examples = read_examples(task_dir, f"darwinlm_nextsent_{set_name}")
         assert len(examples) == 20
@@ -108,11 +108,11 @@ def test_task_text_comes_only_from_evaluation_documents(split, task_dir):
 
 
 def test_a_set_too_small_for_a_task_is_skipped_and_no_text_at_all_is_an_error(split, tmp_path):
-    one_document = CorpusSplit(split.calibration, split.training, {"in_domain": split.evaluation["in_domain"][:1]},
+    one_document = CorpusSplit(split.calibration, split.training, {"sotu": split.evaluation["sotu"][:1]},
                                rule="one evaluation document")
-    assert write_local_tasks(one_document, tmp_path / "one") == ["darwinlm_lastword_in_domain"]
+    assert write_local_tasks(one_document, tmp_path / "one") == ["darwinlm_lastword_sotu"]
     manifest = json.loads((tmp_path / "one" / "darwinlm_tasks.json").read_text())
-    assert "darwinlm_nextsent_in_domain" in manifest["skipped"]
+    assert "darwinlm_nextsent_sotu" in manifest["skipped"]
     too_short = CorpusSplit(split.calibration, split.training, {"in_domain": [Document("x", "Too short.")]},
                             rule="too short")
     with pytest.raises(DarwinLMError, match="no lm-eval task could be built"):
@@ -131,8 +131,8 @@ def test_a_crash_while_writing_leaves_no_config_without_its_data(split, tmp_path
     monkeypatch.setattr(lm_tasks.os, "replace", replace_then_crash)
     with pytest.raises(OSError, match="disk full"):
         write_local_tasks(split, tmp_path, examples_per_task=5)
-    assert local_task_names(tmp_path) == ["darwinlm_lastword_in_domain"]
-    assert (tmp_path / "darwinlm_lastword_in_domain.jsonl").is_file()
+    assert local_task_names(tmp_path) == ["darwinlm_lastword_moby"]  # sets are written in name order
+    assert (tmp_path / "darwinlm_lastword_moby.jsonl").is_file()
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "darwinlm_tasks.json").exists()
 
 
@@ -178,9 +178,9 @@ def test_run_lm_eval_in_memory_on_a_tiny_model(task_dir):
 
 def test_unknown_task_is_one_clear_line(task_dir):
     with pytest.raises(DarwinLMError) as error:
-        run_lm_eval(tiny_model("llama"), tiny_tokenizer(), ["darwinlm_nope_in_domain"], include_path=str(task_dir))
+        run_lm_eval(tiny_model("llama"), tiny_tokenizer(), ["darwinlm_nope_sotu"], include_path=str(task_dir))
     message = str(error.value)
-    assert "\n" not in message and "darwinlm_nope_in_domain" in message
+    assert "\n" not in message and "darwinlm_nope_sotu" in message
     assert all(name in message for name in ALL_TASKS) and "network" in message
 
 
@@ -216,13 +216,9 @@ def test_task_lists_expand_local_once_in_order():
 
 
 def test_zero_shot_scores_carry_standard_errors(split):
-    from types import SimpleNamespace
+    from darwinlm.core.evaluation.held_out import zero_shot_scores
 
-    from darwinlm.core.config import load_preset
-    from darwinlm.tasks.stages import zero_shot_scores
-
-    config = load_preset("tiny", {"evaluate": {"tasks": "local", "task_limit": 5}})
-    scores = zero_shot_scores(tiny_model("llama").eval(), tiny_tokenizer(), SimpleNamespace(split=split), config)
+    scores = zero_shot_scores(tiny_model("llama").eval(), tiny_tokenizer(), split, "local", 5)
     accuracies = {key: value for key, value in scores.items() if key.startswith("acc_") and not key.endswith("_se")}
     assert sorted(accuracies) == [f"acc_{name}" for name in ALL_TASKS]
     for key, acc in accuracies.items():

@@ -92,10 +92,9 @@ def test_lm_eval_results_keep_accuracy_standard_errors():
 
 
 def test_pipeline_evaluation_records_perplexity_standard_errors(model):
-    data = held_out_data(in_domain=4, out_of_domain=3)
+    data = held_out_data(sotu=4, moby=3)
     results = evaluate(model, data, eval_teacher=None)
-    assert sorted(results) == ["ppl_in_domain", "ppl_in_domain_se", "ppl_out_of_domain", "ppl_out_of_domain_se",
-                               "windows"]
+    assert sorted(results) == ["ppl_moby", "ppl_moby_se", "ppl_sotu", "ppl_sotu_se", "windows"]
     assert results["windows"]["split"] == "test"  # a reported figure reads the test windows unless told otherwise
     for name, ids in data.eval_windows("test").items():
         assert (results[f"ppl_{name}"], results[f"ppl_{name}_se"]) == pytest.approx(perplexity_with_se(model, ids))
@@ -108,7 +107,7 @@ def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate
     from darwinlm.core.evaluation.held_out import dense_eval_teacher, evaluate_dense
     from darwinlm.core.search.fitness import kl_per_token
 
-    data = held_out_data(in_domain=5, out_of_domain=3)
+    data = held_out_data(sotu=5, moby=3)
     eval_windows = data.eval_windows("test")
     student = tiny_model("llama", seed=9).eval()
     forwards = []
@@ -124,10 +123,38 @@ def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate
     assert torch.equal(teacher.input_ids, separate.input_ids) and torch.equal(teacher.top_ids, separate.top_ids)
     assert torch.equal(teacher.top_logprobs, separate.top_logprobs)
     assert dense_row["kl"] == 0.0
-    assert dense_row["ppl_in_domain"] == perplexity_with_se(model, eval_windows["in_domain"])[0]
+    assert dense_row["ppl_sotu"] == perplexity_with_se(model, eval_windows["sotu"])[0]
     assert student_row["kl"] == kl_per_token(student, separate) > 0
-    assert student_row["ppl_out_of_domain"] == perplexity_with_se(student, eval_windows["out_of_domain"])[0]
+    assert student_row["ppl_moby"] == perplexity_with_se(student, eval_windows["moby"])[0]
     with pytest.raises(ValueError, match="first evaluation set"):
         evaluate(student, data, separate.rows(torch.arange(4)))
     with pytest.raises(ValueError, match="first evaluation set's validation windows"):
         evaluate(student, data, separate, split="validation")  # a test-window teacher cannot score validation
+
+
+def test_the_default_corpus_reports_each_figure_under_its_text_s_name(model, tmp_path):
+    """ppl_sotu and ppl_moby, the names bench results use too; the KL is taken on sotu, the in-domain set."""
+    from darwinlm.core.data.default_corpus import default_split
+    from darwinlm.core.data.windows import held_out_windows
+    from darwinlm.core.evaluation.held_out import dense_eval_teacher, evaluation_table
+    from tests.support.tiny_models import tiny_tokenizer
+
+    for year in (1790, 1950, 1990, 2016):
+        (tmp_path / "sotu").mkdir(exist_ok=True)
+        (tmp_path / "sotu" / f"{year}_president.txt").write_text(f"Address of {year}. The state of the Union. " * 4)
+    for chapter in (1, 2):
+        (tmp_path / "moby-dick").mkdir(exist_ok=True)
+        (tmp_path / "moby-dick" / f"chapter_{chapter}.txt").write_text(f"CHAPTER {chapter}. Call me Ishmael. " * 6)
+    split = default_split(tmp_path)
+    empty = torch.zeros(0, 16, dtype=torch.long)
+    data = PreparedData(split=split, calibration_ids=empty, teacher_pool_ids=empty, train_ids=empty,
+                        post_train_ids=empty,
+                        held_out={name: held_out_windows(docs, tiny_tokenizer(), 16, 2)
+                                  for name, docs in split.evaluation.items()})
+    teacher = dense_eval_teacher(model, data, 8)
+    assert torch.equal(teacher.input_ids, data.eval_windows("test")["sotu"])
+    row = evaluate(model, data, teacher)
+    assert {key for key in row if key.startswith("ppl_")} == {"ppl_sotu", "ppl_sotu_se", "ppl_moby", "ppl_moby_se"}
+    table = evaluation_table(row, row, split)
+    assert table["in_domain"] == "sotu"
+    assert table["labels"] == {"sotu": "State of the Union 1990+", "moby": "Moby-Dick"}

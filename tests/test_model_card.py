@@ -25,12 +25,17 @@ def test_export_writes_a_model_card(tmp_path):
 
 def test_model_card_shows_figures_before_and_after(tmp_path):
     export_model(tiny_model("qwen2"), tiny_bpe_tokenizer(), str(tmp_path / "out"), metadata={"base_model": "q"})
-    evaluation = {"dense": {"ppl_in_domain": 24.0, "ppl_in_domain_se": 0.52, "kl": 0.0},
-                  "pruned": {"ppl_in_domain": 31.5, "ppl_in_domain_se": 0.8, "kl": 0.7}}
+    evaluation = {"dense": {"ppl_sotu": 24.0, "ppl_sotu_se": 0.52, "ppl_moby": 60.0, "kl": 0.0},
+                  "pruned": {"ppl_sotu": 31.5, "ppl_sotu_se": 0.8, "ppl_moby": 90.0, "kl": 0.7},
+                  "labels": {"sotu": "State of the Union 1990+", "moby": "Moby-Dick"}, "in_domain": "sotu"}
     write_model_card(str(tmp_path / "out"), evaluation=evaluation)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| perplexity, in-domain held-out text | 24 ± 0.52 | 31.5 ± 0.8 |" in card
+    assert "| perplexity, State of the Union 1990+ (in domain) | 24 ± 0.52 | 31.5 ± 0.8 |" in card
+    assert "| perplexity, Moby-Dick (out of domain) | 60 | 90 |" in card
     assert "| KL to the dense model per token | 0 | 0.7 |" in card
+    # an evaluation recorded without its sets' labels still shows each perplexity, by its set's name
+    write_model_card(str(tmp_path / "out"), evaluation={side: evaluation[side] for side in ("dense", "pruned")})
+    assert "| perplexity, moby | 60 | 90 |" in (tmp_path / "out" / "README.md").read_text()
 
 
 LOAD_TOKENIZER = """

@@ -22,6 +22,14 @@ def test_perplexity_rows_are_labelled_by_the_data_source(capsys):
     assert "SOTU" not in table and "Moby" not in table
 
 
+def test_the_default_corpus_rows_are_named_by_their_texts_in_domain_first():
+    from darwinlm.core.data.default_corpus import EVALUATION_LABELS
+
+    evaluation = {"dense": {"ppl_sotu": 25.0, "ppl_moby": 60.0}, "pruned": {"ppl_sotu": 30.0, "ppl_moby": 90.0}}
+    labels = [(label, key) for label, key, _ in rows(evaluation, EVALUATION_LABELS) if key.startswith("ppl_")]
+    assert labels == [("ppl State of the Union 1990+", "ppl_sotu"), ("ppl Moby-Dick", "ppl_moby")]
+
+
 def test_every_evaluation_set_gets_a_row_even_without_labels():
     evaluation = {"dense": {"ppl_a": 1.0, "ppl_b_set": 2.0}, "pruned": {"ppl_a": 1.5, "ppl_b_set": 3.0}}
     labels = [label for label, key, _ in rows(evaluation, {"a": "corpus A"}) if key.startswith("ppl_")]

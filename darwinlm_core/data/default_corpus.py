@@ -30,10 +30,16 @@ WHOLE_BOOK_FILE = "data.txt"
 # (and a different genre, Moby-Dick) measure. The rule is part of the digest, so changing it changes every manifest.
 CALIBRATION_FROM_YEAR = 1945
 EVALUATION_FROM_YEAR = 1990
+# The evaluation sets, each named by its text (the figures are ppl_sotu and ppl_moby everywhere, from the core's
+# evaluation to the bench's results), with their labels. The recent speeches are the calibration text's own
+# domain; Moby-Dick is out of domain.
+SOTU_SET, MOBY_SET = "sotu", "moby"
+EVALUATION_LABELS = {SOTU_SET: f"State of the Union {EVALUATION_FROM_YEAR}+", MOBY_SET: "Moby-Dick"}
+IN_DOMAIN_SET = SOTU_SET
 DEFAULT_RULE = (
     f"State of the Union by year of the address: training 1790-{CALIBRATION_FROM_YEAR - 1}, "
-    f"calibration {CALIBRATION_FROM_YEAR}-{EVALUATION_FROM_YEAR - 1}, evaluation in_domain {EVALUATION_FROM_YEAR} on; "
-    "evaluation out_of_domain: all of Moby-Dick"
+    f"calibration {CALIBRATION_FROM_YEAR}-{EVALUATION_FROM_YEAR - 1}, evaluation {SOTU_SET} {EVALUATION_FROM_YEAR} "
+    f"on (in domain); evaluation {MOBY_SET}: all of Moby-Dick (out of domain)"
 )
 DEFAULT_TEXT_FIX = "run `make setup` to unpack the default text, or pass --text with your own corpus"
 
@@ -42,19 +48,20 @@ def default_split(text_dir: Path | None = None) -> CorpusSplit:
     """The default corpus: State of the Union by year (see DEFAULT_RULE) and Moby-Dick as out-of-domain text.
 
     Expects `text_dir/sotu/YYYY_*.txt` and `text_dir/moby-dick/*.txt` (default: `default_text_dir()`).
-    Document ids are `sotu/<file>` and `moby-dick/<file>`.
+    Document ids are `sotu/<file>` and `moby-dick/<file>`; the evaluation sets are `sotu` (in domain) and `moby`.
     """
     text_dir = Path(text_dir).expanduser() if text_dir is not None else default_text_dir()
-    roles: dict[str, list[Document]] = {"training": [], "calibration": [], "in_domain": []}
+    roles: dict[str, list[Document]] = {"training": [], "calibration": [], SOTU_SET: []}
     for doc in _read_default_part(text_dir, SOTU_DIR):
         roles[_role_of_year(_speech_year(doc.id))].append(doc)
     book = _without_whole_book(_read_default_part(text_dir, MOBY_DICK_DIR))
     return CorpusSplit(
         calibration=tuple(roles["calibration"]),
         training=tuple(roles["training"]),
-        evaluation={"in_domain": tuple(roles["in_domain"]), "out_of_domain": tuple(book)},
+        evaluation={SOTU_SET: tuple(roles[SOTU_SET]), MOBY_SET: tuple(book)},
         rule=DEFAULT_RULE,
-        labels={"in_domain": f"State of the Union {EVALUATION_FROM_YEAR}+", "out_of_domain": "Moby-Dick"},
+        labels=EVALUATION_LABELS,
+        in_domain=IN_DOMAIN_SET,
     )
 
 
@@ -68,7 +75,7 @@ def _read_default_part(text_dir: Path, part: str) -> list[Document]:
 def _role_of_year(year: int) -> str:
     if year < CALIBRATION_FROM_YEAR:
         return "training"
-    return "calibration" if year < EVALUATION_FROM_YEAR else "in_domain"
+    return "calibration" if year < EVALUATION_FROM_YEAR else SOTU_SET
 
 
 def _speech_year(document_id: str) -> int:

@@ -25,8 +25,12 @@ from darwinlm.core.errors import DarwinLMError
 class CorpusSplit:
     """Calibration, training and named evaluation sets, disjoint by document id and by text content.
 
-    Lists passed in are stored as tuples. Construction fails (DarwinLMError) if a document id or a text appears in
-    two splits, or if calibration, training or any evaluation set is empty.
+    Each evaluation set is named by its text (the default corpus: "sotu", "moby"), and its figures by that name
+    (ppl_sotu). `in_domain` names the one set of the calibration text's own domain; every other set is out of
+    domain. It may be left out when there is one evaluation set. Lists passed in are stored as tuples, and the
+    in-domain set is put first in `evaluation` (the KL to the dense model is taken on the first set's windows).
+    Construction fails (DarwinLMError) if a document id or a text appears in two splits, if calibration, training
+    or any evaluation set is empty, or if `in_domain` names no evaluation set.
     """
 
     calibration: tuple[Document, ...]
@@ -35,13 +39,26 @@ class CorpusSplit:
     rule: str
     # What each evaluation set is, for tables and reports ("State of the Union 1990+"); not part of the digest.
     labels: dict[str, str] = field(default_factory=dict, compare=False)
+    # Which evaluation set is the calibration text's own domain (None: the only one; a name once built). Part
+    # of the digest: it decides what a report calls out of domain.
+    in_domain: str | None = None
     # sha256 of each document's text, by id: computed once for the disjointness check, reused by `digest`.
     _text_digests: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calibration", tuple(self.calibration))
         object.__setattr__(self, "training", tuple(self.training))
-        object.__setattr__(self, "evaluation", {name: tuple(docs) for name, docs in self.evaluation.items()})
+        in_domain = self.in_domain
+        if in_domain is None and len(self.evaluation) == 1:
+            in_domain = next(iter(self.evaluation))
+        if in_domain not in self.evaluation:
+            raise DarwinLMError(f"in_domain must name one of the evaluation sets {sorted(self.evaluation)}, not "
+                                f"{in_domain!r} ({self.rule})",
+                                "pass in_domain: the evaluation set of the calibration text's own domain")
+        object.__setattr__(self, "in_domain", in_domain)
+        ordered = {in_domain: self.evaluation[in_domain],
+                   **{name: docs for name, docs in self.evaluation.items() if name != in_domain}}
+        object.__setattr__(self, "evaluation", {name: tuple(docs) for name, docs in ordered.items()})
         for name, documents in self.named_splits().items():
             if not documents:
                 raise DarwinLMError(f"the {name} split is empty ({self.rule})", "give each split a document or more")
@@ -56,11 +73,18 @@ class CorpusSplit:
         named.update({f"evaluation/{name}": docs for name, docs in self.evaluation.items()})
         return named
 
+    @property
+    def out_of_domain(self) -> tuple[str, ...]:
+        """Every evaluation set but the in-domain one, in the split's order."""
+        return tuple(name for name in self.evaluation if name != self.in_domain)
+
     @cached_property
     def digest(self) -> str:
-        """sha256 hex over the rule and, per split, every document id with the sha256 of its text."""
+        """sha256 hex over the rule, the in-domain set's name and, per split, every document id with the sha256
+        of its text."""
         content = {
             "rule": self.rule,
+            "in_domain": self.in_domain,
             "splits": {
                 name: [[doc.id, self._text_digests[doc.id]] for doc in docs]
                 for name, docs in self.named_splits().items()
@@ -69,10 +93,12 @@ class CorpusSplit:
         return text_sha256(json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
 
     def describe(self) -> dict:
-        """JSON-able summary for manifests: rule, digest, and per split its size and a digest of its ids."""
+        """JSON-able summary for manifests: rule, digest, which evaluation set is in domain, per split its size
+        and a digest of its ids, and each evaluation set's label."""
         return {
             "rule": self.rule,
             "digest": self.digest,
+            "in_domain": self.in_domain,
             "calibration": _describe_documents(self.calibration),
             "training": _describe_documents(self.training),
             "evaluation": {name: _describe_documents(docs) for name, docs in sorted(self.evaluation.items())},
@@ -123,8 +149,9 @@ def split_documents(
     """Split a user's corpus by document: each goes where a seeded hash of its id falls in [0, 1).
 
     Hashing each id on its own (not shuffling the list) means adding documents never moves the others.
-    Identical texts are kept once (the first), so the splits are disjoint by content too. The evaluation set is
-    named "in_domain". Raises DarwinLMError if a split comes out empty.
+    Identical texts are kept once (the first), so the splits are disjoint by content too. The one evaluation set
+    is held out of the same text as calibration, so it is named "in_domain" (its figure: ppl_in_domain) and is
+    the split's in-domain set. Raises DarwinLMError if a split comes out empty.
     """
     _check_fractions(calibration_fraction, evaluation_fraction)
     unique, dropped = _drop_duplicate_texts(documents)
@@ -151,7 +178,7 @@ def split_documents(
     )
     labels = {"in_domain": f"held-out {source_name}" if source_name else "held-out documents"}
     return CorpusSplit(tuple(roles["calibration"]), tuple(roles["training"]),
-                       {"in_domain": tuple(roles["evaluation/in_domain"])}, rule, labels)
+                       {"in_domain": tuple(roles["evaluation/in_domain"])}, rule, labels, in_domain="in_domain")
 
 
 def _check_fractions(calibration_fraction: float, evaluation_fraction: float) -> None:

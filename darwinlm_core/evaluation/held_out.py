@@ -16,9 +16,9 @@ from darwinlm.core.search.fitness import CompactTeacher, compute_teacher, kl_per
 
 def evaluate(model, data: PreparedData, eval_teacher: CompactTeacher | None, batch_size: int = 4,
              progress: bool = False, split: str = TEST) -> dict:
-    """Held-out perplexity per evaluation set (`ppl_<set>`) with its standard error over windows
-    (`ppl_<set>_se`), and KL to the dense model on the in-domain windows (from the same forward pass as their
-    perplexity), all on the `split` windows: 'test' for reported results, 'validation' for anything that
+    """Held-out perplexity per evaluation set (`ppl_<set>`, the set named by its text: ppl_sotu) with its
+    standard error over windows (`ppl_<set>_se`), and KL to the dense model on the in-domain windows (the first
+    set's, CorpusSplit puts it first; from the same forward pass as their perplexity), all on the `split` windows: 'test' for reported results, 'validation' for anything that
     chooses. `windows` records what was read (PreparedData.windows_used)."""
     windows = data.eval_windows(split)
     kl_rows: list[float] = []
@@ -69,8 +69,8 @@ def _perplexities(model, windows_by_set: dict[str, torch.Tensor], batch_size: in
 
 
 def dense_eval_teacher(model, data: PreparedData, top_k: int, split: str = TEST) -> CompactTeacher:
-    """The dense model's compact log-probs on the first evaluation set's `split` windows, for the KL column of
-    evaluations on that split."""
+    """The dense model's compact log-probs on the first (the in-domain) evaluation set's `split` windows, for
+    the KL column of evaluations on that split."""
     return compute_teacher(model, next(iter(data.eval_windows(split).values())), top_k)
 
 
@@ -101,11 +101,17 @@ def zero_shot_scores(model, tokenizer, split: CorpusSplit, tasks: str, limit: in
     return results
 
 
-def evaluation_table(dense_row: dict, pruned_row: dict) -> dict:
+def evaluation_table(dense_row: dict, pruned_row: dict, split: CorpusSplit | None = None) -> dict:
     """{"dense", "pruned", "windows"}: the two models' rows, which must have read the same windows; the windows'
-    record sits beside them once, so the rows stay figures only (each is logged as metrics)."""
+    record sits beside them once, so the rows stay figures only (each is logged as metrics). With the `split`
+    they were measured on, also `labels` (evaluation set → what it is, in words) and `in_domain` (the set of the
+    calibration text's own domain), so that a table of `ppl_<set>` rows (a model card) needs nothing else."""
     dense_row, pruned_row = dict(dense_row), dict(pruned_row)
     windows = pruned_row.pop("windows")
     if dense_row.pop("windows", windows) != windows:
         raise ValueError(f"the dense and pruned evaluations read different windows: {windows}")
-    return {"dense": dense_row, "pruned": pruned_row, "windows": windows}
+    table = {"dense": dense_row, "pruned": pruned_row, "windows": windows}
+    if split is not None:
+        table["labels"] = {name: split.label(name) for name in split.evaluation}
+        table["in_domain"] = split.in_domain
+    return table

@@ -108,7 +108,7 @@ def greedy_continuation(model, tokenizer, prompt_ids: torch.Tensor, new_tokens: 
     return tokenizer.decode(output[0, prompt_ids.numel():], skip_special_tokens=True)
 
 
-# A figure's standard error sits beside it under the figure's key plus this suffix: ppl_in_domain_se, acc_<task>_se.
+# A figure's standard error sits beside it under the figure's key plus this suffix: ppl_sotu_se, acc_<task>_se.
 SE_SUFFIX = "_se"
 
 

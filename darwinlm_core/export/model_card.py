@@ -8,12 +8,11 @@ figures are known (the compress flow evaluates after exporting) without touching
 import json
 
 from darwinlm.core import uri_io
-from darwinlm.core.evaluation.metrics import with_se
+from darwinlm.core.evaluation.metrics import is_se_key, with_se
 
-_EVALUATION_LABELS = {"ppl_in_domain": "perplexity, in-domain held-out text",
-                      "ppl_out_of_domain": "perplexity, out-of-domain held-out text",
-                      "kl": "KL to the dense model per token", "zeroshot_acc": "zero-shot accuracy (mean)",
-                      "params": "parameters", "prefill_tokens_per_s": "prefill tokens/s (transformers, CPU)"}
+# The figures other than perplexities, which are one per evaluation set (`ppl_<set>`) and labelled by the set.
+_FIGURE_LABELS = {"kl": "KL to the dense model per token", "zeroshot_acc": "zero-shot accuracy (mean)",
+                  "params": "parameters", "prefill_tokens_per_s": "prefill tokens/s (transformers, CPU)"}
 
 
 def _widths_table(config: dict) -> list[str]:
@@ -32,7 +31,7 @@ def _evaluation_table(evaluation: dict | None) -> list[str]:
         return ["Not measured when this folder was written; `darwinlm evaluate --model THIS_FOLDER` measures "
                 "held-out perplexity."]
     lines = ["| metric | dense (before) | pruned (after) |", "|---|---|---|"]
-    for key, label in _EVALUATION_LABELS.items():
+    for key, label in _row_labels(evaluation).items():
         if key in evaluation["dense"] and key in evaluation["pruned"]:
             cells = [with_se(evaluation[side], key, ",.4g") for side in ("dense", "pruned")]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
@@ -41,6 +40,20 @@ def _evaluation_table(evaluation: dict | None) -> list[str]:
                          for name, used in evaluation["windows"]["sets"].items())
         lines += ["", f"Perplexities and KL on the {evaluation['windows']['split']} windows ({sets})."]
     return lines
+
+
+def _row_labels(evaluation: dict) -> dict[str, str]:
+    """Figure key → its row's label: a perplexity per evaluation set, named by the set's text and whether it is
+    the calibration text's own domain (from the evaluation's `labels` and `in_domain`, when it records them),
+    then the other figures."""
+    labels, in_domain = evaluation.get("labels", {}), evaluation.get("in_domain")
+    perplexities = {}
+    for key in evaluation["dense"]:
+        if key.startswith("ppl_") and not is_se_key(key):
+            name = key.removeprefix("ppl_")
+            domain = "" if in_domain is None else " (in domain)" if name == in_domain else " (out of domain)"
+            perplexities[key] = f"perplexity, {labels.get(name, name)}{domain}"
+    return {**perplexities, **_FIGURE_LABELS}
 
 
 def render_card(config: dict, info: dict, evaluation: dict | None = None) -> str:
