@@ -258,12 +258,11 @@ def main() -> None:
     model, tokenizer = load_model("smollm2")
     split = default_split()
     ids, calibration_digest = calibration_rows(split, tokenizer, args.rows, 512)
-    held_out = {name: held_out_windows(split.evaluation[name], tokenizer, 512, args.windows)
-                for name in ("in_domain", "out_of_domain")}
-    eval_windows = held_out["in_domain"].of(TEST)
+    # sotu (in domain) then moby: the default split's evaluation sets, each named by its text
+    held_out = {name: held_out_windows(docs, tokenizer, 512, args.windows) for name, docs in split.evaluation.items()}
+    eval_windows = held_out["sotu"].of(TEST)
     # The refit is measured on both held-out texts: on SOTU alone it looked harmful, while it helps on Moby-Dick.
-    moby_windows = held_out["out_of_domain"].of(TEST)
-    refit_windows = {"sotu": eval_windows, "moby": moby_windows}
+    refit_windows = {name: windows.of(TEST) for name, windows in held_out.items()}
     digest = model_digest(model)
     dense_bytes = sum(p.numel() for p in model.parameters()) * 4
     load_before = list(os.getloadavg())
@@ -293,7 +292,7 @@ def main() -> None:
         # falling as the pull overfits them), nor can the test windows, which report: the validation windows of
         # both held-out texts choose it (one perplexity over all of them), and every refit after the curve uses
         # the choice.
-        validation = torch.cat([held_out[name].of(VALIDATION) for name in ("in_domain", "out_of_domain")])
+        validation = torch.cat([windows.of(VALIDATION) for windows in held_out.values()])
         curve_windows = {**refit_windows, "calibration": ids[:16], "validation": validation}
         refit_curve = []
         for dense_weight in sorted({float(w) for w in args.refit_weights.split(",") if w} | {shipped_weight}):

@@ -173,7 +173,7 @@ def main() -> None:
     origin = provenance(config=vars(args), seeds={"calibration_sample": 0})
     model, tokenizer = load_model("smollm2")
     split, digest = default_split(), model_digest(model)
-    windows = tokenize_blocks(split.evaluation["in_domain"], tokenizer, 512,
+    windows = tokenize_blocks(split.evaluation[split.in_domain], tokenizer, 512,
                               max_blocks=max(args.reload_windows, args.prefill_batch))
     prompt = windows[:1, :16]
     database, build_s = build_database_timed(model, tokenizer, split, args.rows, digest)

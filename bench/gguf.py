@@ -148,8 +148,8 @@ def main() -> None:
     origin = provenance(config=vars(args), seeds={"calibration_sample": 0})
     dense, tokenizer = load_model("smollm2")
     split, digest = default_split(), model_digest(dense)
-    held_out = {"in_domain": held_out_windows(split.evaluation["in_domain"], tokenizer, 512, args.windows)}
-    windows = held_out["in_domain"].of(TEST)  # a reported figure: the test windows
+    held_out = {split.in_domain: held_out_windows(split.evaluation[split.in_domain], tokenizer, 512, args.windows)}
+    windows = held_out[split.in_domain].of(TEST)  # a reported figure: the test windows
     working, _ = load_model("smollm2")  # pruned in place when no demo export exists
     pruned, pruned_source, kept_fraction = _pruned_model(working, tokenizer, split, digest, args.rows)
     torch_ppl = {name: perplexity(model, windows) for name, model in (("dense", dense), ("pruned", pruned))}
@@ -179,7 +179,8 @@ def main() -> None:
         **{f"prefill_speedup_{quant}": ratio("prefill", quant) for quant in QUANTS[1:]},
         **{f"decode_speedup_{quant}": ratio("decode", quant) for quant in QUANTS[1:]},
         "torch_ppl": torch_ppl, "per_quant": per_quant,
-        "eval": {"windows": int(windows.shape[0]), "seq_len": 512, "set": "in_domain (State of the Union 1990 on)"},
+        "eval": {"windows": int(windows.shape[0]), "seq_len": 512,
+                 "set": f"{split.in_domain} ({split.label(split.in_domain)})"},
         "windows": windows_used(held_out, TEST),
         "load_average_during_timing": [load_before[0], os.getloadavg()[0]],
         "run_s": time.perf_counter() - started,

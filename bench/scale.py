@@ -114,7 +114,7 @@ def latency_budget(generations: int, fraction: float) -> dict:
     search = Search(assembly, teacher, data.train_ids, search_config, progress=True)
     levels = search.genome(search.run()).assignment()
     predicted = predicted_speedup(table, levels)
-    ids = data.eval_windows("test")["in_domain"][:1]
+    ids = data.eval_windows("test")[data.split.in_domain][:1]
     assignments = {"dense": {key: 0 for key in levels}, "pruned": levels}
     with torch.no_grad():  # each swap is followed by an untimed warm-up forward
         seconds = interleaved_medians(

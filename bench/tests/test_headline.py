@@ -5,15 +5,21 @@ import pytest
 from bench import headline
 
 
-def test_text_figures_name_each_evaluation_set_by_its_text():
-    scores = {"ppl_in_domain": 40.0, "ppl_in_domain_se": 1.5, "ppl_out_of_domain": 120.0,
-              "ppl_out_of_domain_se": 6.0, "kl": 0.4}
+def test_text_figures_keep_the_core_s_names_of_each_text():
+    scores = {"ppl_sotu": 40.0, "ppl_sotu_se": 1.5, "ppl_moby": 120.0, "ppl_moby_se": 6.0, "kl": 0.4,
+              "windows": {"split": "test"}}
     assert headline.text_figures(scores) == {"ppl_sotu": 40.0, "ppl_sotu_se": 1.5, "ppl_moby": 120.0,
                                              "ppl_moby_se": 6.0}
     assert headline.text_figures(scores, "_posttrained") == {
         "ppl_sotu_posttrained": 40.0, "ppl_sotu_posttrained_se": 1.5, "ppl_moby_posttrained": 120.0,
         "ppl_moby_posttrained_se": 6.0}
-    assert headline.OOD_TEXTS[0] == "moby" and set(headline.OOD_TEXTS) <= set(headline.TEXTS)
+
+
+def test_the_out_of_domain_texts_are_the_default_split_s():
+    from darwinlm.core.data.default_corpus import EVALUATION_LABELS, IN_DOMAIN_SET
+
+    assert headline.OOD_TEXTS == ["moby"] and IN_DOMAIN_SET == "sotu"
+    assert set(EVALUATION_LABELS) == {IN_DOMAIN_SET, *headline.OOD_TEXTS}
 
 
 def test_a_seeded_row_is_the_mean_with_its_spread_and_keeps_every_seed():
