@@ -139,6 +139,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(handler=_worker)
 
+    promote = commands.add_parser(
+        "promote", help="point a registered model's current-<percent> alias at a version, by hand",
+        description="A compression moves `current-<percent removed>` only to a version that beats its holder on the "
+        "same held-out windows; this moves it to VERSION whatever the figures say (say, after comparing versions "
+        "measured on different text). The alias is the version's fraction's unless --alias names one.")
+    promote.add_argument("name", help="the registered model, e.g. smollm2-pruned")
+    promote.add_argument("version", help="its version number")
+    promote.add_argument("--alias", default=None, help="the alias to move (default: current-<percent removed>)")
+    promote.set_defaults(handler=_promote)
+
     export = commands.add_parser(
         "export",
         help="write a pruned model as a Hugging Face folder or a GGUF file for llama.cpp",
@@ -201,6 +211,16 @@ def _mlflow_ui(args) -> None:
     from darwinlm.tasks.tracking import mlflow_ui_arguments
 
     _run_tool("mlflow", *mlflow_ui_arguments(args.port))
+
+
+def _promote(args) -> None:
+    from mlflow import MlflowClient
+
+    from darwinlm.tasks.registry import promote
+    from darwinlm.tasks.tracking import tracking_uri
+
+    decision = promote(MlflowClient(tracking_uri=tracking_uri()), args.name, args.version, args.alias)
+    print(f"{args.name}@{decision.alias} is version {args.version}: {decision.reason}")
 
 
 def _worker(_args) -> None:

@@ -44,6 +44,9 @@ class CompressParameters(BaseModel):
     settings: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="any other preset option by its dotted name, e.g. "
         "{\"search.accept_z\": 0.5, \"post_train.refit\": false}")
+    role: Literal["ablation"] | None = Field(
+        None, description="ablation: register the model with role `ablation`, never as current-<percent> (a run "
+        "with 0 generations registers as a baseline either way)")
     store: str | None = Field(None, description="artifact root (path or s3://...); default: the data home")
     dask_workers: int = Field(0, ge=0, description="evaluate offspring on a local Dask cluster of this many "
                               "worker processes (0: in the flow's process); the genome does not change")

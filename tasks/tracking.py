@@ -2,20 +2,23 @@
 
 Runs are addressed by id through MlflowClient rather than mlflow's thread-local "active run", because Prefect
 may run tasks on worker threads. The default store is sqlite under the data home; MLFLOW_TRACKING_URI wins.
-MLflow reserves the alias `latest`, so the newest pruned version of a base model carries the alias `current`.
+Which registered version a user gets (the `current-<percent>` aliases) is tasks.registry's.
 """
 
 import json
 import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+from darwinlm.core import __version__
 from darwinlm.core.home import data_home
 from darwinlm.tasks.refs import GenomeRef
+from darwinlm.tasks.registry import log_text_generation_model
 
 EXPERIMENT = "darwinlm"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-CURRENT_ALIAS = "current"
 
 
 def tracking_uri() -> str:
@@ -73,6 +76,20 @@ class Tracker:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.client.log_metric(run_id, key, float(value), step=step or 0)
 
+    def tags(self, run_id: str, values: dict) -> None:
+        for key, value in values.items():
+            if value is not None:
+                self.client.set_tag(run_id, key, str(value)[:5000])
+
+    def curve(self, run_id: str, key: str, values: list[float]) -> None:
+        """`values` as one metric's history, step 0 on (a loss per training step), in one request."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), stamp, step) for step, value in enumerate(values)]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -93,31 +110,151 @@ class Tracker:
         wanted = {k: str(v) for k, v in tags.items()}
         for version in self.client.search_model_versions(f"name='{name}'"):
             if all(version.tags.get(k) == v for k, v in wanted.items()):
-                self.client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
-                return version.version
+                return str(version.version)
         return None
 
     def register(self, run_id: str, model_dir: str, name: str, tags: dict, description: str | None = None) -> str:
-        """Log the exported folder as the run's `model` artifact and register it, with a description of what
-        it is; returns the version."""
+        """Log the exported folder as the run's MLflow model (`model`: a pyfunc text generator that loads where
+        darwinlm is not installed, see tasks.registry) and register it, with a description of what it is;
+        returns the version. No alias moves here: that is registry.offer_alias's decision."""
         from mlflow.exceptions import MlflowException
 
-        self.client.log_artifacts(run_id, model_dir, "model")
+        source = log_text_generation_model(self.client, run_id, model_dir)
         try:
             self.client.create_registered_model(name, tags={"darwinlm": "pruned"})
         except MlflowException:
             pass  # registered by an earlier compression of the same base model
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         version = self.client.create_model_version(name, source=source, run_id=run_id, description=description,
                                                    tags={k: str(v) for k, v in tags.items()})
-        self.client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
-        return version.version
+        return str(version.version)  # MLflow 3 gives an int here, a str elsewhere
 
     def add_gguf(self, name: str, version: str, run_id: str, gguf_path: str) -> None:
         """Log the GGUF file under the run's `gguf/` artifacts and point the model version at it (tag `gguf`)."""
         self.client.log_artifact(run_id, gguf_path, "gguf")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/gguf/{Path(gguf_path).name}"
         self.client.set_model_version_tag(name, version, "gguf", source)
+
+
+def provenance(config) -> dict:
+    """What every run of a compression records about where it ran: the code (git commit, when darwinlm runs
+    from a git checkout, and whether that had uncommitted changes; darwinlm's version), the text `data.text`
+    resolved (None means the default corpus: its pinned packages and folder) and the device `auto` became."""
+    from darwinlm.core.model.loading import resolve_device
+
+    commit, dirty = git_commit()
+    tags = {"git_commit": commit or "none (not a git checkout)", "darwinlm_version": __version__,
+            "text_source": text_source(config.data.text), "device": resolve_device(config.device)}
+    if commit is not None:
+        tags["mlflow.source.git.commit"] = commit  # MLflow's own tag: its run page shows it
+        tags["git_dirty"] = str(dirty).lower()
+    return tags
+
+
+def git_commit() -> tuple[str | None, bool]:
+    """(HEAD of the git checkout darwinlm runs from, whether tracked files differ from it); (None, False) for an
+    installed copy or a machine without git."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None, False
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, False
+    if head.returncode != 0:
+        return None, False
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def text_source(text: str | None) -> str:
+    """What `data.text` means: the user's source as given, or for None the default corpus's pinned packages."""
+    if text is not None:
+        return text
+    from darwinlm.core.data.default_corpus import TEXT_PACKAGES
+    from darwinlm.core.home import default_text_dir
+
+    return f"default corpus: {' + '.join(TEXT_PACKAGES)} (unpacked at {default_text_dir()})"
+
+
+def resolved_params(config) -> dict:
+    """The config as MLflow params, with what `auto` and None resolved to in this run (config.yaml keeps the
+    options as given, which is what reproduces the run on another machine)."""
+    from darwinlm.core.model.loading import resolve_device, resolve_dtype
+
+    params = flat_params(config.to_dict())
+    device = resolve_device(config.device)
+    params.update({"device": device, "dtype": resolve_dtype(config.dtype, device),
+                   "data.text": text_source(config.data.text)})
+    return params
+
+
+def run_title(preset: str, config) -> str:
+    """A compress run's name, saying what tells it from its neighbours in MLflow's run list."""
+    search = config.search
+    return (f"{Path(preset).stem} · {config.model.rstrip('/').split('/')[-1]} −{search.fraction_removed:.0%} · "
+            f"{search.generations} generations · seed {search.seed}")
+
+
+def record_database(tracker: "Tracker", run_id: str, database_ref, built: bool) -> None:
+    """The database stage's run: which database (digest, URI), whether this run built it or found it, its size
+    in modules and levels, and the per-layer pruning error plot."""
+    from darwinlm.core.database.store import Database
+
+    manifest = Database.open(database_ref.uri).manifest
+    modules = manifest["modules"]
+    tracker.tags(run_id, {"database_digest": database_ref.digest, "database_uri": database_ref.uri,
+                          "built_by_this_run": str(built).lower()})
+    tracker.metrics(run_id, {"modules": len(modules), "levels": sum(len(m["levels"]) for m in modules),
+                             "max_levels_per_module": max((len(m["levels"]) for m in modules), default=0)})
+    tracker.figure(run_id, database_error_plot(manifest), "error_per_layer.png")
+
+
+def database_error_plot(manifest: dict):
+    """Per layer and module kind, the stored pruning error at the level nearest half the units removed: where
+    the search will find it cheap or dear to prune."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(8, 3))
+    for kind, label in (("attn", "attention, half the heads removed"), ("mlp", "MLP, half the channels removed")):
+        points = []
+        for module in sorted((m for m in manifest["modules"] if m["kind"] == kind), key=lambda m: m["layer"]):
+            half = min(module["levels"], key=lambda level: abs(level["units_removed"] - module["n_units"] / 2))
+            points.append((module["layer"], half.get("error", float("nan"))))
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label)
+    axis.set(xlabel="layer", ylabel="stored relative error", title="Pruning error per layer (database)")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    return figure
+
+
+def record_refit(tracker: "Tracker", run_id: str, refit_ref) -> None:
+    """The refit stage's run: mean relative output error of the winner's modules before and after the refit."""
+    tracker.metrics(run_id, {"error_before": refit_ref.error_before, "error_after": refit_ref.error_after})
+    tracker.tags(run_id, {"refit_uri": refit_ref.uri})
+
+
+def record_post_train(tracker: "Tracker", run_id: str, model_ref) -> None:
+    """The post-training stage's run: its loss per step (kept in the export's darwinlm.json) and the export."""
+    from darwinlm.core import uri_io
+
+    info = json.loads(uri_io.read_bytes(uri_io.join(model_ref.uri, "darwinlm.json")))
+    tracker.curve(run_id, "loss", info.get("post_train_losses") or [])
+    tracker.tags(run_id, {"model_uri": model_ref.uri, "genome_digest": info.get("genome"),
+                          "database_digest": info.get("database"), "refit": info.get("refit")})
+
+
+def record_evaluation(tracker: "Tracker", run_id: str, evaluation: dict, model_ref) -> None:
+    """The evaluation stage's run: every dense and pruned figure, and which held-out windows they read."""
+    for name in ("dense", "pruned"):
+        tracker.metrics(run_id, {f"{name}_{key}": value for key, value in evaluation[name].items()})
+    windows = evaluation.get("windows") or {}
+    tracker.tags(run_id, {"model_uri": model_ref.uri, "windows_split": windows.get("split"),
+                          "windows_protocol": windows.get("protocol"), "in_domain": evaluation.get("in_domain")})
 
 
 def flat_params(values: dict, prefix: str = "") -> dict:

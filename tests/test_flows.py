@@ -77,9 +77,13 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert sample["pruned"] == greedy_continuation(pruned.eval(), tokenizer, prompt)
 
     client = MlflowClient()
-    version = client.get_model_version_by_alias(summary["registered_model"], "current")
-    for tag in ("base_model_digest", "database_digest", "split_digest", "search_run", "config_digest"):
+    assert summary["alias"]["alias"] == "current-50" and summary["alias"]["alias_moved"]  # the first candidate
+    version = client.get_model_version_by_alias(summary["registered_model"], "current-50")
+    for tag in ("base_model_digest", "database_digest", "split_digest", "search_run", "config_digest",
+                "held_out_ppl", "held_out_windows", "fraction_removed", "preset", "generations", "seed"):
         assert version.tags[tag]
+    assert version.tags["role"] == "candidate"
+    _assert_child_runs_carry_their_work(client, summary, version)
     search_run = client.get_run(version.tags["search_run"])
     assert search_run.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
     # MLflow shows what the search recorded, generation by generation, at the right step: compare with its state
@@ -120,15 +124,46 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     _assert_prefect_artifacts(summary)
     import mlflow.artifacts
 
-    registered = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{summary['registered_model']}@current",
-                                                     dst_path=str(workspace / "from-registry"))
-    from_registry = AutoModelForCausalLM.from_pretrained(registered)  # the registry's copy loads and runs
+    registered = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{summary['registered_model']}@current-50", dst_path=str(workspace / "from-registry"))
+    import yaml
+
+    # an MLflow model (its loading: tests/test_registry.py), holding the export, which loads and runs
+    flavour = yaml.safe_load((Path(registered) / "MLmodel").read_text())["flavors"]["python_function"]
+    from_registry = AutoModelForCausalLM.from_pretrained(Path(registered) / flavour["artifacts"]["hf_model"]["path"])
     assert sum(p.numel() for p in from_registry.parameters()) == summary["evaluation"]["pruned"]["params"]
     metadata = json.loads((workspace / "store").joinpath(
         summary["model_uri"].split("store/")[1], "darwinlm.json").read_text())
     assert metadata["database"] == summary["database"]["digest"]
     assert metadata["refit"] is True and (Path(summary["run_uri"]) / "refit.safetensors").is_file()
     assert json.loads((Path(summary["run_uri"]) / "refit.json").read_text())["error_after"] >= 0
+
+
+def _assert_child_runs_carry_their_work(client, summary: dict, version) -> None:
+    """Every run of the compression names its code, version, text and device; each stage's run holds what that
+    stage did, and the digests that link it to the others."""
+    from darwinlm.core import __version__
+
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = {run.info.run_name: run for run in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(children) >= {"database", "search", "refit", "post_train", "evaluate", "register"}
+    for run in (parent, *children.values()):
+        tags = run.data.tags
+        assert tags["darwinlm_version"] == __version__ and tags["git_commit"] and tags["device"] in ("cpu", "cuda")
+        assert tags["split_digest"] == version.tags["split_digest"]
+    assert parent.data.params["device"] in ("cpu", "cuda") and parent.data.params["data.text"] != "None"
+    title = parent.info.run_name  # what tells it from its neighbours: preset, fraction, generations, seed
+    assert Path(version.tags["preset"]).stem in title and "−50%" in title
+    assert f"{version.tags['generations']} generations" in title and f"seed {version.tags['seed']}" in title
+    database = children["database"]
+    assert database.data.tags["database_digest"] == summary["database"]["digest"]
+    assert database.data.metrics["levels"] > 0 and "wall_s" in database.data.metrics
+    assert {"error_before", "error_after"} <= set(children["refit"].data.metrics)
+    losses = client.get_metric_history(children["post_train"].info.run_id, "loss")
+    assert len(losses) > 1 and children["post_train"].data.tags["database_digest"] == summary["database"]["digest"]
+    assert children["evaluate"].data.metrics["pruned_kl"] == pytest.approx(summary["evaluation"]["pruned"]["kl"])
+    assert children["register"].data.tags["registered_version"] == str(summary["registered_version"])
 
 
 def assert_loads_as_evaluated(summary: dict) -> None:
@@ -361,8 +396,10 @@ def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace,
     preset = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
     preset["post_train"]["refit"] = False
     (workspace / "no-refit.yaml").write_text(yaml.safe_dump(preset))
+    import darwinlm.core.compression as compression
+
     monkeypatch.setattr(stages, "Search", lambda *a, **k: pytest.fail("no generation needs a live search"))
-    monkeypatch.setattr(stages, "refit_genome", lambda *a, **k: pytest.fail("the refit is turned off"))
+    monkeypatch.setattr(compression, "refit_genome", lambda *a, **k: pytest.fail("the refit is turned off"))
     summary = compress(parameters(workspace).model_copy(update={
         "generations": 0, "start": "uniform", "preset_file": str(workspace / "no-refit.yaml")}))
     genome = json.loads((Path(summary["run_uri"]) / "genome.json").read_text())
@@ -373,6 +410,17 @@ def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace,
     metadata = json.loads((workspace / "store").joinpath(
         summary["model_uri"].split("store/")[1], "darwinlm.json").read_text())
     assert metadata["refit"] is False
+    # a baseline registers as one and leaves current-50 alone (here: to nobody)
+    assert summary["alias"]["alias_moved"] is False and "baseline" in summary["alias"]["alias_decision"]
+    version = MlflowClient().get_model_version(summary["registered_model"], summary["registered_version"])
+    assert version.tags["role"] == "baseline" and not version.aliases
+    _assert_prefect_artifacts(summary)  # its own artifacts, not the searched run's: "0 of 0 generations" no more
+    import mlflow.pyfunc
+
+    # the baseline's version is an MLflow model too (loading it where darwinlm is absent: tests/test_registry.py)
+    model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}/{summary['registered_version']}")
+    [text] = model.predict(["a b c"], params={"max_new_tokens": 3})
+    assert text.startswith("a")
 
 
 def _assert_prefect_artifacts(summary: dict) -> None:
@@ -380,10 +428,11 @@ def _assert_prefect_artifacts(summary: dict) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from darwinlm.flows.artifacts import artifact_key
+    from darwinlm.flows.artifacts import artifact_key, run_prefix
 
-    base = summary["registered_model"].removesuffix("-pruned")  # artifacts are keyed by the base model's name
-    keys = [artifact_key(base, name) for name in ("search-progress", "compression-summary", "mlflow-run",
+    base = summary["registered_model"].removesuffix("-pruned")  # keyed by the base model's name and the run's digest
+    prefix = run_prefix(base, summary["config_digest"])
+    keys = [artifact_key(prefix, name) for name in ("search-progress", "compression-summary", "mlflow-run",
                                                   "registered-model")]
     with get_client(sync_client=True) as client:
         found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
@@ -391,3 +440,6 @@ def _assert_prefect_artifacts(summary: dict) -> None:
     assert set(by_key) == set(keys)
     assert float(by_key[keys[0]].data) == pytest.approx(100.0)
     assert summary["mlflow_run_id"] in str(by_key[keys[2]].data)
+    with get_client(sync_client=True) as client:  # the progress sits on the compress run, named as its MLflow run
+        compress_run = client.read_flow_run(by_key[keys[0]].flow_run_id)
+    assert "generations · seed" in compress_run.name

