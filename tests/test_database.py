@@ -20,11 +20,13 @@ from darwinlm.core.database.store import Database, DatabaseBuilder, DatabaseConf
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.model.pruned import ZeroAttention, ZeroMLP
-from tests.support.tiny_models import TINY_FAMILIES, random_token_rows, tiny_model
+from tests.support.tiny_models import PLAIN_LADDERS, TINY_FAMILIES, random_token_rows, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)
 GQA_MODES = ["query_heads", "kv_groups"]
-STEPS = 4  # tiny models: 4 query heads, 96 MLP channels → levels 0..4 for both kinds
+# tiny models: 4 query heads, 96 MLP channels → levels 0..4 for both kinds, with the plain ladders these tests are
+# written for (aligned ladders: tests/test_ladders.py)
+STEPS = 4
 CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
 EVAL_ROWS = random_token_rows(128, rows=3, seq_len=20, seed=2)
 
@@ -44,7 +46,7 @@ def db_cache(tmp_path_factory):
             model = tiny_model(family, gqa=gqa, seed=seed)
             built[key] = build_database(
                 model, CALIBRATION, str(base), calibration_digest="tiny-calibration",
-                config=DatabaseConfig(level_steps=STEPS, gqa_mode=gqa_mode),
+                config=DatabaseConfig(**PLAIN_LADDERS, level_steps=STEPS, gqa_mode=gqa_mode),
             )
         return tiny_model(family, gqa=gqa, seed=seed), built[key]
 
@@ -239,7 +241,7 @@ def _all_levels(db: Database):
 
 def test_round_trip_local_and_s3(tmp_path, s3_endpoint):
     model = tiny_model("qwen2", seed=3)
-    config = DatabaseConfig(level_steps=3, gqa_mode="kv_groups")
+    config = DatabaseConfig(**PLAIN_LADDERS, level_steps=3, gqa_mode="kv_groups")
     local = build_database(model, CALIBRATION, str(tmp_path / "dbs"), calibration_digest="c", config=config)
     remote = build_database(model, CALIBRATION, "s3://darwinlm/dbs", calibration_digest="c", config=config)
     assert remote.root.startswith("s3://darwinlm/dbs/")
@@ -282,7 +284,7 @@ def test_rebuild_reuses_and_partial_build_resumes(tmp_path, monkeypatch):
     model = tiny_model("llama", seed=4)
     digest = model_digest(model)
     build = lambda: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
-                                   config=DatabaseConfig(level_steps=3), base_model_digest=digest)
+                                   config=DatabaseConfig(**PLAIN_LADDERS, level_steps=3), base_model_digest=digest)
     db = build()
     before = _files(db.root)
     assert not any(".tmp-" in name for name in before)  # atomic writes leave no temporaries
@@ -319,7 +321,7 @@ def test_builder_resumes_at_any_layer_in_a_new_process_and_refuses_gaps(tmp_path
     """What the per-layer Prefect tasks rely on: a fresh builder (a new process after a crash) continues at
     layer i by walking the dense blocks before it, and gives the same bytes as an uninterrupted build."""
     model = tiny_model("llama", seed=4)
-    config = DatabaseConfig(level_steps=3)
+    config = DatabaseConfig(**PLAIN_LADDERS, level_steps=3)
     reference = build_database(model, CALIBRATION, str(tmp_path / "a"), calibration_digest="c", config=config)
     builder = lambda: DatabaseBuilder(model, CALIBRATION, str(tmp_path / "b"), calibration_digest="c",  # noqa: E731
                                       config=config)
@@ -377,7 +379,7 @@ def test_overlapped_build_writes_the_bytes_of_a_sequential_one(tmp_path, monkeyp
     """The OBS of layer i runs in a worker while the driver walks layer i+1; the shards, records and manifest
     are byte for byte those of the sequential build."""
     model = tiny_model(family, seed=5)
-    config = DatabaseConfig(level_steps=STEPS)
+    config = DatabaseConfig(**PLAIN_LADDERS, level_steps=STEPS)
     sequential = build_database(model, CALIBRATION, str(tmp_path / "sequential"), calibration_digest="c",
                                 config=config, overlap=False)
     events = []
@@ -408,7 +410,7 @@ def test_a_crash_in_an_overlapped_build_leaves_whole_layers_and_resumes_to_the_s
     """A failure while layer 1 is pruned (its Hessians were collected ahead, layer 2's walk overlapped it)
     leaves layer 0 written and nothing of layer 1's record; a new build resumes to the bytes of a clean one."""
     model = tiny_model("llama", seed=6)
-    config = DatabaseConfig(level_steps=STEPS)
+    config = DatabaseConfig(**PLAIN_LADDERS, level_steps=STEPS)
     clean = build_database(model, CALIBRATION, str(tmp_path / "clean"), calibration_digest="c", config=config)
     original_prune = database_module._prune_module
     calls = []
@@ -445,7 +447,7 @@ def test_gqa_cost_aware_empties_kv_groups_sooner_and_leaves_mlp_bit_identical(tm
     makes that level cheaper. MLP levels are the plain ones, byte for byte."""
     model = tiny_model("llama", seed=0)
     build = lambda **option: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
-                                            config=DatabaseConfig(level_steps=STEPS, **option))
+                                            config=DatabaseConfig(**PLAIN_LADDERS, level_steps=STEPS, **option))
     plain, aware = build(gqa_cost_aware=False), build(gqa_cost_aware=True)
     assert aware.root != plain.root  # a distinct database
     assert aware.manifest["config"]["gqa_cost_aware"] is True and aware.config.gqa_cost_aware
@@ -466,7 +468,8 @@ def test_gqa_cost_aware_does_not_change_kv_groups(tmp_path):
     """Whole KV groups all cost the same, so the option has nothing to rank by there: same shards."""
     model = tiny_model("llama", seed=0)
     build = lambda **option: build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",  # noqa: E731
-                                            config=DatabaseConfig(level_steps=STEPS, gqa_mode="kv_groups", **option))
+                                            config=DatabaseConfig(**PLAIN_LADDERS, level_steps=STEPS,
+                                                                  gqa_mode="kv_groups", **option))
     plain, aware = build(gqa_cost_aware=False), build(gqa_cost_aware=True)
     assert aware.root != plain.root
     assert _shards(aware.root, "attn") == _shards(plain.root, "attn")
@@ -479,7 +482,8 @@ def test_databases_from_before_gqa_cost_aware_keep_their_address_and_open(tmp_pa
     model = tiny_model("llama", seed=5)
     digest = model_digest(model)
     db = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c",
-                        config=DatabaseConfig(level_steps=2, gqa_cost_aware=False), base_model_digest=digest)
+                        config=DatabaseConfig(**PLAIN_LADDERS, level_steps=2, gqa_cost_aware=False),
+                        base_model_digest=digest)
     old_fields = {"level_steps": 2, "relative_damping": 0.01, "gqa_mode": "query_heads", "storage_dtype": "float16"}
     old_key = json.dumps([digest, "c", old_fields, database_module.code_version()], sort_keys=True)
     assert db.digest == hashlib.sha256(old_key.encode()).hexdigest()[:16]
@@ -488,7 +492,7 @@ def test_databases_from_before_gqa_cost_aware_keep_their_address_and_open(tmp_pa
     del manifest["config"]["gqa_cost_aware"]
     manifest_path.write_text(json.dumps(manifest))
     reopened = Database.open(db.root)
-    assert reopened.config == DatabaseConfig(level_steps=2, gqa_cost_aware=False)
+    assert reopened.config == DatabaseConfig(**PLAIN_LADDERS, level_steps=2, gqa_cost_aware=False)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -581,7 +585,7 @@ def test_database_of_another_code_version_is_refused(db_copy, monkeypatch):
 
 def test_new_code_version_builds_a_new_database(tmp_path, monkeypatch):
     model = tiny_model("llama", seed=5)
-    config = DatabaseConfig(level_steps=2)
+    config = DatabaseConfig(**PLAIN_LADDERS, level_steps=2)
     first = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c", config=config)
     monkeypatch.setattr(darwinlm.core, "__version__", "99.0.0")
     second = build_database(model, CALIBRATION, str(tmp_path), calibration_digest="c", config=config)

@@ -20,7 +20,8 @@ from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.export.gguf import GGUF_QUANTS, even_groups, export_gguf
 from darwinlm.core.model.pruned import ZeroAttention, ZeroMLP
-from tests.support.tiny_models import TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
+from tests.support.tiny_models import (PLAIN_LADDERS, TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model,
+                                      tiny_tokenizer)
 
 F32_TOLERANCE, F16_TOLERANCE, Q8_PPL_TOLERANCE, Q4_PPL_TOLERANCE = 1e-4, 2e-2, 0.01, 0.10
 
@@ -28,11 +29,12 @@ F32_TOLERANCE, F16_TOLERANCE, Q8_PPL_TOLERANCE, Q4_PPL_TOLERANCE = 1e-4, 2e-2, 0
 def pruned_tiny(family: str, database_dir):
     """A 5-layer tiny model of `family` pruned in every way llama.cpp must express:
     layer 0 attention removed + MLP pruned; layer 1 query heads uneven over KV heads (3 of 4 on 2) + MLP
-    pruned; layer 2 MLP removed; layers 3 and 4 (the last) removed entirely."""
+    pruned; layer 2 MLP removed; layers 3 and 4 (the last) removed entirely. The plain ladders: uneven groups and
+    unaligned widths must still export (aligned ladders: tests/test_ladders.py)."""
     model = tiny_model(family, vocab_size=TINY_BPE_VOCAB, num_hidden_layers=5)
     rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
     database = build_database(model, rows, str(database_dir), calibration_digest="tiny",
-                              config=DatabaseConfig(storage_dtype="float32"))
+                              config=DatabaseConfig(storage_dtype="float32", **PLAIN_LADDERS))
     top = lambda layer, kind: database.num_levels(layer, kind) - 1  # noqa: E731
     levels = {(0, "attn"): top(0, "attn"), (0, "mlp"): 3, (1, "attn"): 1, (1, "mlp"): 5,
               (2, "mlp"): top(2, "mlp"),

@@ -13,7 +13,7 @@ from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.search.genome import module_keys
 from darwinlm.core.database.refit import InputMoments, RefitDatabase, RefitResult, fit_kept, refit_genome
 from darwinlm.core.errors import DarwinLMError
-from tests.support.tiny_models import random_token_rows, tiny_model
+from tests.support.tiny_models import PLAIN_LADDERS, random_token_rows, tiny_model
 
 CALIBRATION = random_token_rows(128, rows=8, seq_len=32, seed=1)
 STEPS = 4
@@ -28,7 +28,8 @@ def built(tmp_path_factory):
     """{gqa_mode: database} of one tiny GQA llama (float32 storage: the comparisons below are then exact)."""
     base = tmp_path_factory.mktemp("refit")
     return {mode: build_database(tiny_model("llama", seed=3), CALIBRATION, str(base), calibration_digest="c",
-                                 config=DatabaseConfig(level_steps=STEPS, gqa_mode=mode, storage_dtype="float32"))
+                                 config=DatabaseConfig(level_steps=STEPS, gqa_mode=mode, storage_dtype="float32",
+                                                        **PLAIN_LADDERS))
             for mode in ("query_heads", "kv_groups")}
 
 
@@ -205,12 +206,13 @@ def test_reselect_ranks_units_as_the_database_build_did(tmp_path, monkeypatch, a
     from darwinlm.core.database import refit as refit_module
 
     database = build_database(tiny_model("llama", seed=3), CALIBRATION, str(tmp_path), calibration_digest="c",
-                              config=DatabaseConfig(level_steps=STEPS, gqa_cost_aware=aware, storage_dtype="float32"))
+                              config=DatabaseConfig(level_steps=STEPS, gqa_cost_aware=aware, storage_dtype="float32",
+                                                    **PLAIN_LADDERS))
     ranked_by, original = [], refit_module.greedy_prune
 
-    def recording(weight, hinv, unit_size, snapshots, params_freed=None):
+    def recording(weight, hinv, unit_size, snapshots, params_freed=None, eligible=None):
         ranked_by.append((unit_size, params_freed))
-        return original(weight, hinv, unit_size, snapshots, params_freed)
+        return original(weight, hinv, unit_size, snapshots, params_freed, eligible)
 
     monkeypatch.setattr(refit_module, "greedy_prune", recording)
     levels = {key: 2 for key in module_keys(database)}

@@ -13,7 +13,7 @@ from darwinlm.core.search.finetune import FinetuneConfig, finetune
 from darwinlm.core.search.fitness import compute_teacher, exact_kl_per_token, kl_per_token
 from darwinlm.core.search.genome import Budget, budget_neutral_switch, mutate, offspring
 from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig, paired_z
-from tests.support.tiny_models import random_token_rows, tiny_model
+from tests.support.tiny_models import PLAIN_LADDERS, random_token_rows, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -24,7 +24,7 @@ def tiny_database(tmp_path_factory):
     model = tiny_model("llama", num_hidden_layers=4)
     rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
     return build_database(model, rows, str(tmp_path_factory.mktemp("db")), calibration_digest="tiny",
-                          config=DatabaseConfig(storage_dtype="float32"))
+                          config=DatabaseConfig(storage_dtype="float32", **PLAIN_LADDERS))
 
 
 @pytest.fixture
@@ -62,7 +62,8 @@ def test_kl_of_a_model_to_itself_is_zero_and_compact_kl_matches_exact(tmp_path):
     rows = random_token_rows(model.config.vocab_size, rows=4, seq_len=16, seed=5)
     teacher = compute_teacher(model, rows, top_k=64)
     assert abs(kl_per_token(model, teacher)) < 1e-6
-    database = build_database(model, rows, str(tmp_path), calibration_digest="tiny")
+    database = build_database(model, rows, str(tmp_path), calibration_digest="tiny",
+                              config=DatabaseConfig(**PLAIN_LADDERS))
     with torch.no_grad():
         dense_logits = model(rows).logits
     LiveAssembly(model, database).apply({(0, "mlp"): 5, (1, "attn"): 2, (2, "mlp"): 8})

@@ -104,14 +104,14 @@ def test_planted_importance_is_kept_by_the_start_and_the_search(tmp_path):
     from darwinlm.core.search.genome import Genome
     from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
     from darwinlm.core.search.start import database_errors
-    from tests.support.tiny_models import random_token_rows
+    from tests.support.tiny_models import PLAIN_LADDERS, random_token_rows
 
     torch.set_num_threads(1)
     critical = 2
     model = _planted_model(critical)
     calibration = random_token_rows(model.config.vocab_size, rows=16, seq_len=32, seed=0)
     database = build_database(model, calibration, str(tmp_path), calibration_digest="planted",
-                              config=DatabaseConfig(storage_dtype="float32"))
+                              config=DatabaseConfig(storage_dtype="float32", **PLAIN_LADDERS))
     pool = compute_teacher(model, random_token_rows(model.config.vocab_size, rows=12, seq_len=32, seed=1), top_k=64)
     held_out = compute_teacher(model, random_token_rows(model.config.vocab_size, rows=8, seq_len=32, seed=2), top_k=64)
     config = SearchConfig(fraction_removed=0.5, generations=4, offspring=4, seed=0,

@@ -8,7 +8,9 @@ One greedy pass yields every level, because removal sets are nested.
 
 Optionally (`params_freed`) the greedy ranks units by score per parameter freed instead of by score: with GQA
 query heads, a KV group's last head also frees the group's k/v, so completing a group can be the cheaper way to
-reach a parameter budget, which is what the levels are chosen against.
+reach a parameter budget, which is what the levels are chosen against. Optionally (`eligible`) each step picks
+only among the units a rule allows at that point: with even KV groups, the heads of the groups that have lost
+the fewest, so that the levels taken after each round of one head per group leave the groups even.
 
 Two implementations of the same math: `greedy_groups` for a handful of multi-column units (heads), and
 `greedy_columns` for thousands of single columns (channels), which batches the rank-1 downdates
@@ -54,19 +56,20 @@ def inverse_hessian(hessian: torch.Tensor, relative_damping: float) -> torch.Ten
 
 
 ParamsFreed = Callable[[torch.Tensor], torch.Tensor]  # (n_units,) bool removed → (n_units,) params each unit frees
+Eligible = Callable[[torch.Tensor], torch.Tensor]  # (n_units,) bool removed → (n_units,) bool: may go next
 
 
 def greedy_prune(
     weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, snapshots: list[int],
-    params_freed: ParamsFreed | None = None,
+    params_freed: ParamsFreed | None = None, eligible: Eligible | None = None,
 ) -> list[PrunedWeights]:
     """Greedily remove units of `unit_size` columns; return W at each count in `snapshots` (see `greedy_path`)."""
-    return greedy_path(weight, hinv, unit_size, snapshots, params_freed)[0]
+    return greedy_path(weight, hinv, unit_size, snapshots, params_freed, eligible)[0]
 
 
 def greedy_path(
     weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, snapshots: list[int],
-    params_freed: ParamsFreed | None = None,
+    params_freed: ParamsFreed | None = None, eligible: Eligible | None = None,
 ) -> tuple[list[PrunedWeights], list[float]]:
     """Greedily remove units of `unit_size` columns; return (W at each count in `snapshots` (ascending), the damped
     error ‖ΔW‖²_{hinv⁻¹} at each of them, summed in float64 from the steps' scores).
@@ -76,15 +79,16 @@ def greedy_path(
     damped error (the steps to it are skipped: its error is known without them).
     params_freed: if given, each step removes the unit of least score ÷ params_freed(removed)[unit] (see
     ModuleShape.params_freed); None ranks by score alone.
+    eligible: if given, each step picks only among the units it marks (see ModuleShape.heads_of_groups_behind).
     """
     n_units = weight.shape[1] // unit_size
     if weight.shape[1] % unit_size or list(snapshots) != sorted(snapshots) or snapshots[-1] > n_units:
         raise ValueError(f"bad unit_size {unit_size} or snapshots {snapshots} for {weight.shape[1]} columns")
     with _single_thread():
         weight, hinv = weight.float().clone(), hinv.float().clone()
-        if unit_size == 1 and params_freed is None:
+        if unit_size == 1 and params_freed is None and eligible is None:
             return greedy_columns(weight, hinv, unit_size, snapshots)
-        return greedy_groups(weight, hinv, unit_size, snapshots, params_freed)
+        return greedy_groups(weight, hinv, unit_size, snapshots, params_freed, eligible)
 
 
 @contextmanager
@@ -121,8 +125,8 @@ def _snapshot(weight: torch.Tensor, removed: torch.Tensor, unit_size: int) -> Pr
     return PrunedWeights(int(removed.sum()), kept.cpu(), weight[:, columns].cpu())  # snapshots live on the CPU
 
 
-def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed | None = None
-                  ) -> tuple[list[PrunedWeights], list[float]]:
+def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed | None = None,
+                  eligible: Eligible | None = None) -> tuple[list[PrunedWeights], list[float]]:
     n_units = weight.shape[1] // unit_size
     removed = torch.zeros(n_units, dtype=torch.bool, device=weight.device)
     results, damped_at, damped = [], [], 0.0
@@ -137,7 +141,8 @@ def greedy_groups(weight, hinv, unit_size, snapshots, params_freed: ParamsFreed 
             break
         best, best_score, best_inverse, best_raw = -1, float("inf"), None, 0.0
         freed = None if params_freed is None else params_freed(removed.cpu()).tolist()
-        for unit in (~removed).nonzero().flatten().tolist():
+        candidates = ~removed if eligible is None else ~removed & eligible(removed.cpu()).to(removed.device)
+        for unit in candidates.nonzero().flatten().tolist():
             cols = slice(unit * unit_size, (unit + 1) * unit_size)
             block_inverse = torch.linalg.inv(hinv[cols, cols])
             raw = score = ((weight[:, cols] @ block_inverse) * weight[:, cols]).sum().item()
@@ -213,7 +218,7 @@ def greedy_columns(weight, hinv, _unit_size, snapshots, batch: int = 128
 
 
 def prune_ladder(weight: torch.Tensor, hessian: torch.Tensor, unit_size: int, snapshots: list[int],
-                 relative_damping: float, params_freed: ParamsFreed | None = None
+                 relative_damping: float, params_freed: ParamsFreed | None = None, eligible: Eligible | None = None
                  ) -> tuple[list[PrunedWeights], list[float], float]:
     """Every level of one module: (levels, each level's output error relative to the dense output energy, that
     energy tr(W H Wᵀ)). weight: (d_out, d_in) dense; hessian: (d_in, d_in) undamped.
@@ -225,7 +230,7 @@ def prune_ladder(weight: torch.Tensor, hessian: torch.Tensor, unit_size: int, sn
     `reconstruction_error` to 1e-8 on a SmolLM2 MLP layer, to 6e-6 on the tests' ill-conditioned H).
     """
     levels, damped = greedy_path(weight, inverse_hessian(hessian, relative_damping), unit_size, snapshots,
-                                 params_freed)
+                                 params_freed, eligible)
     dense = weight.double()
     energy = float(((dense @ hessian.double()) * dense).sum())
     # D, what `dampen` adds to the diagonal: 1 where an input was always zero, then λ · mean of that lifted diagonal

@@ -26,7 +26,7 @@ counts are exactly those of the level); only the kept columns are refitted, in c
 propagated target, Ŵ_S = W H[:, S] H[S, S]⁻¹ is what greedy OBS leaves after removing the complement of S,
 the order of removals notwithstanding.
 `reselect=True` instead re-runs the greedy on the propagated Hessian, ranking units as the database's build
-did (gqa_cost_aware), and keeps its choice only where it leaves the module's parameter count unchanged:
+did (gqa_cost_aware, even_kv_groups), and keeps its choice only where it leaves the module's parameter count unchanged:
 bench.database measures both.
 
 While the refit runs, the model's o_proj/down_proj weights are overwritten in place with the refitted ones at
@@ -43,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from darwinlm.core.database.store import Database, greedy_params_freed
+from darwinlm.core.database.store import Database, greedy_eligible, greedy_params_freed
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError
@@ -216,8 +216,9 @@ def _refit_module(weight, moments: InputMoments, database: Database, layer: int,
         reference = database.load(layer, kind, level)
     kept = reference.kept_units
     if reselect and level > 0:
+        config = database.config
         chosen = greedy_prune(weight, inverse_hessian(hessian, damping), unit_size, [reference.units_removed],
-                              greedy_params_freed(shape, database.config))[0]
+                              greedy_params_freed(shape, config), greedy_eligible(shape, config))[0]
         kept = chosen.kept_units if shape.params_kept(chosen.kept_units) == shape.params_kept(kept) else kept
     refit = PrunedWeights(reference.units_removed, kept,
                           fit_kept(weight, hessian, kept, unit_size, damping,

@@ -25,8 +25,9 @@ from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.dtypes import DTYPES
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.database.hessians import collect_block_hessians
-from darwinlm.core.database.obs import ParamsFreed, PrunedWeights, prune_ladder
-from darwinlm.core.database.structure import GQA_MODES, MODULE_KINDS, ModuleShape, level_ladder, module_shapes
+from darwinlm.core.database.obs import Eligible, ParamsFreed, PrunedWeights, prune_ladder
+from darwinlm.core.database.structure import (GQA_MODES, MODULE_KINDS, ModuleShape, check_mlp_alignment,
+                                              even_group_ladder, level_ladder, module_shapes)
 
 # 2: each level records its relative output error and each module its output energy (the informed start)
 SCHEMA_VERSION = 2
@@ -45,6 +46,16 @@ class DatabaseConfig:
     # default: on SmolLM2 (9 query / 3 KV heads) uniform-50% held-out ppl fell from 91.3 to 76.5 (0.84×, see
     # bench.database's gqa_cost_aware_ppl_ratio). MLP and kv_groups: no effect.
     gqa_cost_aware: bool = True
+    # Every MLP level keeps a multiple of this many channels (the full width too: it must divide it). llama.cpp's
+    # f16 CPU matmul (tinyBLAS) needs inner dimensions in multiples of 8 and row counts of 4 (16 for its widest
+    # tile), and q8_0 stores rows in blocks of 32: on SmolLM2 at half width, widths aligned to 8..256 ran 1.5-1.7x
+    # dense prefill, widths of 764 and 767 0.9-1.05x (experiments/2026-12-04-mlp-alignment/note.md). 32 covers
+    # both; it moves a 10% level of 1536 channels by at most 16. 1: the plain even steps of databases before.
+    mlp_alignment: int = 32
+    # With gqa_mode "query_heads", every level removes the same number of query heads from each KV group (levels
+    # at 9, 6, 3, 0 heads on SmolLM2's 3 groups of 3), so llama.cpp runs each level without duplicated KV heads
+    # or zero-padded query heads, and torch without a per-head KV map. Off: heads one at a time, as before.
+    even_kv_groups: bool = True
 
     def __post_init__(self):
         if self.gqa_mode not in GQA_MODES:
@@ -53,20 +64,30 @@ class DatabaseConfig:
             raise DarwinLMError(f"unknown storage dtype '{self.storage_dtype}'", f"use {', '.join(DTYPES)}")
         if self.level_steps < 1 or self.relative_damping <= 0:
             raise DarwinLMError("level_steps must be ≥ 1 and relative_damping > 0")
+        if isinstance(self.mlp_alignment, bool) or not isinstance(self.mlp_alignment, int) or self.mlp_alignment < 1:
+            raise DarwinLMError(f"mlp_alignment must be a whole number of channels ≥ 1, got {self.mlp_alignment!r}",
+                                "use e.g. 32 (1: no alignment)")
 
     @classmethod
     def from_manifest(cls, values: dict) -> "DatabaseConfig":
-        """The config a manifest records. Databases from before `gqa_cost_aware` existed lack it and were built
-        with the plain greedy, so a missing key reads as False whatever the default becomes."""
-        return cls(**{"gqa_cost_aware": False, **values})
+        """The config a manifest records. Options added since a database was built read as the behaviour it was
+        built with (BEFORE_OPTIONS), whatever the defaults become."""
+        return cls(**{**BEFORE_OPTIONS, **values})
 
     def address_values(self) -> dict:
-        """The fields that enter content addresses. `gqa_cost_aware` only when on: off builds the same bytes as
-        before the option existed, so databases (and runs) cached then keep their addresses."""
+        """The fields that enter content addresses. An added option only when it differs from the behaviour
+        before it existed: then it builds the same bytes, so databases (and runs) cached then keep their
+        addresses."""
         values = asdict(self)
-        if not self.gqa_cost_aware:
-            del values["gqa_cost_aware"]
+        for name, before in BEFORE_OPTIONS.items():
+            if values[name] == before:
+                del values[name]
         return values
+
+
+# Options added to DatabaseConfig after databases were built, each with the value that builds what was built
+# before it existed.
+BEFORE_OPTIONS = {"gqa_cost_aware": False, "mlp_alignment": 1, "even_kv_groups": False}
 
 
 def code_version() -> str:
@@ -107,17 +128,40 @@ def greedy_params_freed(shape: ModuleShape, config: DatabaseConfig) -> ParamsFre
 
     Only attention over query heads: there a unit's cost depends on what is already removed (a KV group's last
     head frees k/v too). MLP channels and whole KV groups all cost the same, so dividing would only perturb
-    rounding; they keep the plain order, bit for bit."""
-    if config.gqa_cost_aware and shape.kind == "attn" and shape.gqa_mode == "query_heads":
+    rounding; they keep the plain order, bit for bit. So do heads under even KV groups: the heads a round may
+    remove all free the same count (in the last round, each its group's k/v too)."""
+    if (config.gqa_cost_aware and shape.kind == "attn" and shape.gqa_mode == "query_heads"
+            and not keeps_kv_groups_even(shape, config)):
         return shape.params_freed
     return None
+
+
+def keeps_kv_groups_even(shape: ModuleShape, config: DatabaseConfig) -> bool:
+    """Whether this module's levels remove query heads evenly from every KV group (see `even_kv_groups`). Plain
+    multi-head attention (one head per group) and whole KV groups are even anyway."""
+    return (config.even_kv_groups and shape.kind == "attn" and shape.gqa_mode == "query_heads"
+            and shape.layout.group_size > 1)
+
+
+def greedy_eligible(shape: ModuleShape, config: DatabaseConfig) -> Eligible | None:
+    """Which units the greedy may remove next in this module, or None for any."""
+    return shape.heads_of_groups_behind if keeps_kv_groups_even(shape, config) else None
+
+
+def module_ladder(shape: ModuleShape, config: DatabaseConfig) -> list[int]:
+    """Units removed at each level of one module: even steps, MLP widths aligned, KV groups kept even."""
+    if shape.kind == "mlp":
+        return level_ladder(shape.n_units, config.level_steps, config.mlp_alignment)
+    if keeps_kv_groups_even(shape, config):
+        return even_group_ladder(shape.layout, config.level_steps)
+    return level_ladder(shape.n_units, config.level_steps)
 
 
 def _prune_module(weight, hessian, shape: ModuleShape, config: DatabaseConfig
                   ) -> tuple[list[PrunedWeights], list[float], float]:
     """(levels, their relative errors, output energy) of one module: see `prune_ladder`."""
-    return prune_ladder(weight, hessian, shape.unit_size, level_ladder(shape.n_units, config.level_steps),
-                        config.relative_damping, greedy_params_freed(shape, config))
+    return prune_ladder(weight, hessian, shape.unit_size, module_ladder(shape, config), config.relative_damping,
+                        greedy_params_freed(shape, config), greedy_eligible(shape, config))
 
 
 def _write_module(root: str, layer: int, shape: ModuleShape, levels: list[PrunedWeights], errors: list[float],
@@ -158,6 +202,8 @@ class DatabaseBuilder:
         self.root = database_root(base_uri, self.base_model_digest, calibration_digest, config)
         self.spec = arch_for(model)
         self.shapes = module_shapes(model, self.spec, config.gqa_mode)
+        for layer, shapes in enumerate(self.shapes):
+            check_mlp_alignment(config.mlp_alignment, shapes["mlp"].n_units, layer)
         self.num_layers = len(self.spec.block_list(model))
         self.overlap = overlap
         self._driver: BlockDriver | None = None  # made on first need: it holds every row's activations

@@ -6,13 +6,22 @@ output projection (o_proj, down_proj); removing a unit also removes the rows tha
 GQA: query head h reads KV head h // group_size. Two unit choices, recorded in the database manifest:
   * "query_heads": a unit is one query head; k/v stay, except a KV head with no query head left is dropped;
   * "kv_groups": a unit is one KV head with its whole group of query heads.
+With "query_heads" and even KV groups (DatabaseConfig.even_kv_groups), a level removes the same number of query
+heads from every KV group, so each level is a plain GQA layout (no duplicated KV heads in llama.cpp, no per-head
+KV map in torch): the greedy then only picks among the heads of the groups that have lost the fewest so far.
+
+MLP levels keep widths that are multiples of an alignment (DatabaseConfig.mlp_alignment): llama.cpp's CPU
+matmul (tinyBLAS) takes its fast path only for aligned row counts and inner dimensions, and q8_0 stores rows in
+blocks of 32 values (experiments/2026-12-04-mlp-alignment/note.md).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.model.arch import ArchSpec, HeadLayout
 
 GQA_MODES = ("query_heads", "kv_groups")
@@ -42,6 +51,14 @@ class ModuleShape:
     def kv_heads_of(self, kept_units: torch.Tensor) -> torch.Tensor:
         """KV heads that some kept query head still reads, ascending (int64)."""
         return torch.unique(self.query_heads_of(kept_units) // self.layout.group_size)
+
+    def heads_of_groups_behind(self, removed: torch.Tensor) -> torch.Tensor:
+        """(n_units,) bool: the query heads (query_heads units) whose KV group has lost no more heads than any
+        other group, given removed: (n_units,) bool. Removing only these keeps groups even after every round of
+        one removal per group."""
+        group = torch.arange(self.n_units) // self.layout.group_size
+        lost = torch.zeros(self.layout.kv_heads, dtype=torch.long).index_add_(0, group, removed.long())
+        return lost[group] == lost.min()
 
     def params_kept(self, kept_units: torch.Tensor) -> int:
         """Weights (and biases) of the module's linears that remain when only `kept_units` are kept."""
@@ -100,11 +117,41 @@ def module_shapes(model: nn.Module, spec: ArchSpec, gqa_mode: str) -> list[dict[
     return shapes
 
 
-def level_ladder(n_units: int, steps: int) -> list[int]:
-    """Units removed at each level: `steps` even steps from none to all, rounded to whole units, deduplicated."""
-    if steps < 1:
-        raise ValueError("steps must be ≥ 1")
-    return sorted({int(level * n_units / steps + 0.5) for level in range(steps + 1)})
+def level_ladder(n_units: int, steps: int, alignment: int = 1) -> list[int]:
+    """Units removed at each level: `steps` even steps from none to all, each step's kept count rounded to the
+    nearest multiple of `alignment` (ties to fewer kept; the full count is always allowed), deduplicated.
+    With alignment 1 these are the plain ladder's counts (the nearest whole unit, half up), as before alignment
+    existed. Integer arithmetic: a step's kept count times `steps` is n_units · (steps − level) exactly."""
+    if steps < 1 or alignment < 1:
+        raise ValueError("steps and alignment must be ≥ 1")
+    removed = set()
+    for level in range(steps + 1):
+        target = n_units * (steps - level)  # the even kept count, scaled by `steps`
+        below = target // (alignment * steps) * alignment
+        widths = {width for width in (below, below + alignment, n_units) if width <= n_units}
+        removed.add(n_units - min(widths, key=lambda width: (abs(width * steps - target), width)))
+    return sorted(removed)
+
+
+def even_group_ladder(layout: HeadLayout, steps: int) -> list[int]:
+    """Query heads removed at each level when every KV group loses the same number: a plain ladder over one
+    group's heads (SmolLM2, 3 per group: 0, 1, 2, 3), times the number of groups (0, 3, 6, 9 of 9 heads)."""
+    return [per_group * layout.kv_heads for per_group in level_ladder(layout.group_size, steps)]
+
+
+def check_mlp_alignment(alignment: int, width: int, layer: int) -> None:
+    """A one-line DarwinLMError unless `alignment` divides the MLP `width` and leaves a level between the dense
+    and the removed MLP."""
+    if alignment == 1:
+        return
+    if width % alignment == 0 and alignment < width:
+        return
+    suggestion = math.gcd(width, 1 << (alignment.bit_length() - 1))  # a power of two dividing the width
+    while suggestion > 1 and suggestion >= width:
+        suggestion //= 2
+    raise DarwinLMError(
+        f"mlp_alignment {alignment} does not divide the MLP width {width} of layer {layer} into levels",
+        f"set database.mlp_alignment to a divisor of {width} below it, e.g. {suggestion} (1: no alignment)")
 
 
 def unit_columns(units: torch.Tensor, unit_size: int) -> torch.Tensor:

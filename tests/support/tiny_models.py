@@ -11,6 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.database.assembly import LiveAssembly
 
+# DatabaseConfig options for the ladders before hardware alignment: MLP levels at even steps of any width, query
+# heads removed one at a time (uneven KV groups). Tests of what must still work for such databases use them.
+PLAIN_LADDERS = dict(mlp_alignment=1, even_kv_groups=False)
+
 # Small enough to run a forward in milliseconds, large enough to have several heads per KV group.
 _TINY_SHAPE = dict(
     hidden_size=64,
@@ -128,12 +132,14 @@ def tiny_bpe_tokenizer(text: str | None = None):
 
 def pruned_tiny(family: str, tmp_path: Path, model=None):
     """A tiny model (of `family`, or `model`) with layer 0's attention removed, layer 1's query heads uneven over
-    KV heads (3 of 4 heads kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly."""
+    KV heads (3 of 4 heads kept on 2 KV heads) and a partly pruned MLP, plus its database and assembly. Built
+    with the plain ladders (PLAIN_LADDERS) so that uneven groups and unaligned widths, which exports must still
+    express, occur."""
     model = model or tiny_model(family)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     rows = random_token_rows(model.config.vocab_size, rows=16, seq_len=32)
     database = build_database(model, rows, str(tmp_path / "db"), calibration_digest="tiny",
-                              config=DatabaseConfig(storage_dtype="float32"))
+                              config=DatabaseConfig(storage_dtype="float32", **PLAIN_LADDERS))
     assembly = LiveAssembly(model, database)
     levels = {(0, "attn"): database.num_levels(0, "attn") - 1, (1, "attn"): 1, (1, "mlp"): 5, (2, "mlp"): 3}
     assembly.apply(levels)
