@@ -17,11 +17,11 @@ import torch
 from darwinlm.core.database import store as database_module
 from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import Database, DatabaseConfig, build_database, model_digest
-from darwinlm.core.database.structure import even_group_ladder, level_ladder
+from darwinlm.core.database.structure import ModuleShape, even_group_ladder, level_ladder
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.export.gguf import export_gguf
 from darwinlm.core.model.arch import HeadLayout
-from darwinlm.core.search.genome import Budget, offspring
+from darwinlm.core.search.genome import Budget, mutate, offspring
 from tests.support.tiny_models import TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -136,6 +136,26 @@ def test_budget_is_met_within_one_step_with_an_aligned_database(aligned, fractio
         children = offspring(parent, 4, budget, rng)
         assert children and all(budget.feasible(child) for child in children)
         parent = children[0]
+
+
+def test_budget_is_met_within_one_step_at_smollm2s_shape():
+    """SmolLM2's aligned ladders (attention steps of 3 heads, the last also freeing k/v; MLP steps of 128 or 160
+    channels) from ModuleShape's counts, without building: every mutant lands within the tolerance, which is
+    the dearest single step (the last attention one, 0.83% of a 50% target)."""
+    layout = HeadLayout(query_heads=9, kv_heads=3, head_dim=64)
+    attention = ModuleShape("attn", 9, 64, 576, layout, "query_heads")
+    mlp = ModuleShape("mlp", 1536, 1, 576)
+    attention_costs = tuple(attention.params_kept(torch.tensor([h for h in range(9) if h % 3 < 3 - removed // 3]))
+                            for removed in even_group_ladder(layout, 10))
+    mlp_costs = tuple(mlp.params_kept(torch.arange(1536 - removed)) for removed in level_ladder(1536, 10, 32))
+    costs = (attention_costs, mlp_costs) * 30
+    tolerance = max(c[i] - c[i + 1] for c in costs for i in range(len(c) - 1))
+    assert tolerance == attention_costs[2] - attention_costs[3]
+    budget = Budget(costs, round(sum(c[0] for c in costs) * 0.5), tolerance, "params")
+    rng, genome = random.Random(0), budget.uniform()
+    for _ in range(500):
+        genome = mutate(genome, budget, rng)
+        assert budget.feasible(genome)
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
