@@ -140,6 +140,37 @@ def test_export_loads_in_a_fresh_process(families, block_darwinlm, kwargs, tmp_p
         assert len(reloaded["generated"][0]) == 9
 
 
+def test_an_output_projection_bias_the_family_lacks_survives_export_and_gguf_refuses_it(tmp_path):
+    """A pruning method may fold removed units' mean output into an o_proj / down_proj bias (FLAP does): the
+    pruned config records it per layer, the export reloads with it where darwinlm is not installed, and the GGUF
+    writer, which does not write such biases, refuses the model and its exported config in one line."""
+    from darwinlm.core import register_pruned_classes
+    from darwinlm.core.export.gguf import check_gguf_exportable
+
+    register_pruned_classes()
+    model, _, _, _ = pruned_tiny("llama", tmp_path)
+    with torch.no_grad():
+        o_proj, down = model.model.layers[1].self_attn.o_proj, model.model.layers[2].mlp.down_proj
+        o_proj.bias = torch.nn.Parameter(torch.randn(o_proj.out_features))
+        down.bias = torch.nn.Parameter(torch.randn(down.out_features))
+    rows = random_token_rows(128, rows=2, seq_len=12, seed=3)
+    with torch.no_grad():
+        expected = model(rows).logits
+    export_model(model, tiny_tokenizer(), str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["layer_o_proj_bias"] == [False, True, False] and config["layer_down_proj_bias"] == [False, False, True]
+    result = subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS.format(block=True, kwargs="{'trust_remote_code': True}"),
+                             json.dumps(rows.tolist()), str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reloaded = json.loads(result.stdout.strip().splitlines()[-1])["outputs"][0]
+    assert (torch.tensor(reloaded["logits"]) - expected).abs().max().item() <= 1e-5
+    for subject in (model, AutoModelForCausalLM.from_pretrained(tmp_path / "out").config):
+        with pytest.raises(DarwinLMError, match="output-projection bias") as refused:
+            check_gguf_exportable(subject, "f16")
+        assert "\n" not in str(refused.value)
+
+
 def test_exported_folder_carries_only_its_own_code(tmp_path):
     model, _, _, _ = pruned_tiny("mistral", tmp_path)
     export_model(model, tiny_tokenizer(), str(tmp_path / "out"))

@@ -207,7 +207,28 @@ def check_gguf_exportable(model_or_config, quant: str) -> str:
     if family == "qwen2" and getattr(config, "use_sliding_window", False):
         raise DarwinLMError("GGUF export of a Qwen2 model with use_sliding_window=true is not supported",
                             "deci has no sliding-window attention")
+    if has_added_output_bias(model_or_config):
+        raise DarwinLMError("GGUF export cannot carry an output-projection bias the family lacks (FLAP's compensation)",
+                            "export with --format compact and run the model in transformers")
     return family
+
+
+def has_added_output_bias(model_or_config) -> bool:
+    """Whether an o_proj / down_proj has a bias its family's config does not build (attention_bias, mlp_bias): a
+    pruned config's per-layer flags, or a live model's modules. llama.cpp's deci graph was not checked for them."""
+    config = getattr(model_or_config, "config", model_or_config)
+    allowed = {"attn": getattr(config, "attention_bias", False), "mlp": getattr(config, "mlp_bias", False)}
+    if not hasattr(model_or_config, "config"):
+        flags = {"attn": getattr(config, "layer_o_proj_bias", None), "mlp": getattr(config, "layer_down_proj_bias", None)}
+        return any(any(flags[kind] or []) and not allowed[kind] for kind in flags)
+    spec = arch_for(model_or_config)
+    for block in spec.block_list(model_or_config):
+        for kind, module, name in (("attn", spec.attention_of(block), spec.o_proj), ("mlp", spec.mlp_of(block), spec.down_proj)):
+            if isinstance(module, (ZeroAttention, ZeroMLP)) or allowed[kind]:
+                continue
+            if module.get_submodule(name).bias is not None:
+                return True
+    return False
 
 
 def _rope_metadata(config, head_dim: int) -> tuple[dict, dict[str, np.ndarray]]:

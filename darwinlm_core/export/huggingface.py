@@ -61,7 +61,8 @@ def read_level_assignment(uri: str, database) -> dict[tuple[int, str], int]:
 
 
 def layer_widths(model) -> dict[str, list]:
-    """Per-layer query heads, KV heads, MLP widths and uneven KV maps of a (possibly shrunk) live model.
+    """Per-layer query heads, KV heads, MLP widths, uneven KV maps and output biases of a (possibly shrunk) live
+    model.
 
     Read off the output projections (o_proj inputs = query heads × head_dim, down_proj inputs = MLP width) and
     the input linears' total rows ((query + 2 × KV heads) × head_dim), so fused q/k/v need no special case.
@@ -84,9 +85,20 @@ def layer_widths(model) -> dict[str, list]:
         widths["layer_intermediate_sizes"].append(
             0 if isinstance(mlp, ZeroMLP) else mlp.get_submodule(spec.down_proj).in_features
         )
+        widths["layer_o_proj_bias"].append(_has_bias(attention, ZeroAttention, spec.o_proj))
+        widths["layer_down_proj_bias"].append(_has_bias(mlp, ZeroMLP, spec.down_proj))
     if all(entry is None for entry in widths["layer_kv_of_query"]):
         widths["layer_kv_of_query"] = None
+    for field in ("layer_o_proj_bias", "layer_down_proj_bias"):
+        if not any(widths[field]):  # no output bias anywhere: the family's own layers
+            widths[field] = None
     return widths
+
+
+def _has_bias(module, removed_class, output: str) -> bool:
+    """Whether a module's output projection has a bias (a removed module has none). FLAP-style compensation adds
+    one where the family has none; the pruned config records it per layer (layer_o_proj_bias, ...)."""
+    return not isinstance(module, removed_class) and module.get_submodule(output).bias is not None
 
 
 def pruned_config(model):

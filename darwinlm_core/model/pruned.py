@@ -8,6 +8,9 @@ works too.
 A pruned config is the family's own config plus per-layer lists:
     layer_query_heads, layer_kv_heads, layer_intermediate_sizes  (0 = module removed: a no-op)
     layer_kv_of_query  (per layer, the KV head each kept query head reads, or null when groups are even)
+    layer_o_proj_bias, layer_down_proj_bias  (per layer, whether that output projection has a bias, or null for
+        the family's own: a pruning method that folds removed units' mean output into a bias, as FLAP does, needs
+        one where the family has none)
 Each decoder layer is built dense by the family's class and then re-shaped to its own widths; fused linears
 (Phi-3's qkv_proj, gate_up_proj) keep their layout, each part shrunk to the layer's widths (INPUT_ROWS).
 """
@@ -31,7 +34,8 @@ from transformers import (
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-PER_LAYER_FIELDS = ("layer_query_heads", "layer_kv_heads", "layer_intermediate_sizes", "layer_kv_of_query")
+PER_LAYER_FIELDS = ("layer_query_heads", "layer_kv_heads", "layer_intermediate_sizes", "layer_kv_of_query",
+                    "layer_o_proj_bias", "layer_down_proj_bias")
 
 
 class ZeroAttention(nn.Module):
@@ -140,53 +144,63 @@ INPUT_ROWS = {"q_proj": ("query",), "k_proj": ("kv",), "v_proj": ("kv",), "qkv_p
               "gate_proj": ("width",), "up_proj": ("width",), "gate_up_proj": ("width", "width")}
 
 
-def _resize_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device,
-                    dtype=linear.weight.dtype)
+def _resize_linear(linear: nn.Linear, in_features: int, out_features: int, bias: bool | None = None) -> nn.Linear:
+    """A new linear of the given shape; `bias` None keeps whether `linear` has one."""
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None if bias is None else bias,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def _resize_module(module: nn.Module, rows: dict[str, int], hidden: int, output: str, width: int) -> None:
-    """Resize a module's input linears to `rows` (per row kind) and its output linear to `width` inputs."""
+def _resize_module(module: nn.Module, rows: dict[str, int], hidden: int, output: str, width: int,
+                   output_bias: bool | None = None) -> None:
+    """Resize a module's input linears to `rows` (per row kind) and its output linear to `width` inputs (with a
+    bias if `output_bias`; None: as the family builds it)."""
     for name, child in list(module.named_children()):
         if name in INPUT_ROWS:
             setattr(module, name, _resize_linear(child, hidden, sum(rows[kind] for kind in INPUT_ROWS[name])))
-    setattr(module, output, _resize_linear(getattr(module, output), width, hidden))
+    setattr(module, output, _resize_linear(getattr(module, output), width, hidden, output_bias))
 
 
 def reshape_decoder_layers(model: nn.Module, config) -> None:
     """Give every decoder layer of a freshly built dense model the widths listed in `config`."""
     hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_maps = config.layer_kv_of_query or [None] * len(model.model.layers)
+    layers = len(model.model.layers)
+    kv_maps = config.layer_kv_of_query or [None] * layers
+    o_biases = getattr(config, "layer_o_proj_bias", None) or [None] * layers
+    down_biases = getattr(config, "layer_down_proj_bias", None) or [None] * layers
     for index, layer in enumerate(model.model.layers):
         query_heads, kv_heads = config.layer_query_heads[index], config.layer_kv_heads[index]
         if query_heads == 0:
             layer.self_attn = ZeroAttention(index)
         else:
             rows = {"query": query_heads * head_dim, "kv": kv_heads * head_dim}
-            _resize_module(layer.self_attn, rows, hidden, "o_proj", query_heads * head_dim)
+            _resize_module(layer.self_attn, rows, hidden, "o_proj", query_heads * head_dim, o_biases[index])
             set_attention_widths(layer.self_attn, query_heads, kv_heads, kv_maps[index])
         width = config.layer_intermediate_sizes[index]
         if width == 0:
             layer.mlp = ZeroMLP()
         else:
-            _resize_module(layer.mlp, {"width": width}, hidden, "down_proj", width)
+            _resize_module(layer.mlp, {"width": width}, hidden, "down_proj", width, down_biases[index])
 
 
-def _init_per_layer(config, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query):
+def _init_per_layer(config, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query,
+                    layer_o_proj_bias=None, layer_down_proj_bias=None):
     layers = config.num_hidden_layers
     config.layer_query_heads = list(layer_query_heads or [config.num_attention_heads] * layers)
     config.layer_kv_heads = list(layer_kv_heads or [config.num_key_value_heads] * layers)
     config.layer_intermediate_sizes = list(layer_intermediate_sizes or [config.intermediate_size] * layers)
     config.layer_kv_of_query = layer_kv_of_query
+    config.layer_o_proj_bias = layer_o_proj_bias
+    config.layer_down_proj_bias = layer_down_proj_bias
 
 
 class _PerLayerWidthsConfig:
     """Mixed in before a family's config class: the same config plus the per-layer width lists."""
 
     def __init__(self, layer_query_heads=None, layer_kv_heads=None, layer_intermediate_sizes=None,
-                 layer_kv_of_query=None, **kwargs):
+                 layer_kv_of_query=None, layer_o_proj_bias=None, layer_down_proj_bias=None, **kwargs):
         super().__init__(**kwargs)
-        _init_per_layer(self, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query)
+        _init_per_layer(self, layer_query_heads, layer_kv_heads, layer_intermediate_sizes, layer_kv_of_query,
+                        layer_o_proj_bias, layer_down_proj_bias)
 
 
 class _ReshapedLayersModel:
