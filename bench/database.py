@@ -366,7 +366,7 @@ def main() -> None:
         "calibration_curve": curve, "calibration_curve_note": curve_note,
     }
     if not args.skip_peer:
-        from bench.peer_torch_pruning import prune_uniform_taylor
+        from bench.peers.torch_pruning import prune_uniform_taylor
 
         peer_model, _ = load_model("smollm2")
         peer = prune_uniform_taylor(peer_model, ids, kept_fraction)  # the same calibration rows as OBS

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench import peer_torch_pruning as peer
+from bench.peers import torch_pruning as peer
 from tests.support.tiny_models import random_token_rows, tiny_model
 
 

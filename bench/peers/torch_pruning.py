@@ -23,6 +23,7 @@ is left stale (forward does not read the head counts from it).
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-__all__ = ["prune_taylor", "prune_uniform_taylor", "plan_uniform", "block_linears"]
+__all__ = ["prune", "prune_taylor", "prune_uniform_taylor", "plan_uniform", "block_linears"]
 
 
 def block_linears(model) -> list[nn.Linear]:
@@ -268,3 +269,16 @@ def prune_taylor(
         "channels_per_layer": [layer.mlp.gate_proj.out_features for layer in layers],
         "kept_fraction": kept / dense,
     }
+
+
+def prune(model, calibration_ids: torch.LongTensor, kept_fraction: float, *, scope: str = "uniform",
+          batch_size: int = 4):
+    """The bench.peers signature: prune_taylor at `scope`, as a PeerResult (kept units: the query heads and MLP
+    channels left, as counts only; torch-pruning does not report which)."""
+    from bench.peers import PeerResult
+
+    start = time.perf_counter()
+    result = prune_taylor(model, calibration_ids, kept_fraction, batch_size, scope=scope)
+    return PeerResult(result["kept_block_params"], result["dense_block_params"], time.perf_counter() - start,
+                      details={"query_heads_per_layer": result["heads_per_layer"],
+                               "channels_per_layer": result["channels_per_layer"]})
