@@ -10,8 +10,11 @@ teacher and schedule):
 - `informed_start`: the database's budget-exact least slope-weighted error (the search's informed start);
 - `darwinlm`: the default pipeline, `darwinlm compress --preset smollm2-demo` at that fraction: the search from
   the better start, then its refit (part of darwinlm's method), then post-training; one row per seed in `seeds`;
-- `tp_taylor_uniform`, `tp_global`: torch-pruning's Taylor pruning, uniform and global, on the same calibration
-  rows, then the same post-training (no refit: that is darwinlm's own).
+- the peers (bench/peers, each written from its paper; its module docstring says where it departs), on the same
+  calibration rows, then the same post-training (rows, teacher, schedule, distillation) and test windows, with no
+  refit (the refit is part of darwinlm's method): `tp_taylor_uniform`, `tp_global` (torch-pruning's Taylor
+  pruning, uniform and global), `flap`, `slimgpt`, `ziplm_dp` (darwinlm's database and a DP over its stored
+  errors, no slopes, no search), `shortgpt` (whole blocks) and `wanda_sp`. Each lands within 0.5% of the target.
 uniform and informed_start are refitted too before post-training, as the pipeline would ship them.
 
 Row keys (`targets.<fraction>.<method>`): `ppl_<text>` and `ppl_<text>_se` before post-training and
@@ -35,8 +38,8 @@ from darwinlm.flows.offline import apply_offline_defaults
 # core names each figure by its text (ppl_sotu, ppl_moby), so the rows carry the core's names as they are.
 OOD_TEXTS = [name for name in EVALUATION_LABELS if name != IN_DOMAIN_SET]
 SEEDED_METHODS = ("darwinlm",)
-PEERS = {"tp_taylor_uniform": "uniform", "tp_global": "global"}
-MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/headline.py", "bench/peer_torch_pruning.py")
+PEERS = ("tp_taylor_uniform", "tp_global", "flap", "slimgpt", "ziplm_dp", "shortgpt", "wanda_sp")  # bench.peers
+MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/headline.py", "bench/peers")
 
 
 def headline_preset(model: str, fraction: float):
@@ -129,17 +132,19 @@ class Target:
             self.assembly.database = self.database
         return row
 
-    def peer_row(self, scope: str) -> dict:
-        """torch-pruning's Taylor pruning at this target, then the same post-training as darwinlm's."""
-        from bench.peer_torch_pruning import prune_taylor
+    def peer_row(self, method: str) -> dict:
+        """Peer `method` (bench.peers.PEER_METHODS) at this target on a fresh dense model and the database's
+        calibration rows, then the same post-training and test windows as darwinlm's rows. ziplm_dp reads this
+        target's database (its build, shared with darwinlm's rows, is not in its wall time)."""
+        from bench.peers import prune_with
         from darwinlm.core.model.loading import load_model
         from darwinlm.core.search.finetune import finetune
 
         peer_model, _ = load_model(self.model_name)
-        start = time.perf_counter()
-        kept = prune_taylor(peer_model, self.data.calibration_ids, 1.0 - self.config.search.fraction_removed,
-                            scope=scope)["kept_block_params"]
-        row = {"params_kept": int(kept), "wall_s": time.perf_counter() - start, **self.evaluate(peer_model)}
+        options = {"database": self.database} if method == "ziplm_dp" else {}
+        result = prune_with(method, peer_model, self.data.calibration_ids, 1.0 - self.config.search.fraction_removed,
+                            **options)
+        row = {"params_kept": result.kept_block_params, "wall_s": result.wall_s, **self.evaluate(peer_model)}
         start = time.perf_counter()
         finetune(peer_model, self.data.post_train_ids, self.config.post_train.finetune, teacher=self.post_teacher,
                  progress=True)
@@ -177,9 +182,9 @@ def run_target(fraction: float, args, rows: dict, save) -> dict:
         per_seed.append(row)
         rows["darwinlm"] = seed_mean(per_seed)
         save()
-    for name, scope in PEERS.items():
+    for name in PEERS:
         if name not in rows and not args.skip_peers:
-            rows[name] = target.peer_row(scope)
+            rows[name] = target.peer_row(name)
             save()
     return target.data.windows_used("test")
 
@@ -189,7 +194,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", default="0.3,0.5", help="fractions of block parameters removed")
     parser.add_argument("--seeds", default="0,1,2", help="search seeds (the database is shared by all)")
     parser.add_argument("--model", default="smollm2", help="smollm2, or a folder (Gemma: see bench/gemma.py)")
-    parser.add_argument("--skip-peers", action="store_true", help="leave out the torch-pruning rows")
+    parser.add_argument("--skip-peers", action="store_true", help="leave out the peers' rows (bench/peers)")
     parser.add_argument("--results", default="headline", help="results name: bench/results/NAME.json")
     args = parser.parse_args(argv)
     try:

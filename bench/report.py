@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("uniform", "informed_start", "darwinlm", "tp_taylor_uniform", "tp_global")
+METHODS = ("uniform", "informed_start", "darwinlm", "tp_taylor_uniform", "tp_global", "flap", "slimgpt", "ziplm_dp",
+           "shortgpt", "wanda_sp")  # bench.headline.PEERS after darwinlm's own rows
 TEXTS = ("sotu", "moby")
 # search.json's method names, for a page generated before the first headline run
 OLD_NAMES = {"darwinlm_oneshot": "darwinlm"}

@@ -51,3 +51,49 @@ def test_bad_arguments_stop_with_one_line(argv, capsys):
 def test_the_defaults_are_the_headline_s():
     args = headline.parse_arguments([])
     assert (args.targets, args.seeds, args.results) == ([0.3, 0.5], [0, 1, 2], "headline")
+
+
+def test_every_peer_has_a_row_and_a_place_in_the_report():
+    from bench import report
+    from bench.peers import PEER_METHODS
+
+    assert set(headline.PEERS) == set(PEER_METHODS)
+    assert {"flap", "slimgpt", "ziplm_dp", "shortgpt", "wanda_sp", "tp_taylor_uniform", "tp_global"} <= set(headline.PEERS)
+    assert [method for method in report.METHODS if method in headline.PEERS] == list(headline.PEERS)
+    assert "bench/peers" in headline.MEASURED_BY  # a peer's code change invalidates saved rows
+
+
+def test_a_peer_row_carries_every_key_of_the_other_rows(monkeypatch):
+    """peer_row on a stand-in target: the peer's kept parameters and wall time, figures before and after the
+    same post-training (rows, teacher and schedule of the preset), ziplm_dp handed the target's database."""
+    import torch
+
+    from bench.peers import PeerResult
+
+    calls = {}
+
+    def fake_prune(method, model, rows, kept_fraction, **options):
+        calls.update(method=method, rows=rows, kept_fraction=kept_fraction, options=options)
+        return PeerResult(50, 100, 1.5)
+
+    def fake_finetune(model, rows, schedule, teacher=None, progress=False):
+        calls.update(post_rows=rows, schedule=schedule, teacher=teacher)
+
+    monkeypatch.setattr("bench.peers.prune_with", fake_prune)
+    monkeypatch.setattr("darwinlm.core.model.loading.load_model", lambda name: ("model", None))
+    monkeypatch.setattr("darwinlm.core.search.finetune.finetune", fake_finetune)
+    target = headline.Target.__new__(headline.Target)
+    target.model_name, target.config = "smollm2", headline.headline_preset("smollm2", 0.3)
+    target.data = type("Data", (), {"calibration_ids": torch.zeros(2, 4), "post_train_ids": torch.ones(3, 4)})()
+    target.database, target.post_teacher = "the database", "the teacher"
+    target.evaluate = lambda model, suffix="": {f"ppl_sotu{suffix}": 10.0, f"ppl_sotu{suffix}_se": 1.0}
+    row = target.peer_row("ziplm_dp")
+    assert calls["method"] == "ziplm_dp" and calls["options"] == {"database": "the database"}
+    assert calls["kept_fraction"] == pytest.approx(0.7) and calls["rows"] is target.data.calibration_ids
+    assert calls["post_rows"] is target.data.post_train_ids and calls["teacher"] == "the teacher"
+    assert calls["schedule"] == target.config.post_train.finetune
+    assert set(row) == {"params_kept", "wall_s", "post_train_s", "ppl_sotu", "ppl_sotu_se", "ppl_sotu_posttrained",
+                        "ppl_sotu_posttrained_se"}
+    assert (row["params_kept"], row["wall_s"]) == (50, 1.5)
+    target.peer_row("flap")
+    assert calls["options"] == {}
