@@ -26,7 +26,7 @@ bench: setup
 	.venv/bin/python -m bench.export                    # ~10 min: exported size and speed, reload parity
 	.venv/bin/python -m bench.gguf                      # ~15 min: llama.cpp size, speed and perplexity parity
 	.venv/bin/python -m bench.reliability               # ~15 min: crashes, storage faults, bad input, credentials
-	.venv/bin/python -m bench.headline                  # ~120 min: every method at 30% and 50%, 3 seeds, post-trained
+	.venv/bin/python -m bench.headline                  # ~185 min: every method at 30% and 50%, 3 seeds, post-trained; the five paper peers add ~65 of it (10 rows at ~1.2 min pruning, 2 evaluations and a post-training each)
 	.venv/bin/python -m bench.report                    # ~1 min: docs/results.md and its plots
 
 # Outside the headline's two hours: the same headline rows on Gemma-3-270M (needs requirements/gemma.txt), and
