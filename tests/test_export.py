@@ -11,14 +11,25 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from darwinlm.core.model.arch import arch_for, supported_model_types
-from darwinlm.core.database.store import build_database
+from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.export.huggingface import export_model
 from darwinlm.core.model.pruned import INPUT_ROWS
-from tests.support.tiny_models import TINY_FAMILIES, pruned_tiny, random_token_rows, tiny_model, tiny_tokenizer
+from tests.support.tiny_models import (PLAIN_LADDERS, TINY_FAMILIES, pruned_tiny, random_token_rows, tiny_model,
+                                      tiny_tokenizer)
 from darwinlm.flows.cli import main
 
 FAMILIES = list(TINY_FAMILIES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pruned_classes_registered():
+    """This file's in-process reloads use plain AutoModelForCausalLM, as a user does after
+    register_pruned_classes(); loads without darwinlm run in fresh processes. Registering here, not relying on an
+    earlier test file to have done it, lets the file run alone."""
+    from darwinlm.core import register_pruned_classes
+
+    register_pruned_classes()
 
 
 def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -205,7 +216,9 @@ def saved_base(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "base")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     rows = random_token_rows(model.config.vocab_size, rows=8, seq_len=16)
-    database = build_database(reloaded, rows, str(tmp_path / "db"), calibration_digest="tiny")
+    # the plain ladders: the level file below names MLP level 10 (a zero-width layer) and uneven KV groups
+    database = build_database(reloaded, rows, str(tmp_path / "db"), calibration_digest="tiny",
+                              config=DatabaseConfig(**PLAIN_LADDERS))
     return tmp_path / "base", database
 
 
