@@ -49,8 +49,15 @@ def _calls(tree):
             yield ast.unparse(node.func), {k.arg: ast.unparse(k.value) for k in node.keywords}
 
 
+# The one file allowed trust_remote_code=True: the MLflow model of a registered version ("models from code"). It runs
+# only where a user loads that MLflow model, and loading any pyfunc model already executes the code logged with it;
+# the exported folder's modeling code was logged by the same registration, so trusting it adds no new trust.
+TRUSTS_ITS_OWN_LOGGED_CODE = {"tasks/mlflow_text_generation.py"}
+
+
 def test_code_never_unpickles_or_trusts_remote_code():
     """No torch.load without weights_only=True, no pickle loads, no trust_remote_code=True, in any package."""
+    trusting = set()
     for package in ("darwinlm_core", "tasks", "flows"):  # the folders of darwinlm.core, .tasks, .flows
         for path in (REPO / package).rglob("*.py"):
             for function, keywords in _calls(ast.parse(path.read_text())):
@@ -58,7 +65,9 @@ def test_code_never_unpickles_or_trusts_remote_code():
                 assert not function.endswith(("pickle.load", "pickle.loads", "dill.load")), where
                 if function.endswith("torch.load"):
                     assert keywords.get("weights_only") == "True", where
-                assert keywords.get("trust_remote_code") != "True", where
+                if keywords.get("trust_remote_code") == "True":
+                    trusting.add(str(path.relative_to(REPO)))
+    assert trusting == TRUSTS_ITS_OWN_LOGGED_CODE  # and the exemption goes when its file stops needing it
 
 
 @pytest.fixture()
