@@ -176,8 +176,8 @@ def main() -> None:
         ppl = {key: _llama_perplexity(path, windows, args.threads) for key, path in files.items()}
         print(f"llama.cpp perplexity: {ppl}", flush=True)
         load_before = os.getloadavg()
-        held_out = windows[1].tolist()
-        speed = _speeds(files, windows[0].tolist(), held_out[: args.decode_tokens], args.reps, args.threads)
+        decode_tokens = windows[1].tolist()[: args.decode_tokens]  # held-out text, fed one token at a time
+        speed = _speeds(files, windows[0].tolist(), decode_tokens, args.reps, args.threads)
         sizes = {key: path.stat().st_size / 1e6 for key, path in files.items()}
     per_quant = {quant: {name: {"size_mb": sizes[(name, quant)], "ppl": ppl[(name, quant)],
                                 "prefill_tok_s": speed[(name, quant)]["prefill"],
