@@ -36,8 +36,8 @@ def print_summary(summary: dict) -> None:
         print(windows_line(summary["evaluation"]["windows"]))
     print(f"\npruned model:   {summary['model_uri']}")
     print(f"MLflow:         run {summary['mlflow_run_id']} · registered {summary['registered_model']} "
-          f"v{summary['registered_version']} · `mlflow ui --backend-store-uri {tracking_uri()}`")
-    print("Prefect:        flow 'compress' · `prefect server start` then open http://127.0.0.1:4200")
+          f"v{summary['registered_version']} · `darwinlm mlflow-ui` (store {tracking_uri()})")
+    print("Prefect:        flow 'compress' · `darwinlm server` then open http://127.0.0.1:4200")
 
 
 def windows_line(windows: dict) -> str:

@@ -20,6 +20,8 @@ def test_perplexity_rows_are_labelled_by_the_data_source(capsys):
     table = capsys.readouterr().out
     assert "ppl held-out my_corpus.jsonl" in table and "12.50" in table
     assert "SOTU" not in table and "Moby" not in table
+    # the UIs are started through darwinlm, which keeps its store and telemetry defaults
+    assert "`darwinlm mlflow-ui`" in table and "`darwinlm server`" in table and "mlflow ui --" not in table
 
 
 def test_the_default_corpus_rows_are_named_by_their_texts_in_domain_first():
