@@ -117,13 +117,17 @@ def plot_quality_against_speed(headline: dict, gguf: dict | None, out: Path) -> 
             if row.get("llamacpp_prefill_speedup_f16") and row.get("ppl_sotu_posttrained"):
                 points.append((row["llamacpp_prefill_speedup_f16"], row["ppl_sotu_posttrained"],
                                f"{method} {float(fraction):.0%}"))
-    if gguf and len(points) == 1:  # before the headline carries llama.cpp speed: gguf.json's own model
-        points.append((gguf["prefill_speedup_f16"], gguf["per_quant"]["f16"]["pruned"]["ppl"], gguf["pruned_model"]))
+    if gguf and len(points) == 1:  # before the headline carries llama.cpp speed: gguf.json's models, its windows
+        f16 = gguf["per_quant"]["f16"]
+        points = [(1.0, f16["dense"]["ppl"], "dense"),
+                  (gguf["prefill_speedup_f16"], f16["pruned"]["ppl"], "what make demo ships, 50%")]
+        if "uniform" in f16:
+            points.append((gguf["uniform_prefill_speedup_f16"], f16["uniform"]["ppl"], "uniform 50%, one-shot"))
     for speed, ppl, label in points:
         axis.scatter(speed, ppl)
         axis.annotate(label, (speed, ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axis.set(yscale="log", xlabel="llama.cpp f16 prefill speed ÷ dense", ylabel="perplexity, State of the Union",
-             title="Quality against llama.cpp prefill speed")
+             title="Quality against llama.cpp prefill speed", xlim=(0.9, max(speed for speed, _, _ in points) + 0.4))
     return save(figure, out / "quality_vs_speed.png")
 
 

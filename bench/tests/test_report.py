@@ -39,3 +39,15 @@ def test_the_last_search_bench_s_rows_take_the_headline_shape():
         "params_kept": 50, "wall_s": None, "seeds": [], "ppl_sotu": 70.0, "ppl_sotu_sd": 1.0,
         "ppl_sotu_posttrained": 60.0, "ppl_sotu_posttrained_se": 2.0, "ppl_moby": 250.0,
         "ppl_moby_posttrained": 200.0}}
+
+
+def test_before_the_headline_has_llama_cpp_speed_the_plot_reads_gguf_json_alone(tmp_path):
+    headline_file(tmp_path)
+    headline, _ = report.load_headline(tmp_path)
+    f16 = {"dense": {"ppl": 26.0}, "pruned": {"ppl": 60.0}, "uniform": {"ppl": 128.0}}
+    gguf = {"prefill_speedup_f16": 1.7, "uniform_prefill_speedup_f16": 2.0, "per_quant": {"f16": f16}}
+    plot = report.plot_quality_against_speed(headline, gguf, tmp_path)
+    from matplotlib import pyplot
+
+    axis_points = sorted(tuple(points.get_offsets()[0]) for points in pyplot.gcf().axes[0].collections)
+    assert plot.stat().st_size > 1000 and axis_points == [(1.0, 26.0), (1.7, 60.0), (2.0, 128.0)]
