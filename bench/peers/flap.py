@@ -24,10 +24,9 @@ import time
 import torch
 
 from bench.peers import PeerResult
-from bench.peers.surgery import (LayerShape, block_params, check_landing, keep_channels, keep_heads, layer_shape,
-                                 output_projection_statistics, target_params)
+from bench.peers.surgery import (LayerShape, block_params, check_landing, keep_channels, keep_heads,
+                                 output_projection_statistics, start_pruning)
 from darwinlm.core.database.structure import unit_columns
-from darwinlm.core.model.arch import arch_for
 
 
 def fluctuation(weight: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -88,10 +87,8 @@ def compensation_bias(weight: torch.Tensor, bias: torch.Tensor | None, removed_c
 @torch.no_grad()
 def prune(model, calibration_ids: torch.Tensor, kept_fraction: float, *, batch_size: int = 8) -> PeerResult:
     """FLAP IN PLACE on a dense model (see the module docstring); calibration_ids: (n, seq_len) int64."""
-    start = time.perf_counter()
-    shape, spec = layer_shape(model), arch_for(model)
-    blocks = spec.block_list(model)
-    dense, target = block_params(model), target_params(shape, len(blocks), kept_fraction)
+    run = start_pruning(model, kept_fraction)
+    start, shape, spec, blocks, dense, target = run.started, run.shape, run.spec, run.blocks, run.dense, run.target
     statistics = output_projection_statistics(model, calibration_ids, batch_size)
     outputs = [{"attn": spec.attention_of(b).get_submodule(spec.o_proj), "mlp": spec.mlp_of(b).get_submodule(spec.down_proj)}
                for b in blocks]

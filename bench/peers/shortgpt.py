@@ -15,8 +15,7 @@ import time
 import torch
 
 from bench.peers import PeerResult
-from bench.peers.surgery import block_params, check_landing, layer_shape, remove_layer, target_params
-from darwinlm.core.model.arch import arch_for
+from bench.peers.surgery import block_params, check_landing, remove_layer, start_pruning
 from darwinlm.core.model.driver import BlockDriver
 from darwinlm.core.model.pruned import ZeroAttention, ZeroMLP
 
@@ -55,10 +54,8 @@ def removal_plan(influence: torch.Tensor, attn_params: int, mlp_params: int, tar
 @torch.no_grad()
 def prune(model, calibration_ids: torch.Tensor, kept_fraction: float, *, batch_size: int = 8) -> PeerResult:
     """ShortGPT IN PLACE on a dense model (see the module docstring); calibration_ids: (n, seq_len) int64."""
-    start = time.perf_counter()
-    shape, spec = layer_shape(model), arch_for(model)
-    blocks = spec.block_list(model)
-    dense, target = block_params(model), target_params(shape, len(blocks), kept_fraction)
+    run = start_pruning(model, kept_fraction)
+    start, shape, spec, blocks, dense, target = run.started, run.shape, run.spec, run.blocks, run.dense, run.target
     influence = block_influence(model, calibration_ids, batch_size)
     whole, partial = removal_plan(influence, shape.attn_params(shape.query_heads), shape.mlp_params(shape.width),
                                   dense - target)

@@ -25,8 +25,8 @@ import time
 import torch
 
 from bench.peers import PeerResult
-from bench.peers.surgery import (LayerShape, block_params, check_landing, keep_channels, keep_heads, layer_shape,
-                                 target_params, uniform_plan)
+from bench.peers.surgery import (LayerShape, block_params, check_landing, keep_channels, keep_heads, start_pruning,
+                                 uniform_plan)
 from darwinlm.core.database.hessians import HessianAccumulator
 from darwinlm.core.database.obs import greedy_prune, inverse_hessian
 from darwinlm.core.database.structure import ModuleShape, module_shapes
@@ -74,6 +74,13 @@ def input_hessian(driver: BlockDriver, linear) -> torch.Tensor:
     return accumulator.hessian()
 
 
+def obs_prune(driver: BlockDriver, linear, unit_size: int, removed: int, eligible=None):
+    """Greedy structured OBS on `linear`'s inputs in the driver's current block: `removed` units of `unit_size`
+    input columns (a head, or one channel), from the Hessian of its propagated inputs."""
+    hinv = inverse_hessian(input_hessian(driver, linear), RELATIVE_DAMPING)
+    return greedy_prune(linear.weight.detach().float(), hinv, unit_size, [removed], eligible=eligible)[0]
+
+
 @torch.no_grad()
 def prune_layer(model, driver: BlockDriver, shape: LayerShape, heads: ModuleShape, layer: int,
                 plan: tuple[int, int]) -> dict:
@@ -86,10 +93,8 @@ def prune_layer(model, driver: BlockDriver, shape: LayerShape, heads: ModuleShap
         keep_heads(model, shape, layer, kept_heads)
     elif heads_per_group < shape.group_size:
         output = spec.attention_of(block).get_submodule(spec.o_proj)
-        hinv = inverse_hessian(input_hessian(driver, output), RELATIVE_DAMPING)
         removed = (shape.group_size - heads_per_group) * shape.kv_heads
-        pruned = greedy_prune(output.weight.detach().float(), hinv, shape.head_dim, [removed],
-                              eligible=heads.heads_of_groups_behind)[0]
+        pruned = obs_prune(driver, output, shape.head_dim, removed, eligible=heads.heads_of_groups_behind)
         kept_heads = pruned.kept_units
         keep_heads(model, shape, layer, kept_heads, o_weight=pruned.weight)
     kept_channels = torch.arange(shape.width)
@@ -98,8 +103,7 @@ def prune_layer(model, driver: BlockDriver, shape: LayerShape, heads: ModuleShap
         keep_channels(model, shape, layer, kept_channels)
     elif channels < shape.width:
         down = spec.mlp_of(block).get_submodule(spec.down_proj)
-        hinv = inverse_hessian(input_hessian(driver, down), RELATIVE_DAMPING)
-        pruned = greedy_prune(down.weight.detach().float(), hinv, 1, [shape.width - channels])[0]
+        pruned = obs_prune(driver, down, 1, shape.width - channels)
         kept_channels = pruned.kept_units
         keep_channels(model, shape, layer, kept_channels, down_weight=pruned.weight)
     driver.advance()
@@ -109,10 +113,8 @@ def prune_layer(model, driver: BlockDriver, shape: LayerShape, heads: ModuleShap
 @torch.no_grad()
 def prune(model, calibration_ids: torch.Tensor, kept_fraction: float, *, batch_size: int = 8) -> PeerResult:
     """SlimGPT IN PLACE on a dense model (see the module docstring); calibration_ids: (n, seq_len) int64."""
-    start = time.perf_counter()
-    shape, spec = layer_shape(model), arch_for(model)
-    n_layers = len(spec.block_list(model))
-    dense, target = block_params(model), target_params(shape, n_layers, kept_fraction)
+    run = start_pruning(model, kept_fraction)
+    start, shape, dense, target, n_layers = run.started, run.shape, run.dense, run.target, len(run.blocks)
     plans = schedule(shape, n_layers, target)
     heads = head_units(model)
     driver = BlockDriver(model, calibration_ids, batch_size=batch_size)

@@ -7,6 +7,7 @@ them (mlp_bias). A compensation bias a peer adds to o_proj or down_proj (FLAP's)
 per module (0.03% of SmolLM2's block parameters) and darwinlm's budget has no term for it.
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,28 @@ def target_params(shape: LayerShape, n_layers: int, kept_fraction: float) -> int
     if not 0.0 < kept_fraction <= 1.0:
         raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}")
     return int(round(n_layers * shape.dense * kept_fraction))
+
+
+@dataclass(frozen=True)
+class PruningRun:
+    """What every peer's prune() starts from: its clock, the dense model's layer shape, architecture, decoder
+    blocks, dense block parameters and the target it must land on."""
+
+    started: float
+    shape: LayerShape
+    spec: object
+    blocks: list
+    dense: int
+    target: int
+
+
+def start_pruning(model, kept_fraction: float) -> PruningRun:
+    """Time starts here, before any calibration pass: a peer's wall time includes all of its own work."""
+    started = time.perf_counter()
+    shape, spec = layer_shape(model), arch_for(model)
+    blocks = spec.block_list(model)
+    return PruningRun(started, shape, spec, blocks, block_params(model),
+                      target_params(shape, len(blocks), kept_fraction))
 
 
 def check_landing(peer: str, kept: int, target: int) -> None:

@@ -16,10 +16,8 @@ import time
 import torch
 
 from bench.peers import PeerResult
-from bench.peers.surgery import (block_params, check_landing, keep_channels, keep_heads, layer_shape,
-                                 output_projection_statistics, target_params, top_channels, top_heads_per_group,
-                                 uniform_plan)
-from darwinlm.core.model.arch import arch_for
+from bench.peers.surgery import (block_params, check_landing, keep_channels, keep_heads, output_projection_statistics,
+                                 start_pruning, top_channels, top_heads_per_group, uniform_plan)
 
 
 def column_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -30,10 +28,8 @@ def column_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def prune(model, calibration_ids: torch.Tensor, kept_fraction: float, *, batch_size: int = 8) -> PeerResult:
     """Wanda-sp IN PLACE on a dense model (see the module docstring); calibration_ids: (n, seq_len) int64."""
-    start = time.perf_counter()
-    shape, spec = layer_shape(model), arch_for(model)
-    blocks = spec.block_list(model)
-    dense, target = block_params(model), target_params(shape, len(blocks), kept_fraction)
+    run = start_pruning(model, kept_fraction)
+    start, shape, spec, blocks, dense, target = run.started, run.shape, run.spec, run.blocks, run.dense, run.target
     per_group, channels = uniform_plan(shape, kept_fraction)
     statistics = output_projection_statistics(model, calibration_ids, batch_size)
     kept_units = {}
