@@ -50,7 +50,7 @@ def test_bad_arguments_stop_with_one_line(argv, capsys):
 
 def test_the_defaults_are_the_headline_s():
     args = headline.parse_arguments([])
-    assert (args.targets, args.seeds, args.results) == ([0.3, 0.5], [0, 1, 2], "headline")
+    assert (args.targets, args.seeds, args.results) == ([0.5, 0.3], [0, 1, 2], "headline")
 
 
 def test_every_peer_has_a_row_and_a_place_in_the_report():
