@@ -1,23 +1,36 @@
-"""docs/results.md and its plots, generated from the results files (never edited by hand).
+"""docs/results.md, its plots and the README's results table, generated from the results files (never edited by
+hand).
 
-    python -m bench.report [--out docs]
+    python -m bench.report [--out docs] [--readme README.md]
 
 Reads bench/results/headline.json, or, until `make bench` has written one, the last search bench's
 bench/results/search.json (the same methods in its older row shape, on the old contiguous held-out windows: the
 page says which it read), plus bench/results/gguf.json for llama.cpp speed. Writes docs/results.md with the
 headline table (value ± standard error over windows; ± the spread over seeds for darwinlm) and three PNGs:
 perplexity against the fraction removed per method, quality against llama.cpp prefill speed, and the search's
-fixed-row KL trajectory per seed.
+fixed-row KL trajectory per seed. The page also sets darwinlm against each peer (below), and the README's table
+between its two RESULTS_MARKERS is rewritten with dense, uniform, darwinlm and the best peer.
 """
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("uniform", "informed_start", "darwinlm", "tp_taylor_uniform", "tp_global", "flap", "slimgpt", "ziplm_dp",
            "shortgpt", "wanda_sp")  # bench.headline.PEERS after darwinlm's own rows
+PEERS = METHODS[3:]
+PEER_LABELS = {"tp_taylor_uniform": "torch-pruning, Taylor uniform", "tp_global": "torch-pruning, Taylor global",
+               "flap": "FLAP", "slimgpt": "SlimGPT", "ziplm_dp": "ZipLM-DP", "shortgpt": "ShortGPT",
+               "wanda_sp": "Wanda-sp"}
 TEXTS = ("sotu", "moby")
+TEXT_LABELS = {"sotu": "SOTU", "moby": "Moby-Dick"}
+COLUMNS = [f"ppl_{text}{stage}" for stage in ("", "_posttrained") for text in TEXTS]
+# A difference counts as a win or a loss only beyond this many of its noise (see noise()): about 95% two-sided.
+NOISE_MULTIPLE = 2.0
+README_MARKERS = ("<!-- results table: written by `python -m bench.report`, do not edit -->",
+                  "<!-- end of results table -->")
 # search.json's method names, for a page generated before the first headline run
 OLD_NAMES = {"darwinlm_oneshot": "darwinlm"}
 
@@ -46,14 +59,19 @@ def headline_from_search(search: dict) -> dict:
             "dense": {"params_kept": dense["params"], **{f"ppl_{t}": dense[f"ppl_{t}"] for t in TEXTS}}}
 
 
+def headline_source(results: Path) -> Path:
+    """The file the headline is read from: headline.json, else (before the first `make bench`) search.json."""
+    for name in ("headline.json", "search.json"):
+        if (results / name).exists():
+            return results / name
+    raise SystemExit("bench.report: no bench/results/headline.json (or search.json): run `make bench` first")
+
+
 def load_headline(results: Path) -> tuple[dict, str]:
-    path = results / "headline.json"
-    if path.exists():
+    path = headline_source(results)
+    if path.name == "headline.json":
         return json.loads(path.read_text()), "bench/results/headline.json (test windows)"
-    search = results / "search.json"
-    if not search.exists():
-        raise SystemExit("bench.report: no bench/results/headline.json (or search.json): run `make bench` first")
-    return headline_from_search(json.loads(search.read_text())), (
+    return headline_from_search(json.loads(path.read_text())), (
         "bench/results/search.json: the last search bench, on the old contiguous held-out windows, until "
         "`make bench` writes headline.json")
 
@@ -66,20 +84,99 @@ def cell(row: dict, key: str) -> str:
     return f"{row[key]:.1f}" + (f" ± {error:.1f}" if error is not None else "")
 
 
+def seconds(row: dict) -> str:
+    """The method's own work up to the pruned model, and its post-training, in seconds."""
+    shown = [f"{row[key]:.0f}" if row.get(key) is not None else "–" for key in ("wall_s", "post_train_s")]
+    return " | ".join(shown)
+
+
 def table(headline: dict) -> list[str]:
-    columns = [f"ppl_{t}{s}" for s in ("", "_posttrained") for t in TEXTS]
-    lines = ["| removed | method | params kept | " + " | ".join(columns) + " |",
-             "|---|---|---|" + "---|" * len(columns)]
+    lines = ["| removed | method | params kept | " + " | ".join(COLUMNS) + " | method s | post-training s |",
+             "|---|---|---|" + "---|" * (len(COLUMNS) + 2)]
     dense = headline["dense"]
     lines.append(f"| 0% | dense | {dense['params_kept']:,} | "
-                 + " | ".join(cell(dense, f"ppl_{t}") for t in TEXTS) + " | – | – |")
+                 + " | ".join(cell(dense, f"ppl_{t}") for t in TEXTS) + " | – | – | – | – |")
     for fraction, rows in sorted(headline["targets"].items()):
         for method in METHODS:
             if method in rows:
                 row = rows[method]
                 lines.append(f"| {float(fraction):.0%} | {method} | {row['params_kept']:,.0f} | "
-                             + " | ".join(cell(row, column) for column in columns) + " |")
+                             + " | ".join(cell(row, column) for column in COLUMNS) + f" | {seconds(row)} |")
     return lines
+
+
+def noise(row: dict, key: str) -> float:
+    """One row's uncertainty in `key`: its window standard error and, for a seeded row, its spread over seeds."""
+    return math.hypot(row.get(f"{key}_se") or 0.0, row.get(f"{key}_sd") or 0.0)
+
+
+def verdict(ours: dict, peer: dict, key: str) -> str:
+    """`ratio× outcome` of darwinlm's `key` against a peer's: a win or a loss when the difference exceeds
+    NOISE_MULTIPLE × the two rows' noise combined, else noise. The rows read the same windows, so their window
+    errors are partly shared and this unpaired combination is conservative. Just the ratio where a row records no
+    error."""
+    if ours.get(key) is None or peer.get(key) is None:
+        return "–"
+    ratio = f"{ours[key] / peer[key]:.2f}×"
+    if not all(row.get(f"{key}_se") is not None or row.get(f"{key}_sd") is not None for row in (ours, peer)):
+        return ratio  # a row without its error (search.json's older rows): no verdict
+    difference = peer[key] - ours[key]
+    margin = NOISE_MULTIPLE * math.hypot(noise(ours, key), noise(peer, key))
+    outcome = "win" if difference > margin else "loss" if -difference > margin else "noise"
+    return f"{ratio} {outcome}"
+
+
+def against_peers(headline: dict) -> list[str]:
+    """darwinlm's perplexity ÷ each peer's, per fraction, text and stage, with whether it is beyond the noise."""
+    lines = ["| removed | darwinlm against | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for fraction, rows in sorted(headline["targets"].items()):
+        if "darwinlm" not in rows:
+            continue
+        for method in ("uniform", "informed_start", *PEERS):
+            if method in rows:
+                lines.append(f"| {float(fraction):.0%} | {method} | "
+                             + " | ".join(verdict(rows["darwinlm"], rows[method], key) for key in COLUMNS) + " |")
+    return lines
+
+
+def best_peer(rows: dict) -> str | None:
+    """The peer a user would pick: the lowest in-domain perplexity after post-training (what ships is
+    post-trained)."""
+    scored = [method for method in PEERS if (rows.get(method) or {}).get("ppl_sotu_posttrained") is not None]
+    return min(scored, key=lambda method: rows[method]["ppl_sotu_posttrained"], default=None)
+
+
+def readme_table(headline: dict, source: str) -> list[str]:
+    """The README's one table: dense, then uniform, darwinlm and the best peer at each fraction."""
+    lines = [f"From {source} at commit `{headline['provenance'].get('commit', '?')[:12]}`; ± is the window standard "
+             "error, or for darwinlm the spread over its seeds.", "",
+             "| removed | method | " + " | ".join(f"{TEXT_LABELS[t]}{s}" for s in ("", ", post-trained")
+                                                 for t in TEXTS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS),
+             "| 0% | dense | " + " | ".join(cell(headline["dense"], f"ppl_{t}") for t in TEXTS) + " | – | – |"]
+    for fraction, rows in sorted(headline["targets"].items()):
+        peer = best_peer(rows)
+        shown = [("uniform", "uniform"), ("darwinlm", "**darwinlm**")]
+        shown += [(peer, f"{PEER_LABELS[peer]} (best peer)")] if peer else []
+        for method, label in shown:
+            if method in rows:
+                lines.append(f"| {float(fraction):.0%} | {label} | "
+                             + " | ".join(cell(rows[method], key) for key in COLUMNS) + " |")
+    return lines
+
+
+def update_readme(readme: Path, headline: dict, source: str) -> None:
+    """Rewrite the README's lines between README_MARKERS with readme_table (temporary file, then rename)."""
+    text = readme.read_text()
+    begin, end = README_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"bench.report: {readme} needs the two lines {begin!r} and {end!r}, once each and in "
+                         "that order, around its results table")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    temporary = readme.with_suffix(".tmp")
+    temporary.write_text(head + begin + "\n" + "\n".join(readme_table(headline, source)) + "\n" + end + tail)
+    temporary.replace(readme)
 
 
 def plot_ppl_against_fraction(headline: dict, out: Path) -> Path:
@@ -153,7 +250,8 @@ def save(figure, path: Path) -> Path:
     return path
 
 
-def write_report(results: Path, out: Path) -> Path:
+def write_report(results: Path, out: Path, readme: Path | None = None) -> Path:
+    """docs/results.md and its plots under `out`; the README's results table too when `readme` is given."""
     headline, source = load_headline(results)
     gguf_path = results / "gguf.json"
     gguf = json.loads(gguf_path.read_text()) if gguf_path.exists() else None
@@ -163,20 +261,30 @@ def write_report(results: Path, out: Path) -> Path:
     lines = ["# darwinlm results", "",
              f"Generated by `python -m bench.report` from {source}, measured at commit `{origin['commit'][:12]}` "
              f"on {origin['date']} by `{origin['command']}`. Perplexity on 512-token windows; ± is the window "
-             "standard error, or for darwinlm the spread (sd) over its seeds.", "", *table(headline), ""]
+             "standard error, or for darwinlm the spread (sd) over its seeds. `method s` is the method's own work up "
+             "to the pruned model (darwinlm's database, shared by its rows, is not in it); `post-training s` "
+             "includes the refit of the genomes from darwinlm's database (uniform, informed_start, darwinlm).", "", *table(headline), "",
+             "## darwinlm against each method", "",
+             "darwinlm's perplexity ÷ the method's (below 1: darwinlm is better). `win` or `loss` only where the "
+             f"difference exceeds {NOISE_MULTIPLE:g} × the combined noise of the two rows (window standard errors "
+             "and darwinlm's spread over seeds); otherwise `noise`.", "", *against_peers(headline), ""]
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
     page = out / "results.md"
     temporary = page.with_suffix(".tmp")
     temporary.write_text("\n".join(lines) + "\n")
     temporary.replace(page)
+    if readme is not None:
+        update_readme(readme, headline, f"`bench/results/{headline_source(results).name}`")
     return page
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent.parent / "docs"))
+    parser.add_argument("--readme", default=str(Path(__file__).parent.parent / "README.md"),
+                        help="the README whose results table to rewrite ('' to leave it)")
     args = parser.parse_args(argv)
-    print(f"wrote {write_report(RESULTS, Path(args.out))}")
+    print(f"wrote {write_report(RESULTS, Path(args.out), Path(args.readme) if args.readme else None)}")
 
 
 if __name__ == "__main__":
