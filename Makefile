@@ -22,7 +22,7 @@ test-fast: setup
 # One-off studies are not here: they live in experiments/, each with its note.
 .PHONY: bench-gemma bench-scale
 bench: setup
-	.venv/bin/python -m bench.database                  # ~40 min: build vs forward, OBS vs magnitude and the peer
+	.venv/bin/python -m bench.database                  # ~30 min: build vs forward, OBS vs magnitude and the peer, the refit
 	.venv/bin/python -m bench.export                    # ~10 min: exported size and speed, reload parity
 	.venv/bin/python -m bench.gguf                      # ~15 min: llama.cpp size, speed and perplexity parity
 	.venv/bin/python -m bench.reliability               # ~15 min: crashes, storage faults, bad input, credentials

@@ -1,6 +1,6 @@
 """Database benchmark on SmolLM2: OBS quality against magnitude and torch-pruning, build speed, memory, size.
 
-    python -m bench.database [--rows 64] [--windows 40] [--skip-peer] [--curve 16384,32768,65536,131072]
+    python -m bench.database [--rows 64] [--windows 40] [--skip-peer]
 
 Prints a table and writes bench/results/database.json, with provenance. Speeds are ratios measured in this one
 run (the build against the calibration forward passes alone), because absolute seconds drift on a shared
@@ -10,9 +10,9 @@ dense-weight curve (`--refit-weights`: ppl per weight on the validation windows 
 choose the weight that every other refit here uses and `refit_dense_weight` records, on the first 16 calibration
 rows, and on both texts' test windows); the GQA-cost-aware greedy order against the plain one
 (DatabaseConfig.gqa_cost_aware: uniform-50% ppl of both, same rows, windows and parameter budget; the main
-database uses the default order), and the calibration curve (uniform-50% ppl and build seconds against calibration tokens). The refit is measured on
-uniform 50% and on the genome of a short one-shot search (`--search-generations`), on both held-out texts
-(SOTU and Moby-Dick: `*_moby` keys), and the uniform-50% refit again on `--refit-rows` calibration rows.
+database uses the default order). The refit is measured on uniform 50% and on the genome of a short one-shot
+search (`--search-generations`), on both held-out texts (SOTU and Moby-Dick: `*_moby` keys). The calibration curve
+and the refit on more rows are a study: experiments/2026-12-01-database-studies.
 torch-pruning gets the same calibration rows as OBS. Every held-out figure is on the test windows
 (darwinlm.core.data.windows, recorded under `windows`); only the refit weight's choice reads validation windows.
 """
@@ -195,32 +195,6 @@ def other_gqa_order_ppl(model, ids, calibration_digest, eval_windows, digest, ba
                          f"ppl gqa_cost_aware={cost_aware} 50%")
 
 
-def calibration_curve(model, tokenizer, split, eval_windows, digest, tokens: list[int], batch_size: int,
-                      known: dict, max_s: float) -> tuple[list[dict], str]:
-    """Uniform-50% held-out ppl and build seconds per calibration amount (rows of 512 tokens); a point already
-    measured (`known`: {tokens: (ppl, build_s)}) is reused. A point whose build is predicted (from the last
-    one, in proportion to the tokens) to take more than max_s seconds ends the curve, with a note."""
-    from darwinlm.core.database.store import DatabaseConfig
-
-    curve, note, last = [], "", None  # last: (tokens, seconds) of the latest point, to predict the next
-    for count in sorted(tokens):
-        if count in known:
-            curve.append({"tokens": count, "ppl_uniform50": known[count][0], "build_s": known[count][1]})
-            last = (count, known[count][1])
-            continue
-        predicted = None if last is None else last[1] * count / last[0]  # the build scales with the tokens
-        if predicted is not None and predicted > max_s:
-            note = f"stopped before {count} tokens: predicted {predicted:.0f} s > {max_s:.0f} s from the last point"
-            break
-        ids, calibration_digest = calibration_rows(split, tokenizer, count // 512, 512)
-        with tempfile.TemporaryDirectory() as root:
-            ppl, build_s = uniform50_ppl(model, ids, calibration_digest, eval_windows, digest, batch_size, root,
-                                         DatabaseConfig(storage_dtype="float16"), f"ppl uniform50 @ {count} tokens")
-        curve.append({"tokens": count, "ppl_uniform50": ppl, "build_s": build_s})
-        last = (count, build_s)
-    return curve, note
-
-
 def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="calibration rows of 512 tokens")
@@ -228,17 +202,10 @@ def _parse_args():
                         help="held-out test windows of 512 tokens per text (and as many validation windows)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true", help="do not run torch-pruning")
-    parser.add_argument("--curve", default="16384,32768,65536,131072",
-                        help="calibration tokens of the calibration curve ('' to skip it)")
     parser.add_argument("--search-generations", type=int, default=10,
                         help="generations of the short search whose genome the refit is also measured on")
-    parser.add_argument("--refit-rows", type=int, default=256,
-                        help="calibration rows of a second uniform-50%% refit, to show whether more text helps it "
-                             "(0 to skip)")
     parser.add_argument("--refit-weights", default="0,0.15,0.3,0.5,1",
                         help="dense weights of the uniform-50%% refit's curve ('' to measure the default alone)")
-    parser.add_argument("--curve-max-s", type=float, default=900.0,
-                        help="end the curve before a point predicted to build for longer than this")
     return parser.parse_args()
 
 
@@ -306,10 +273,6 @@ def main() -> None:
         ppl_refit, refit_s = {"sotu": chosen["ppl_sotu"], "moby": chosen["ppl_moby"]}, chosen["refit_s"]
         ppl_reselect, _ = _refit_ppl(model, database, levels, ids, refit_windows, digest, args.batch_size, True,
                                      weight)
-        if args.refit_rows:  # the same database and genome, refitted on more calibration text than it was built on
-            more_ids, _ = calibration_rows(split, tokenizer, args.refit_rows, 512)
-            ppl_refit_more, _ = _refit_ppl(model, database, levels, more_ids, refit_windows, digest, args.batch_size,
-                                           False, weight)
         searched = searched_levels(model, database, split, tokenizer, digest, args.search_generations)
         assembly.apply(searched)
         ppl_searched = held_out_ppl(model, refit_windows, "searched 50%")
@@ -320,10 +283,6 @@ def main() -> None:
         ppl_other, other_build_s = other_gqa_order_ppl(model, ids, calibration_digest, eval_windows, digest,
                                                        args.batch_size, root, not main_cost_aware)
         ppl_cost_aware, ppl_plain = (ppl_obs, ppl_other) if main_cost_aware else (ppl_other, ppl_obs)
-        curve_tokens = [int(t) for t in args.curve.split(",") if t]
-        curve, curve_note = calibration_curve(model, tokenizer, split, eval_windows, digest, curve_tokens,
-                                              args.batch_size, {args.rows * 512: (ppl_obs, build_s)},
-                                              args.curve_max_s)
         _magnitude_model(model, database, levels)  # last: it prunes the live model in place
         ppl_magnitude = perplexity(model, eval_windows, progress=True, desc="ppl magnitude 50%")
 
@@ -351,10 +310,6 @@ def main() -> None:
         "ppl_searched50_moby": ppl_searched["moby"], "ppl_searched50_refit_moby": ppl_searched_refit["moby"],
         "refit_ppl_ratio_searched50_moby": ppl_searched_refit["moby"] / ppl_searched["moby"],
         "refit_reselect_ppl_ratio_uniform50_moby": ppl_reselect["moby"] / ppl_obs_both["moby"],
-        "refit_more_rows": args.refit_rows or None,
-        "refit_more_rows_ppl_ratio_uniform50": ppl_refit_more["sotu"] / ppl_obs if args.refit_rows else None,
-        "refit_more_rows_ppl_ratio_uniform50_moby":
-            ppl_refit_more["moby"] / ppl_obs_both["moby"] if args.refit_rows else None,
         "database_gqa_cost_aware": main_cost_aware,
         "ppl_uniform50_gqa_cost_aware": ppl_cost_aware, "ppl_uniform50_gqa_plain": ppl_plain,
         "gqa_cost_aware_ppl_ratio": ppl_cost_aware / ppl_plain, "other_gqa_order_build_s": other_build_s,
@@ -363,7 +318,6 @@ def main() -> None:
         "load_average_before_build": load_before, "load_average_after_forward": load_after_timing,
         "peak_rss_gb": peak_rss, "fp32_model_gb": dense_bytes / 2**30,
         "db_size_ratio_vs_dense": db_bytes / dense_bytes,
-        "calibration_curve": curve, "calibration_curve_note": curve_note,
     }
     if not args.skip_peer:
         from bench.peers.torch_pruning import prune_uniform_taylor
