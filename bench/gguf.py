@@ -1,21 +1,28 @@
 """GGUF benchmark: SmolLM2 dense vs what the pipeline ships at 50% vs uniform 50%, at f16, q8_0 and q4_k_m, in llama.cpp.
 
-    python -m bench.gguf [--windows 8] [--reps 5] [--threads 2] [--prompt-tokens 512] [--decode-tokens 64]
+    python -m bench.gguf [--windows 8] [--reps 5] [--threads 2] [--decode-tokens 64] [--rows 64]
 
-The pruned model is what the pipeline ships: the demo's export that bench/results/demo.json names (`make demo`),
-else a `darwinlm compress` run's under data_home()/runs; the uniform model is uniform 50% of the database
-bench.export builds (content-addressed, so it is reused), the same size by parameters: the shipped model's speed
-against it says what the search's shapes cost in llama.cpp. Without a shipped model, the pruned one is the uniform
-one. All are exported with
-`export_gguf`, perplexity is measured by llama.cpp on the same held-out 512-token windows torch is scored on
-(ppl_rel_diff_f16 compares the two), and speeds are medians of interleaved repetitions within this run:
-every repetition times every (model, quant) once, in rotated order, so load on a shared machine hits all alike.
-Prefill is one 512-token prompt with logits for its last token only (as serving does); decode feeds held-out
-tokens one at a time after it. Writes bench/results/gguf.json.
+Dense, every speedup's denominator, is SmolLM2 as a llama.cpp user has it: converted by llama.cpp's own
+convert_hf_to_gguf.py from the vendored llama.cpp of the pinned llama-cpp-python sdist (llama_cpp_converter), and
+quantized to q4_k_m by llama.cpp. The same dense weights through darwinlm's writer (the `dense_darwinlm_writer_*`
+ratios) show what darwinlm's `deci` GGUF costs by itself. The pruned model is what the pipeline ships: the demo's
+export that bench/results/demo.json names (`make demo`), else a `darwinlm compress` run's under data_home()/runs.
+The uniform model is uniform 50% of the database bench.export builds (content-addressed, so it is reused), the same
+size by parameters: the shipped model's speed against it says what the search's shapes cost in llama.cpp. Without
+a shipped model, the pruned one is the uniform one. darwinlm's models are exported with `export_gguf`. Perplexity
+is measured by llama.cpp on the same held-out 512-token windows torch is scored on (ppl_rel_diff_f16 compares the
+two), and speeds are medians of interleaved repetitions within this run: every repetition times every (model,
+quant) once, in rotated order, so load on a shared machine hits all alike. Prefill is one 512-token prompt with
+logits for its last token only (as serving does); decode feeds held-out tokens one at a time after it. Writes
+bench/results/gguf.json.
 """
 
 import argparse
 import os
+import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +35,16 @@ from darwinlm.core.evaluation.timing import interleaved_medians
 from darwinlm.flows.offline import apply_offline_defaults
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
+DENSE_OURS = "dense_darwinlm_writer"
+# What llama.cpp's converter needs from the llama-cpp-python sdist: the script, its `conversion` package and gguf-py.
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+# convert_hf_to_gguf imports sentencepiece before it looks for a tokenizer.model, which SmolLM2 (a BPE tokenizer)
+# does not have; this stands in for the package so the converter falls through to its BPE path, as it would with
+# sentencepiece installed. A model with a tokenizer.model gets this error instead of a silent wrong vocabulary.
+SENTENCEPIECE_STAND_IN = """class SentencePieceProcessor:
+    def __init__(self, *args, **kwargs):
+        raise ImportError("bench.gguf: this model has a tokenizer.model; install sentencepiece to convert it")
+"""
 # issue 38: what ships runs ≥ 1.5x dense prefill and ≥ 1.4x dense decode, at f16 and at q8_0
 GOALS = {"prefill_speedup_f16": "≥ 1.5", "decode_speedup_f16": "≥ 1.4", "prefill_speedup_q8_0": "≥ 1.5",
          "decode_speedup_q8_0": "≥ 1.4", "ppl_rel_diff_f16": "≤ 0.01"}
@@ -52,6 +69,61 @@ def _shipped_model():
             fraction = info["kept_block_params"] / info["dense_block_params"]
             return AutoModelForCausalLM.from_pretrained(folder).eval(), f"shipped: {folder}", fraction
     return None
+
+
+def llama_cpp_converter() -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py, from the vendored llama.cpp of the sdist of the installed
+    llama-cpp-python (the pinned version), kept under data_home()/llama-cpp-converter/<version> (downloaded once
+    from the package index, as `make setup` downloads that sdist to build it)."""
+    import llama_cpp
+
+    from darwinlm.core.home import data_home
+
+    root = data_home() / "llama-cpp-converter" / llama_cpp.__version__
+    if (root / CONVERTER_PARTS[0]).is_file():
+        return root / CONVERTER_PARTS[0]
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-sdist-") as scratch:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={llama_cpp.__version__}", "-d", scratch], check=True)
+        sdist = next(Path(scratch).glob("llama_cpp_python-*.tar.gz"))
+        staged = Path(scratch) / "converter"
+        with tarfile.open(sdist) as archive:
+            for member in archive.getmembers():
+                inside = member.name.partition("/vendor/llama.cpp/")[2]
+                if member.isfile() and any(inside == part or part.endswith("/") and inside.startswith(part)
+                                           for part in CONVERTER_PARTS):
+                    target = staged / inside
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(archive.extractfile(member).read())
+        (staged / "stand_ins").mkdir()
+        (staged / "stand_ins" / "sentencepiece.py").write_text(SENTENCEPIECE_STAND_IN)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.move(str(staged), root)  # whole, or not at all: a stopped download leaves no half converter
+    return root / CONVERTER_PARTS[0]
+
+
+def convert_with_llama_cpp(model_folder: Path, folder: Path) -> dict:
+    """{quant: GGUF path} of the HF model in `model_folder`, as a llama.cpp user has it: f16 and q8_0 by
+    convert_hf_to_gguf.py, q4_k_m by llama.cpp's quantizer from that f16."""
+    from darwinlm.core.export.gguf import quantize_with_llama_cpp
+
+    script = llama_cpp_converter()
+    converter = script.parent
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        str(path) for path in (converter / "gguf-py", converter, converter / "stand_ins"))}
+    files = {}
+    for quant in QUANTS[:2]:
+        files[quant] = folder / f"dense-llama-cpp-{quant}.gguf"
+        run = subprocess.run([sys.executable, str(script), str(model_folder), "--outtype", quant, "--outfile",
+                              str(files[quant])], env=environment, capture_output=True, text=True)
+        if run.returncode != 0:
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"bench.gguf: llama.cpp's converter failed on {model_folder} at {quant}: {last}")
+        print(f"converted {files[quant].name} with llama.cpp's converter", flush=True)
+    files["q4_k_m"] = folder / "dense-llama-cpp-q4_k_m.gguf"
+    quantize_with_llama_cpp(files["f16"], files["q4_k_m"], "q4_k_m")
+    return files
 
 
 def _uniform_model(model, tokenizer, split, digest: str, rows: int):
@@ -156,7 +228,7 @@ def main() -> None:
     from darwinlm.core.data.windows import TEST, held_out_windows, windows_used
     from darwinlm.core.database.store import model_digest
     from darwinlm.core.evaluation.metrics import perplexity
-    from darwinlm.core.model.loading import load_model
+    from darwinlm.core.model.loading import load_model, resolve_model_location
 
     args, started = _arguments(), time.perf_counter()
     origin = provenance(config=vars(args), seeds={"calibration_sample": 0})
@@ -167,11 +239,16 @@ def main() -> None:
     working, _ = load_model("smollm2")  # pruned in place to uniform 50%
     uniform, uniform_source, uniform_fraction = _uniform_model(working, tokenizer, split, digest, args.rows)
     pruned, pruned_source, kept_fraction = _shipped_model() or (uniform, uniform_source, uniform_fraction)
-    models = {"dense": dense, "pruned": pruned, **({"uniform": uniform} if pruned is not uniform else {})}
+    # "dense" is the dense model as a llama.cpp user has it (llama.cpp's own converter), the denominator of every
+    # speedup; DENSE_OURS is the same weights through darwinlm's writer, to show its `deci` path costs nothing.
+    models = {DENSE_OURS: dense, "pruned": pruned, **({"uniform": uniform} if pruned is not uniform else {})}
     torch_ppl = {name: perplexity(model, windows) for name, model in models.items()}
+    torch_ppl = {"dense": torch_ppl[DENSE_OURS], **torch_ppl}
     print(f"torch perplexity: {torch_ppl}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as scratch:
         files = _export_all(models, tokenizer, Path(scratch))
+        converted = convert_with_llama_cpp(Path(resolve_model_location("smollm2")), Path(scratch))
+        files.update({("dense", quant): path for quant, path in converted.items()})
         del dense, pruned, working, uniform, models
         ppl = {key: _llama_perplexity(path, windows, args.threads) for key, path in files.items()}
         print(f"llama.cpp perplexity: {ppl}", flush=True)
@@ -193,6 +270,8 @@ def main() -> None:
            for kind in ("prefill", "decode") for quant in QUANTS}}
     results = {
         "model": "SmolLM2-135M-Instruct", "pruned_model": pruned_source, "kept_block_fraction": kept_fraction,
+        "dense_model": "llama.cpp's convert_hf_to_gguf.py (f16, q8_0) and quantizer (q4_k_m), from the "
+                       "llama-cpp-python sdist's vendored llama.cpp",
         "size_ratio_f16": sizes[("pruned", "f16")] / sizes[("dense", "f16")],
         "prefill_speedup_f16": ratio("prefill", "f16"), "decode_speedup_f16": ratio("decode", "f16"),
         "ppl_rel_diff_f16": max(abs(ppl[(name, "f16")] / torch_ppl[name] - 1) for name in torch_ppl),
@@ -201,6 +280,8 @@ def main() -> None:
             speed[("pruned", "q4_k_m")]["decode"] / speed[("dense", "f16")]["decode"],
         **{f"prefill_speedup_{quant}": ratio("prefill", quant) for quant in QUANTS[1:]},
         **{f"decode_speedup_{quant}": ratio("decode", quant) for quant in QUANTS[1:]},
+        **{f"{DENSE_OURS}_{kind}_ratio_{quant}": ratio(kind, quant, DENSE_OURS)
+           for kind in ("prefill", "decode") for quant in QUANTS},
         **uniform_ratios, "torch_ppl": torch_ppl, "per_quant": per_quant,
         "eval": {"windows": int(windows.shape[0]), "seq_len": 512,
                  "set": f"{split.in_domain} ({split.label(split.in_domain)})"},
