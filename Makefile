@@ -24,9 +24,9 @@ test-fast: setup
 bench: setup
 	.venv/bin/python -m bench.database                  # ~30 min: build vs forward, OBS vs magnitude and the peer, the refit
 	.venv/bin/python -m bench.export                    # ~10 min: exported size and speed, reload parity
-	.venv/bin/python -m bench.gguf                      # ~17 min: llama.cpp size, speed and perplexity parity against llama.cpp's own dense conversion
+	.venv/bin/python -m bench.gguf                      # ~8 min: llama.cpp size, speed and perplexity parity against llama.cpp's own dense conversion (5 min in bench/results/gguf.json, plus the sdist download once)
 	.venv/bin/python -m bench.reliability               # ~15 min: crashes, storage faults, bad input, credentials
-	.venv/bin/python -m bench.headline                  # ~185 min: every method at 30% and 50%, 3 seeds, post-trained; the five paper peers add ~65 of it (10 rows at ~1.2 min pruning, 2 evaluations and a post-training each)
+	.venv/bin/python -m bench.headline                  # ~200 min: every method at 50% then 30%, 3 seeds, post-trained; 50% took 92 min (experiments/2026-12-05-headline-at-50), 30% searches a bigger model
 	.venv/bin/python -m bench.report                    # ~1 min: docs/results.md and its plots
 
 # Outside the headline's two hours: the same headline rows on Gemma-3-270M (needs requirements/gemma.txt), and
