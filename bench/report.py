@@ -8,8 +8,8 @@ bench/results/search.json (the same methods in its older row shape, on the old c
 page says which it read), plus bench/results/gguf.json for llama.cpp speed. Writes docs/results.md with the
 headline table (value ± standard error over windows; ± the spread over seeds for darwinlm) and three PNGs:
 perplexity against the fraction removed per method, quality against llama.cpp prefill speed, and the search's
-fixed-row KL trajectory per seed. The page also sets darwinlm against each peer (below), and the README's table
-between its two RESULTS_MARKERS is rewritten with dense, uniform, darwinlm and the best peer.
+fixed-row KL trajectory per seed. The page also sets darwinlm against every other method (against_peers), and the
+README's table between its two README_MARKERS is rewritten with dense, uniform, darwinlm and the best peer.
 """
 
 import argparse
