@@ -90,8 +90,9 @@ def llama_cpp_converter() -> Path:
         with tarfile.open(sdist) as archive:
             for member in archive.getmembers():
                 inside = member.name.partition("/vendor/llama.cpp/")[2]
-                if member.isfile() and any(inside == part or part.endswith("/") and inside.startswith(part)
-                                           for part in CONVERTER_PARTS):
+                wanted = any(inside == part or part.endswith("/") and inside.startswith(part)
+                             for part in CONVERTER_PARTS)
+                if member.isfile() and wanted and ".." not in Path(inside).parts:  # nothing lands outside
                     target = staged / inside
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(archive.extractfile(member).read())

@@ -17,7 +17,8 @@ def fake_sdist(folder, version):
     top = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     files = {top + "convert_hf_to_gguf.py": "print('converter')", top + "conversion/__init__.py": "",
              top + "gguf-py/gguf/__init__.py": "", top + "convert_hf_to_gguf_update.py": "",
-             top + "src/llama.cpp": "", f"llama_cpp_python-{version}/llama_cpp/__init__.py": ""}
+             top + "src/llama.cpp": "", f"llama_cpp_python-{version}/llama_cpp/__init__.py": "",
+             top + "conversion/../../escaped.py": ""}  # a name that climbs out must not be written
     with tarfile.open(path, "w:gz") as archive:
         for name, text in files.items():
             info = tarfile.TarInfo(name)
@@ -54,6 +55,7 @@ def test_the_converter_is_the_pinned_sdist_s_and_only_its_parts(sdist_downloads)
     kept = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
     assert kept == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py",
                     "stand_ins/sentencepiece.py"]
+    assert not list(root.parent.parent.rglob("escaped.py"))
     assert gguf.llama_cpp_converter() == script and len(sdist_downloads) == 1  # kept: downloaded once
 
 
