@@ -4,6 +4,7 @@ import io
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def fake_sdist(folder, version):
     files = {top + "convert_hf_to_gguf.py": "print('converter')", top + "conversion/__init__.py": "",
              top + "gguf-py/gguf/__init__.py": "", top + "convert_hf_to_gguf_update.py": "",
              top + "src/llama.cpp": "", f"llama_cpp_python-{version}/llama_cpp/__init__.py": "",
-             top + "conversion/../../escaped.py": ""}  # a name that climbs out must not be written
+             top + "conversion/../../../escaped.py": ""}  # climbs out of the scratch folder: never written
     with tarfile.open(path, "w:gz") as archive:
         for name, text in files.items():
             info = tarfile.TarInfo(name)
@@ -32,6 +33,8 @@ def sdist_downloads(monkeypatch, tmp_path):
     import llama_cpp
 
     monkeypatch.setenv("DARWINLM_HOME", str(tmp_path / "home"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the download's scratch folder, inside tmp_path
     calls, real_run = [], subprocess.run
 
     def run(command, *args, **kwargs):
@@ -55,7 +58,7 @@ def test_the_converter_is_the_pinned_sdist_s_and_only_its_parts(sdist_downloads)
     kept = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
     assert kept == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py",
                     "stand_ins/sentencepiece.py"]
-    assert not list(root.parent.parent.rglob("escaped.py"))
+    assert not list(root.parents[2].rglob("escaped.py"))  # tmp_path: the data home and the scratch folders
     assert gguf.llama_cpp_converter() == script and len(sdist_downloads) == 1  # kept: downloaded once
 
 
