@@ -65,6 +65,14 @@ def peer_rows():
             "shortgpt": {"ppl_sotu_posttrained": 45.0, "ppl_sotu_posttrained_se": 1.0}}
 
 
+def test_a_resumed_headline_names_the_commit_of_the_rows_it_resumed_too():
+    headline = {"provenance": {"commit": "a" * 40}}
+    assert report.measured_at(headline) == f"commit `{'a' * 12}`"
+    resumed = {**headline, "resumed_rows_provenance": {"commit": "b" * 40, "date": "2026-12-05T01:05:07+00:00"}}
+    assert f"commit `{'a' * 12}`" in report.measured_at(resumed)
+    assert f"commit `{'b' * 12}` on 2026-12-05T01:05:07+00:00" in report.measured_at(resumed)
+
+
 def test_a_difference_counts_only_beyond_twice_the_combined_noise():
     rows = peer_rows()
     assert report.verdict(rows["darwinlm"], rows["flap"], "ppl_sotu_posttrained") == "0.83× win"
