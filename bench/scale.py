@@ -92,7 +92,7 @@ def _stage_seconds(flow_run_id) -> dict:
     spans: dict[str, list[float]] = {}
     for run in asyncio.run(task_runs()):
         kind, generation, stage = (run.name.split("-") + ["", "", ""])[:3]
-        if kind in ("select", "candidate") and generation != "g0" and run.start_time and run.end_time:
+        if kind in ("select", "candidate") and generation != "g1" and run.start_time and run.end_time:
             spans.setdefault(f"{kind}_{stage}", []).append((run.end_time - run.start_time).total_seconds())
     return {key: statistics.median(values) for key, values in sorted(spans.items())}
 

@@ -50,15 +50,16 @@ def start_needs_a_model(config: CompressConfig) -> bool:
 def winner_levels(config: CompressConfig, database: Database, state: SearchState | None,
                   live_search: Callable[[], Search]) -> tuple[int, ...]:
     """The levels a compression ships: the final parent of its finished search or, with 0 generations, the
-    search's start (uniform from the database alone; otherwise `live_search()` is built to choose it)."""
+    search's start: the saved state's when the start was chosen and saved already (a state at generation 0),
+    else uniform from the database alone, or `live_search()` built to choose it."""
     generations = config.search.generations
-    if generations and state is not None and state.config_digest != config.search.digest:
+    if state is not None and state.config_digest != config.search.digest:
         raise DarwinLMError("the saved search state belongs to another search config",
                             "use a new run location, or delete the state to start over")
     if generations and (state is None or state.generation < generations):
         raise DarwinLMError(f"the search has not finished its {generations} generations",
                             "run the search generations first")
-    if generations:
+    if state is not None:
         return tuple(state.parent)
     if start_needs_a_model(config):
         return live_search().choose_start()[0]

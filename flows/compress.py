@@ -1,7 +1,7 @@
 """The `compress` flow: the whole DarwinLM pipeline as Prefect tasks, tracked in MLflow.
 
     prepare-data → plan-database → database-layer × layers → finish-database
-                 → (search-generation → select × stages) × generations → finish-search
+                 → choose-start → (search-generation → select × stages) × generations → finish-search
                  → post-train-and-export → evaluate → export-gguf (when export.gguf is set) → register
 
 Each stage's artifact lives under the run root on the store (a path or fsspec URI); the run root is named by
@@ -19,6 +19,7 @@ import yaml
 from prefect import flow, get_run_logger
 
 from darwinlm.core import store_layout, uri_io
+from darwinlm.core.compression import start_needs_a_model
 from darwinlm.core.config import CompressConfig, config_from_dict
 from darwinlm.core.database.store import Database
 from darwinlm.core.evaluation.metrics import is_se_key
@@ -27,10 +28,10 @@ from darwinlm.flows.parameters import CompressParameters
 from darwinlm.core.store_layout import readable_name
 from darwinlm.tasks.stages import (database_finish_task, database_layer_task, database_plan_task, evaluate_task,
                           gguf_task, post_train_task, prepare_data_task, refit_task, search_finish_task,
-                          search_generation_task)
+                          search_generation_task, search_start_task)
 from darwinlm.flows.artifacts import SearchProgress, publish_summary, run_prefix
 from darwinlm.tasks.refs import DatabaseRef, DataRef
-from darwinlm.tasks.registry import alias_for, offer_alias, role_of, version_tags
+from darwinlm.tasks.registry import alias_for, held_out_figure, offer_alias, role_of, version_tags
 from darwinlm.tasks.tracking import (Tracker, generation_metrics, plots, provenance, record_database,
                                      record_evaluation, record_post_train, record_refit, resolved_params, run_title)
 
@@ -125,7 +126,9 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
                        f"{config.search.generations} generations from the {genome_ref.start.get('chosen', 'uniform')}"
                        f" start, seed {config.search.seed}); held-out test windows, dense → pruned: "
                        + ", ".join(f"{key} {evaluation['dense'][key]:.2f} → {evaluation['pruned'][key]:.2f}"
-                                   for key in evaluation["pruned"] if key.startswith("ppl_") and not is_se_key(key)))
+                                   for key in evaluation["pruned"] if key.startswith("ppl_") and not is_se_key(key))
+                       + "; the alias compares ppl_{} on the validation windows: {:.2f}".format(
+                           *held_out_figure(evaluation)))
         tags = {**lineage, "database_digest": database_ref.digest, "database_uri": database_ref.uri,
                 "search_run": search_run, "compress_run": parent, "run_uri": run_uri,
                 **version_tags(evaluation, data.split_digest, fraction_removed=config.search.fraction_removed,
@@ -156,15 +159,18 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
 @flow(name="search", log_prints=True)
 def search_flow(values: dict, run_uri: str, database_ref: DatabaseRef, search_run: str, distributed: bool = False,
                 progress_artifact: str | None = None) -> None:
-    """The search's generations, each a task with a task per selection stage; with a Dask task runner
+    """The search's start (its own task, when it needs the model: choosing the informed start takes minutes),
+    then its generations, each a task with a task per selection stage; with a Dask task runner
     (`distributed`), every candidate's finetune-and-fitness is its own task on a Dask worker. Each generation
     moves the progress artifact `progress_artifact` (an id; the compress flow makes it) forward."""
     config, logger, tracker = config_from_dict(values), get_run_logger(), Tracker()
     progress = SearchProgress(config.search.generations, UUID(progress_artifact)) if progress_artifact else None
+    if config.search.generations or start_needs_a_model(config):
+        start = search_start_task(values, run_uri, database_ref)
+        # step 0 is the start, so the trajectory begins where the search did
+        tracker.metrics(search_run, {"fixed_kl": start.get("fixed_kl")}, step=0)
     for generation in range(config.search.generations):
         record = search_generation_task(values, run_uri, database_ref, generation, distributed)
-        if generation == 0:  # the start, so the trajectory begins where the search did
-            tracker.metrics(search_run, {"fixed_kl": record["previous_fixed_kl"]}, step=0)
         tracker.metrics(search_run, generation_metrics(record), step=generation + 1)
         if progress is not None:
             progress.update(record)

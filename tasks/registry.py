@@ -2,8 +2,9 @@
 and which one a user gets by `models:/NAME@current-50`.
 
 One registered name per base model (`smollm2-pruned`); per fraction removed, one alias (`current-50` for 50%).
-The alias moves to a new version only when that version beats the one holding it on the same held-out test
-windows of the same text (the pruned model's in-domain perplexity); a baseline (`--generations 0`) or an ablation
+The alias moves to a new version only when that version beats the one holding it on the same held-out
+validation windows of the same text (the pruned model's in-domain perplexity: which model users get is a choice,
+and the reported test-window figures must not make it); a baseline (`--generations 0`) or an ablation
 registers with its `role` and never takes it; `darwinlm promote` moves it by hand. MLflow reserves `latest`.
 """
 
@@ -20,8 +21,8 @@ from darwinlm.core.uri_io import sha256
 ALIAS_PREFIX = "current"
 # What a version was registered for: only a `candidate` competes for the alias.
 CANDIDATE, BASELINE, ABLATION = "candidate", "baseline", "ablation"
-# Version tags the alias policy reads: the pruned model's perplexity on the in-domain set's test windows, which set,
-# and a digest of the windows and the split they were drawn from (figures are compared only when it is equal).
+# Version tags the alias policy reads: the pruned model's perplexity on the in-domain set's validation windows,
+# which set, and a digest of the windows and the split they were drawn from (compared only when it is equal).
 PPL_TAG, SET_TAG, WINDOWS_TAG, ROLE_TAG, DECISION_TAG = (
     "held_out_ppl", "held_out_set", "held_out_windows", "role", "alias_decision")
 FRACTION_TAG = "fraction_removed"
@@ -42,19 +43,21 @@ def role_of(generations: int, ablation: bool = False) -> str:
 
 
 def held_out_figure(evaluation: dict) -> tuple[str, float]:
-    """(the in-domain evaluation set, the pruned model's perplexity on its test windows): the set the evaluation
-    names as in domain, else the first `ppl_<set>` of the pruned row (the split puts the in-domain set first)."""
-    sets = [key.removeprefix("ppl_") for key in evaluation["pruned"] if key.startswith("ppl_") and not is_se_key(key)]
-    if not sets:
-        raise DarwinLMError("the evaluation has no held-out perplexity", "evaluate the model before registering it")
+    """(the in-domain evaluation set, the pruned model's perplexity on its validation windows), from the
+    evaluation's `validation` record: the set the evaluation names as in domain, else its first `ppl_<set>`."""
+    validation = evaluation.get("validation")
+    if not validation:
+        raise DarwinLMError("the evaluation has no validation-window perplexity (an older darwinlm wrote it)",
+                            "delete the run's evaluation.json and rerun the compression to evaluate it again")
+    sets = [key.removeprefix("ppl_") for key in validation if key.startswith("ppl_") and not is_se_key(key)]
     name = evaluation.get("in_domain") if evaluation.get("in_domain") in sets else sets[0]
-    return name, float(evaluation["pruned"][f"ppl_{name}"])
+    return name, float(validation[f"ppl_{name}"])
 
 
 def windows_digest(evaluation: dict, split_digest: str) -> str:
-    """What two perplexities must share to be compared: the evaluation's windows record (split, protocol, per
-    set its count and spread) and the text split they were drawn from."""
-    record = {"windows": evaluation.get("windows"), "split": split_digest}
+    """What two perplexities must share to be compared: the validation windows' record (split, protocol, the
+    set's count and spread) and the text split they were drawn from."""
+    record = {"windows": evaluation["validation"]["windows"], "split": split_digest}
     return sha256(json.dumps(record, sort_keys=True).encode())[:16]
 
 

@@ -27,7 +27,8 @@ from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
 from darwinlm.core.search.genome import Budget, Genome
 from darwinlm.core.export.model_card import write_model_card
 from darwinlm.core.model.loading import load_config, load_model
-from darwinlm.core.evaluation.held_out import evaluate, evaluate_dense, evaluation_table, zero_shot_scores
+from darwinlm.core.evaluation.held_out import (evaluate, evaluate_dense, evaluation_table, in_domain_validation,
+                                              zero_shot_scores)
 from darwinlm.core.search.evolution import Search, SearchState, rank
 from darwinlm.core.store_layout import RunLayout
 from darwinlm.tasks.refs import DatabasePlan, DatabaseRef, DataRef, GenomeRef, GgufRef, ModelRef, RefitRef
@@ -166,7 +167,48 @@ def _saved_search_state(run_uri: str) -> SearchState | None:
     return SearchState.from_json(uri_io.read_bytes(uri)) if uri_io.exists(uri) else None
 
 
-@task(name="evaluate-candidate", task_run_name="candidate-g{generation}-s{stage_index}-{index}")
+def _generation_number(parameters: dict) -> int:
+    """Generations are counted from 1 wherever a user reads them (task names, logs, MLflow steps, the progress
+    artifact: generations completed, the start being 0); the core's records index them from 0."""
+    return parameters["generation"] + 1
+
+
+def _candidate_run_name(parameters: dict) -> str:
+    return f"candidate-g{_generation_number(parameters)}-s{parameters['stage_index']}-{parameters['index']}"
+
+
+def _select_run_name(parameters: dict) -> str:
+    return f"select-g{_generation_number(parameters)}-s{parameters['stage_index']}"
+
+
+def _generation_run_name(parameters: dict) -> str:
+    return f"generation-{_generation_number(parameters)}"
+
+
+@task(name="choose-start", **IO_RETRIES)
+def search_start_task(config_values: dict, run_uri: str, database_ref: DatabaseRef) -> dict:
+    """The search's first parent (search.start: uniform, the informed start, or the better of the two on the
+    fixed rows), chosen once and saved as the search state at generation 0, which the generations and a
+    0-generation run's genome then read. Returns the choice's record with the start's fixed-row KL, and logs
+    both KLs: the choice can take minutes (the informed start's KL slopes) and is worth seeing."""
+    saved = _saved_search_state(run_uri)
+    if saved is not None:
+        return saved.start
+    search = _search(_config(config_values), run_uri, database_ref)
+    state = search.load_or_start()
+    search.save(state)
+    record = state.start
+    if "uniform_kl" in record:
+        get_run_logger().info(
+            "search start: %s, fixed-row KL to dense %.4f (informed start) vs %.4f (uniform)",
+            record["chosen"], record["informed_kl"], record["uniform_kl"])
+    else:
+        get_run_logger().info("search start: %s (set by search.start), fixed-row KL to dense %.4f",
+                              record["chosen"], record["fixed_kl"])
+    return record
+
+
+@task(name="evaluate-candidate", task_run_name=_candidate_run_name)
 def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int,
                             stage_index: int, index: int, levels: list) -> list[float]:
     """One candidate's short finetune and per-row fitness, wherever the task runner puts it (a Dask worker loads
@@ -174,7 +216,7 @@ def evaluate_candidate_task(config_values: dict, run_uri: str, database_ref: Dat
     return _search(_config(config_values), run_uri, database_ref).evaluate_in_stage(generation, stage_index, levels)
 
 
-@task(name="select", task_run_name="select-g{generation}-s{stage_index}")
+@task(name="select", task_run_name=_select_run_name)
 def select_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int, stage_index: int,
                 candidates: list, distributed: bool = False) -> list:
     """One finetune-and-select stage of one generation: [(fitness, levels, per-row fitness)] best first.
@@ -190,7 +232,7 @@ def select_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, ge
     return [(fitness, list(levels), rows) for fitness, levels, rows in ranked]
 
 
-@task(name="search-generation", task_run_name="generation-{generation}", **IO_RETRIES)
+@task(name="search-generation", task_run_name=_generation_run_name, **IO_RETRIES)
 def search_generation_task(config_values: dict, run_uri: str, database_ref: DatabaseRef, generation: int,
                            distributed: bool = False) -> dict:
     """Generation `generation` of the search, each stage its own task; writes search_state.json. A generation
@@ -221,7 +263,7 @@ def search_finish_task(config_values: dict, run_uri: str, database_ref: Database
 
 def _winner(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> GenomeRef:
     database = Database.open(database_ref.uri)
-    state = _saved_search_state(run_uri) if config.search.generations else None
+    state = _saved_search_state(run_uri)  # with 0 generations, the start choose-start saved (if it ran)
     try:
         levels = winner_levels(config, database, state, lambda: _search(config, run_uri, database_ref))
     except DarwinLMError as error:
@@ -340,6 +382,7 @@ def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict
     pruned_row["params"] = sum(p.numel() for p in pruned.parameters())
     pruned_row.update(_zero_shot(pruned, tokenizer, data, config))
     results = evaluation_table(dense_row, pruned_row, data.split)  # with the sets' labels, for the card
+    results["validation"] = in_domain_validation(pruned, data, progress=True)  # what the registry's alias reads
     windows = next(iter(data.eval_windows(REPORTED_SPLIT).values()))
     speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed

@@ -249,9 +249,10 @@ def record_post_train(tracker: "Tracker", run_id: str, model_ref) -> None:
 
 
 def record_evaluation(tracker: "Tracker", run_id: str, evaluation: dict, model_ref) -> None:
-    """The evaluation stage's run: every dense and pruned figure, and which held-out windows they read."""
-    for name in ("dense", "pruned"):
-        tracker.metrics(run_id, {f"{name}_{key}": value for key, value in evaluation[name].items()})
+    """The evaluation stage's run: every dense and pruned figure (test windows), the pruned model's in-domain
+    validation-window perplexity, and which held-out windows they read."""
+    for name in ("dense", "pruned", "validation"):  # validation: the pruned model's, which the alias compares
+        tracker.metrics(run_id, {f"{name}_{key}": value for key, value in evaluation.get(name, {}).items()})
     windows = evaluation.get("windows") or {}
     tracker.tags(run_id, {"model_uri": model_ref.uri, "windows_split": windows.get("split"),
                           "windows_protocol": windows.get("protocol"), "in_domain": evaluation.get("in_domain")})

@@ -50,6 +50,15 @@ def test_a_finished_search_ships_its_parent_and_an_unfinished_or_foreign_one_is_
         winner_levels(config, database, dataclasses.replace(state, config_digest="other"), no_live_search)
 
 
+def test_zero_generations_ship_the_start_the_choose_start_task_saved(database):
+    config = config_with(generations=0, start="best")
+    state = SearchState(config.search.digest, database.digest, 0, [1, 0, 1, 0], None, [3, [0], None], [],
+                        start={"chosen": "informed"})
+    assert winner_levels(config, database, state, no_live_search) == (1, 0, 1, 0)
+    with pytest.raises(DarwinLMError, match="another search config"):
+        winner_levels(config, database, dataclasses.replace(state, config_digest="other"), no_live_search)
+
+
 def test_the_export_records_levels_per_kind_and_layer(database):
     assignment = {(0, "attn"): 1, (0, "mlp"): 2, (1, "attn"): 0, (1, "mlp"): 3}
     metadata = export_metadata(database, assignment, 1234, refit=True)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def uninterrupted(tmp_path_factory, prefect_server):
 def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     from darwinlm.flows.compress import compress
 
+    started = datetime.now(timezone.utc)
     summary = compress(parameters(workspace))
     assert summary["kept_params"] <= 0.5 * summary["dense_params"]
     pruned = AutoModelForCausalLM.from_pretrained(summary["model_uri"])
@@ -118,6 +120,7 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
                                   for record in history
                                   if record["paired_z"] is not None and math.isfinite(record["paired_z"])]
     assert search_run.data.tags["start"] == state["start"].get("chosen", "uniform")
+    _assert_start_and_generations_in_prefect(started, state)
     artifacts = {a.path for a in client.list_artifacts(search_run.info.run_id)}
     assert {"kept_per_layer.png", "fitness_curve.png"} <= artifacts
     compress_run = client.get_run(summary["mlflow_run_id"])
@@ -140,6 +143,27 @@ def test_compress_runs_end_to_end_and_registers_lineage(workspace):
     assert metadata["database"] == summary["database"]["digest"]
     assert metadata["refit"] is True and (Path(summary["run_uri"]) / "refit.safetensors").is_file()
     assert json.loads((Path(summary["run_uri"]) / "refit.json").read_text())["error_after"] >= 0
+
+
+def _assert_start_and_generations_in_prefect(since: datetime, state: dict) -> None:
+    """The start choice is its own task run, whose log line gives both KLs, and generations are numbered
+    from 1 in task names as in the logs, MLflow steps and the progress artifact (the start being 0)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
+                                     limit=500)
+        [start_run] = [run for run in runs if run.name == "choose-start"]
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[start_run.id])))
+    start = state["start"]
+    assert start["chosen"] in ("informed", "uniform") and start["fixed_kl"] == min(start["informed_kl"],
+                                                                                   start["uniform_kl"])
+    [line] = [log.message for log in logs if log.message.startswith("search start:")]
+    assert f"{start['informed_kl']:.4f} (informed start)" in line and f"{start['uniform_kl']:.4f} (uniform)" in line
+    names = {run.name for run in runs}
+    assert {"generation-1", "generation-2", "select-g1-s0", "select-g2-s1"} <= names  # the tiny preset: 2 × 2
+    assert not {"generation-0", "select-g0-s0", "generation-3"} & names
 
 
 def _assert_child_runs_carry_their_work(client, summary: dict, version) -> None:

@@ -13,25 +13,34 @@ from darwinlm.tasks.registry import (BASELINE, CANDIDATE, DECISION_TAG, alias_fo
                                      offer_alias, promote, role_of, version_tags)
 
 NAME = "tiny-pruned"
-WINDOWS = {"split": "test", "protocol": "spread-v1", "sets": {"news": {"count": 4}, "novel": {"count": 4}}}
+WINDOWS = {"split": "validation", "protocol": "spread-v1", "sets": {"news": {"count": 4}}}
 
 
-def evaluation(ppl: float, windows: dict = WINDOWS) -> dict:
-    """An evaluation record as the evaluate stage writes it; the sets have neither default name on purpose."""
-    return {"dense": {"ppl_news": 20.0, "ppl_novel": 50.0}, "windows": windows, "in_domain": "news",
-            "pruned": {"ppl_news": ppl, "ppl_news_se": 1.0, "ppl_novel": 3 * ppl, "kl": 0.5}}
+def evaluation(ppl: float, windows: dict = WINDOWS, test_ppl: float | None = None) -> dict:
+    """An evaluation record as the evaluate stage writes it, with the pruned model's in-domain perplexity `ppl` on
+    the validation windows and `test_ppl` (default: the same) on the test windows; the sets have neither default
+    name on purpose."""
+    test_ppl = ppl if test_ppl is None else test_ppl
+    return {"dense": {"ppl_news": 20.0, "ppl_novel": 50.0}, "in_domain": "news",
+            "windows": {"split": "test", "protocol": "spread-v1", "sets": {"news": {"count": 4}, "novel": {"count": 4}}},
+            "pruned": {"ppl_news": test_ppl, "ppl_news_se": 1.0, "ppl_novel": 3 * test_ppl, "kl": 0.5},
+            "validation": {"ppl_news": ppl, "ppl_news_se": 1.0, "windows": windows}}
 
 
-def tags(ppl: float, generations: int = 4, windows: dict = WINDOWS, split: str = "split-a") -> dict:
-    return version_tags(evaluation(ppl, windows), split, fraction_removed=0.5, preset="tiny",
+def tags(ppl: float, generations: int = 4, windows: dict = WINDOWS, split: str = "split-a",
+         test_ppl: float | None = None) -> dict:
+    return version_tags(evaluation(ppl, windows, test_ppl), split, fraction_removed=0.5, preset="tiny",
                         generations=generations, seed=0, role=role_of(generations))
 
 
-def test_the_in_domain_figure_is_read_from_the_record_whatever_the_sets_are_called():
-    assert held_out_figure(evaluation(55.0)) == ("news", 55.0)
+def test_the_in_domain_validation_figure_is_read_from_the_record_whatever_the_sets_are_called():
+    assert held_out_figure(evaluation(55.0, test_ppl=70.0)) == ("news", 55.0)  # validation, not test
     no_name = {key: value for key, value in evaluation(55.0).items() if key != "in_domain"}
     assert held_out_figure(no_name) == ("news", 55.0)  # the first set: the split puts the in-domain set first
     assert alias_for(0.5) == "current-50" and alias_for(0.3) == "current-30"
+    older = {key: value for key, value in evaluation(55.0).items() if key != "validation"}
+    with pytest.raises(DarwinLMError, match="no validation-window perplexity.*evaluate it again"):
+        held_out_figure(older)
 
 
 def test_the_alias_policy():
@@ -48,6 +57,9 @@ def test_the_alias_policy():
     other_text = decide_alias("current-50", "6", tags(40.0, split="split-b"), "1", tags(55.25))
     assert not other_text.moved and "not comparable" in other_text.reason
     assert not decide_alias("current-50", "7", tags(40.0), "1", {}).moved  # a holder without figures
+    # the reported test figures play no part: better on test, worse on validation, and the alias stays
+    assert not decide_alias("current-50", "8", tags(56.0, test_ppl=30.0), "1", tags(55.25)).moved
+    assert decide_alias("current-50", "9", tags(55.0, test_ppl=90.0), "1", tags(55.25)).moved
 
 
 @pytest.fixture(scope="module")

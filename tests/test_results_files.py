@@ -34,7 +34,7 @@ AWAITING_HEADLINE_RUN: set[str] = {"headline", "database", "export", "gguf", "re
 # says why, and test_each_data_key_exemption_is_used keeps the list from outliving its use.
 DATA_KEYS = {
     # bench/scale.py's _stage_seconds names stage times f"{kind}_{stage}" from the pieces of Prefect task-run names
-    # (tasks/stages.py: "select-g{generation}-s{stage_index}", "candidate-g{generation}-s{stage_index}-{index}")
+    # (tasks/stages.py: "select-g<generation>-s<stage>", "candidate-g<generation>-s<stage>-<index>")
     "scale": r"(?:select|candidate)_s\d+",
 }
 # The folders whose code a bench runs; the dotted name each is imported under.

@@ -9,7 +9,7 @@ import torch
 
 from darwinlm.core.data.prepared import PreparedData
 from darwinlm.core.data.splits import CorpusSplit
-from darwinlm.core.data.windows import TEST
+from darwinlm.core.data.windows import TEST, VALIDATION
 from darwinlm.core.evaluation.metrics import perplexity_with_se
 from darwinlm.core.search.fitness import CompactTeacher, compute_teacher, kl_per_position, teacher_top_k
 
@@ -55,6 +55,16 @@ def evaluate_dense(model, data: PreparedData, top_k: int, batch_size: int = 4, p
     results["kl"] = sum(kl_rows) / len(kl_rows)
     results["windows"] = data.windows_used(split)
     return results, CompactTeacher(next(iter(windows.values())), torch.cat(top_logprobs), torch.cat(top_ids))
+
+
+def in_domain_validation(model, data: PreparedData, batch_size: int = 4, progress: bool = False) -> dict:
+    """The in-domain set's perplexity (`ppl_<set>`, `ppl_<set>_se`) on its validation windows, with the `windows`
+    it read: the figure a choice between two compressed models reads (which one users get), so the reported
+    test figures play no part in it."""
+    name, windows = next(iter(data.eval_windows(VALIDATION).items()))
+    row = _perplexities(model, {name: windows}, batch_size, progress, None)
+    used = data.windows_used(VALIDATION)
+    return {**row, "windows": {**used, "sets": {name: used["sets"][name]}}}
 
 
 def _perplexities(model, windows_by_set: dict[str, torch.Tensor], batch_size: int, progress: bool,

@@ -113,7 +113,7 @@ class SearchState:
     history: list[dict]
     move_size: int = 3
     parent_fixed_kl: float | None = None  # the parent's KL on the fixed rows
-    start: dict = field(default_factory=dict)  # how the first parent was chosen, and the KL of each option
+    start: dict = field(default_factory=dict)  # how the first parent was chosen, the KL of each option, its own
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -209,9 +209,10 @@ class Search:
     def _initial_state(self) -> SearchState:
         rng = random.Random(self.config.seed)
         parent, start = self.choose_start()
+        fixed_kl = self.fixed_kl(parent)
         return SearchState(self.config.digest, self.database_digest, 0, list(parent), None,
                            _encode_rng(rng.getstate()), [], move_size=self.config.move_size,
-                           parent_fixed_kl=self.fixed_kl(parent), start=start)
+                           parent_fixed_kl=fixed_kl, start={**start, "fixed_kl": fixed_kl})
 
     def load_or_start(self) -> SearchState:
         if self.state_uri is None or not uri_io.exists(self.state_uri):
