@@ -156,7 +156,18 @@ def _run_stages(parameters, config, values, store, run_uri, started, logger) -> 
     return summary
 
 
-@flow(name="search", log_prints=True)
+def _search_flow_run_name() -> str:
+    """The search subflow's run name: the compress run's, less the preset it does not receive."""
+    from prefect.runtime import flow_run
+
+    try:
+        search = config_from_dict(flow_run.parameters["values"]).search
+        return f"search · −{search.fraction_removed:.0%} · {search.generations} generations · seed {search.seed}"
+    except Exception:  # noqa: BLE001 — a name must never stop a run
+        return "search"
+
+
+@flow(name="search", log_prints=True, flow_run_name=_search_flow_run_name)
 def search_flow(values: dict, run_uri: str, database_ref: DatabaseRef, search_run: str, distributed: bool = False,
                 progress_artifact: str | None = None) -> None:
     """The search's start (its own task, when it needs the model: choosing the informed start takes minutes),

@@ -185,7 +185,7 @@ def _generation_run_name(parameters: dict) -> str:
     return f"generation-{_generation_number(parameters)}"
 
 
-@task(name="choose-start", **IO_RETRIES)
+@task(name="choose-start", task_run_name="choose-start", **IO_RETRIES)
 def search_start_task(config_values: dict, run_uri: str, database_ref: DatabaseRef) -> dict:
     """The search's first parent (search.start: uniform, the informed start, or the better of the two on the
     fixed rows), chosen once and saved as the search state at generation 0, which the generations and a

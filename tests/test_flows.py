@@ -149,11 +149,13 @@ def _assert_start_and_generations_in_prefect(since: datetime, state: dict) -> No
     """The start choice is its own task run, whose log line gives both KLs, and generations are numbered
     from 1 in task names as in the logs, MLflow steps and the progress artifact (the start being 0)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterStartTime
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, LogFilter, LogFilterTaskRunId,
+                                                TaskRunFilter, TaskRunFilterStartTime)
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)),
-                                     limit=500)
+                                     limit=200)
+        flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
         [start_run] = [run for run in runs if run.name == "choose-start"]
         logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[start_run.id])))
     start = state["start"]
@@ -161,6 +163,8 @@ def _assert_start_and_generations_in_prefect(since: datetime, state: dict) -> No
                                                                                    start["uniform_kl"])
     [line] = [log.message for log in logs if log.message.startswith("search start:")]
     assert f"{start['informed_kl']:.4f} (informed start)" in line and f"{start['uniform_kl']:.4f} (uniform)" in line
+    # the search subflow says what it searches, as the compress run does (not a random Prefect name)
+    assert {run.name for run in flows} >= {"search · −50% · 2 generations · seed 0"}
     names = {run.name for run in runs}
     assert {"generation-1", "generation-2", "select-g1-s0", "select-g2-s1"} <= names  # the tiny preset: 2 × 2
     assert not {"generation-0", "select-g0-s0", "generation-3"} & names
