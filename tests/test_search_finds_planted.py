@@ -42,7 +42,7 @@ def searched(planted: int | None, folder) -> tuple[tuple, tuple, list[int], Sear
 @pytest.mark.parametrize("planted", sorted(PLANTABLE), ids=PLANTABLE.get)
 def test_a_search_from_uniform_removes_the_planted_module(planted, tmp_path):
     uniform, final, top, search, state = searched(planted, tmp_path)
-    assert state.start == {"chosen": "uniform"}
+    assert state.start == {"chosen": "uniform", "fixed_kl": search.fixed_kl(uniform)}
     assert uniform[planted] < top[planted], "uniform must leave something of the plant for the search to find"
     assert final[planted] == top[planted], (uniform, final)
     assert search.budget.feasible(final)
