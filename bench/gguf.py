@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bench.results_file import provenance, write_results
-from darwinlm.core.evaluation.timing import interleaved_medians
+from darwinlm.core.evaluation.timing import interleaved_medians, llama_cpp_prefill_seconds, open_llama_cpp
 from darwinlm.flows.offline import apply_offline_defaults
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -140,16 +140,9 @@ def _uniform_model(model, tokenizer, split, digest: str, rows: int):
         "dense_params"]
 
 
-def _llama(path: Path, threads: int, logits_all: bool, n_ctx: int):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, verbose=False)
-
-
 def _llama_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
     """exp(mean next-token NLL) over windows (n, seq_len), each evaluated from an empty cache, as torch does."""
-    llm = _llama(path, threads, logits_all=True, n_ctx=windows.shape[1])
+    llm = open_llama_cpp(path, threads, n_ctx=windows.shape[1], logits_all=True)
     total, count = 0.0, 0
     for window in windows.tolist():
         llm.reset()
@@ -163,10 +156,7 @@ def _llama_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
 
 
 def _prefill_tok_s(llm, prompt: list[int]) -> float:
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    return len(prompt) / (time.perf_counter() - start)
+    return len(prompt) / llama_cpp_prefill_seconds(llm, prompt)
 
 
 def _decode_tok_s(llm, prompt: list[int], tokens: list[int]) -> float:
@@ -181,7 +171,7 @@ def _decode_tok_s(llm, prompt: list[int], tokens: list[int]) -> float:
 
 def _speeds(files: dict, prompt: list[int], decode: list[int], reps: int, threads: int) -> dict:
     """Median prefill and decode tokens/s per (model, quant), repetitions interleaved in rotated order."""
-    runners = {key: _llama(path, threads, logits_all=False, n_ctx=len(prompt) + len(decode) + 8)
+    runners = {key: open_llama_cpp(path, threads, n_ctx=len(prompt) + len(decode) + 8)
                for key, path in files.items()}
     for llm in runners.values():  # first calls allocate buffers and page weights in: keep them out
         _prefill_tok_s(llm, prompt[:64])

@@ -34,11 +34,13 @@ def preflight(config: CompressConfig) -> None:
 
 
 def build_search(config: CompressConfig, assembly: LiveAssembly, data: PreparedData, teacher: CompactTeacher,
-                 state_uri: str | None = None, progress: bool = False) -> Search:
+                 state_uri: str | None = None, progress: bool = False, tokenizer=None) -> Search:
     """The search of `config` on `assembly` (the dense model and its database; candidates are swapped into it),
     scored against `teacher` (the dense model's, on data.teacher_pool_ids), finetuning inside selection on
-    data.train_ids; its state is saved at `state_uri` after every generation (None: not saved)."""
-    return Search(assembly, teacher, data.train_ids, config.search, state_uri=state_uri, progress=progress)
+    data.train_ids; its state is saved at `state_uri` after every generation (None: not saved). `tokenizer`: the
+    model's, for a latency budget measured in llama.cpp."""
+    return Search(assembly, teacher, data.train_ids, config.search, state_uri=state_uri, progress=progress,
+                  tokenizer=tokenizer)
 
 
 def start_needs_a_model(config: CompressConfig) -> bool:

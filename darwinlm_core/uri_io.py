@@ -82,6 +82,12 @@ def write_bytes(uri: str, data: bytes) -> None:
     _retrying("writing", uri, write_then_rename)
 
 
+def remove(uri: str) -> None:
+    """Delete the file at `uri`; nothing there is fine."""
+    fs, path = _fs(uri)
+    _retrying("removing", uri, lambda: fs.rm(path) if fs.exists(path) else None)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

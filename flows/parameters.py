@@ -22,7 +22,7 @@ PresetName = Literal[tuple(preset_names())]  # the Prefect form renders a choice
 # Any other option goes through `settings` (the CLI's --set NAME=VALUE).
 SHORTCUTS = {"model": "model", "text": "data.text", "fraction_removed": "search.fraction_removed",
              "generations": "search.generations", "seed": "search.seed", "offspring": "search.offspring",
-             "budget_kind": "search.budget_kind", "start": "search.start"}
+             "budget_kind": "search.budget_kind", "latency_engine": "search.latency_engine", "start": "search.start"}
 
 
 class CompressParameters(BaseModel):
@@ -39,6 +39,8 @@ class CompressParameters(BaseModel):
     offspring: int | None = Field(None, ge=1, description="offspring per generation")
     budget_kind: Literal["params", "flops", "latency"] | None = Field(
         None, description="what the budget counts: kept parameters, FLOPs per token, or measured latency")
+    latency_engine: Literal["torch", "llama.cpp"] | None = Field(
+        None, description="where a latency budget is measured: torch on this machine, or llama.cpp (as served)")
     start: Literal["best", "informed", "uniform"] | None = Field(
         None, description="the search's first parent: the better on fixed rows of uniform and informed (best)")
     settings: dict[str, str | int | float | bool | None] = Field(

@@ -157,7 +157,7 @@ def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
         layout = RunLayout(run_uri)
         teacher = _teacher(config, run_uri, model, data.teacher_pool_ids, layout.own_teacher)  # dense: before pruning
         return build_search(config, LiveAssembly(model, Database.open(database_ref.uri)), data, teacher,
-                            state_uri=layout.search_state)
+                            state_uri=layout.search_state, tokenizer=tokenizer)
 
     return live_objects.get(run_uri, search)
 

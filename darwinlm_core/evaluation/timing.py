@@ -10,6 +10,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from darwinlm.core.errors import DarwinLMError
+
 
 def timed_seconds(call: Callable[[], object], device: torch.device | str = "cpu") -> float:
     """Wall seconds of one `call()`; on a GPU, after its queued kernels have finished."""
@@ -52,3 +54,24 @@ def _median(values: list):
     if isinstance(values[0], dict):
         return {key: statistics.median(value[key] for value in values) for key in values[0]}
     return statistics.median(values)
+
+
+def open_llama_cpp(path, threads: int, n_ctx: int, logits_all: bool = False):
+    """A llama.cpp model (llama-cpp-python) on `threads` CPU threads, prompts read in batches of 512 tokens as
+    llama.cpp serves them by default."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise DarwinLMError("timing in llama.cpp needs llama-cpp-python, which is not installed",
+                            "pip install -r requirements/llama.txt") from error
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+def llama_cpp_prefill_seconds(llm, prompt: list[int]) -> float:
+    """Wall seconds a loaded llama.cpp model (open_llama_cpp) takes to read `prompt` from an empty cache, with
+    logits for its last token only, as serving does."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    return time.perf_counter() - start

@@ -40,7 +40,7 @@ from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.finetune import FinetuneConfig, finetune
 from darwinlm.core.search.fitness import CompactTeacher, kl_per_row
 from darwinlm.core.search.genome import BUDGET_KINDS, Budget, Genome, adapt_move_size, module_keys, offspring
-from darwinlm.core.search.latency import load_or_measure
+from darwinlm.core.search.latency import LATENCY_ENGINES, load_or_measure
 from darwinlm.core.search.prefix import PrefixReuse
 from darwinlm.core.search.start import allocate, database_errors, kl_weights
 
@@ -61,7 +61,9 @@ class StageConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     fraction_removed: float = 0.5
-    budget_kind: str = "params"  # or "flops", or "latency" (measured on this device, see latency.py)
+    budget_kind: str = "params"  # or "flops", or "latency" (measured where the model runs, see latency.py)
+    latency_engine: str = "torch"  # where a latency budget is measured: torch on this device, or llama.cpp
+    latency_threads: int = 0  # llama.cpp's threads for a latency table (0: as many as torch uses)
     generations: int = 50
     offspring: int = 16
     stages: tuple[StageConfig, ...] = (StageConfig(8, 1024, 10_000), StageConfig(4, 2048, 50_000),
@@ -90,6 +92,9 @@ class SearchConfig:
             raise DarwinLMError(f"unknown budget_kind '{self.budget_kind}'", f"use one of {', '.join(BUDGET_KINDS)}")
         if any(stage.fitness_tokens < 1 or stage.finetune_tokens < 0 for stage in self.stages):
             raise DarwinLMError("every stage needs fitness_tokens ≥ 1 and finetune_tokens ≥ 0")
+        if self.latency_engine not in LATENCY_ENGINES or self.latency_threads < 0:
+            raise DarwinLMError(f"latency_engine '{self.latency_engine}' with latency_threads {self.latency_threads}",
+                                f"use an engine of {', '.join(LATENCY_ENGINES)} and threads ≥ 0 (0: torch's count)")
         if self.start not in START_KINDS:
             raise DarwinLMError(f"unknown search start '{self.start}'", f"use one of {', '.join(START_KINDS)}")
         if (self.fixed_rows < 1 or self.move_size < 1 or self.start_slope_tokens < 0
@@ -141,14 +146,17 @@ class Search:
     """Runs generations on a LiveAssembly; `run()` resumes from `state_uri` when a state is there."""
 
     def __init__(self, assembly: LiveAssembly, teacher_pool: CompactTeacher, train_pool: torch.Tensor,
-                 config: SearchConfig, state_uri: str | None = None, progress: bool = False):
+                 config: SearchConfig, state_uri: str | None = None, progress: bool = False, tokenizer=None):
+        """`tokenizer`: the model's, needed only for a latency budget measured in llama.cpp (its GGUFs carry it)."""
         self.assembly, self.teacher_pool, self.train_pool = assembly, teacher_pool, train_pool
         self.config, self.state_uri, self.progress = config, state_uri, progress
         database = assembly.database
         seq_len = teacher_pool.input_ids.shape[1]
         latency = None
         if config.budget_kind == "latency":  # measured once per database, device and row shape, then stored
-            latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=progress)
+            latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=progress,
+                                      engine=config.latency_engine, tokenizer=tokenizer,
+                                      threads=config.latency_threads)
         self.budget = Budget.from_database(database, fraction_removed=config.fraction_removed,
                                            kind=config.budget_kind, seq_len=seq_len, latency=latency)
         self.database_digest = database.digest

@@ -90,6 +90,9 @@ class Budget:
             else:
                 costs.append(tuple(int(round(s * 1e9)) for s in seconds[(layer, module_kind)]))
         dense = sum(c[0] for c in costs)
+        if dense <= 0:
+            raise DarwinLMError(f"the {kind} budget gives the dense modules no cost",
+                                "re-measure the latency table (delete it next to the database) on a longer prompt")
         tolerance = max(c[i] - c[i + 1] for c in costs for i in range(len(c) - 1))
         return cls(tuple(costs), int(round(dense * (1.0 - fraction_removed))), tolerance, kind)
 
