@@ -72,7 +72,7 @@ def test_search_holds_a_latency_budget(assembly):
 
 # ---------------------------------------------------------------------------------------------- llama.cpp tables
 # A tiny llama with SmolLM2's grouping (6 query heads in 2 KV groups) and 128 MLP channels at alignment 32: its
-# attention has 4 levels and its MLP 5, so llama.cpp times 1 dense + 3 + 4 variants.
+# attention has 4 levels and its MLP 5, so llama.cpp times dense, the reference (levels 1 and 2) and 3 + 4 variants.
 LLAMA_SHAPE = dict(vocab_size=TINY_BPE_VOCAB, num_hidden_layers=3, hidden_size=96, num_attention_heads=6,
                    num_key_value_heads=2, intermediate_size=128, head_dim=16)
 
@@ -87,10 +87,6 @@ def served(tmp_path_factory):
     return LiveAssembly(model, database), tiny_bpe_tokenizer(), rows
 
 
-def _variant_levels(live, name: str) -> dict:
-    return {} if name == "dense" else latency._llama_cpp_variants(live)[name]
-
-
 def test_llama_cpp_table_times_every_group_and_level_in_real_gguf_files(served, tmp_path):
     live, tokenizer, _ = served
     before = dict(live.levels)
@@ -98,8 +94,8 @@ def test_llama_cpp_table_times_every_group_and_level_in_real_gguf_files(served, 
                                             scratch=tmp_path / "scratch")
     assert live.levels == before and not (tmp_path / "scratch").exists()  # model as found, GGUFs cleaned up
     assert table["engine"] == "llama.cpp" and table["device"] == "llama.cpp-f16-1threads"
-    assert set(table["variant_seconds"]) == {"dense", *latency._llama_cpp_variants(live)} and len(
-        table["variant_seconds"]) == 8
+    assert set(table["variant_seconds"]) == set(latency._llama_cpp_variants(live)) and len(
+        table["variant_seconds"]) == 9
     assert len(table["modules"]) == 6 and table["rest_s"] >= 0 and table["dense_forward_s"] > 0
     for module in table["modules"]:
         seconds = module["seconds"]
@@ -116,7 +112,7 @@ def test_llama_cpp_table_predicts_an_additive_engine_exactly(served, tmp_path, m
     paths = {}
 
     def engine_seconds(path, prompt, threads):
-        levels = {key: 0 for key in live.levels} | _variant_levels(live, paths[path])
+        levels = latency._llama_cpp_variants(live)[paths[path]]
         return rest + sum(cost[kind][level] for (_, kind), level in levels.items())
 
     real_write = latency._write_variant_ggufs
@@ -145,7 +141,7 @@ def test_llama_cpp_measurement_resumes_after_its_last_whole_round(served, tmp_pa
 
     def crashing(path, prompt, threads):
         calls.append(path)
-        if len(calls) == 8 + 3:  # all of round 1, then 3 variants into round 2
+        if len(calls) == 9 + 3:  # all of round 1, then 3 variants into round 2
             raise KeyboardInterrupt
         return 0.01 * len(calls)
 
@@ -154,12 +150,12 @@ def test_llama_cpp_measurement_resumes_after_its_last_whole_round(served, tmp_pa
         latency.measure_llama_cpp_table(live, tokenizer, seq_len=32, threads=1, repeats=3, partial_uri=partial,
                                         scratch=tmp_path / "scratch")
     assert all(len(values) == 1 for values in json.loads(Path(partial).read_text()).values())
-    assert len(exports) == 8
+    assert len(exports) == 9
     calls.clear()
     monkeypatch.setattr(latency, "gguf_prefill_seconds", lambda path, prompt, threads: calls.append(path) or 0.01)
     table = latency.measure_llama_cpp_table(live, tokenizer, seq_len=32, threads=1, repeats=3, partial_uri=partial,
                                             scratch=tmp_path / "scratch")
-    assert len(calls) == 8 * 2 and len(exports) == 8  # rounds 2 and 3 only; no GGUF written twice
+    assert len(calls) == 9 * 2 and len(exports) == 9  # rounds 2 and 3 only; no GGUF written twice
     assert table["repeats"] == 3
 
 

@@ -7,9 +7,9 @@ grouped by shape and each group is timed once per level. Two engines measure a t
   model (physically shrunk), its forward over one (batch, seq_len) prefill timed with the block arguments the
   model itself passes (driver.record_block_kwargs).
 - `llama.cpp`: where users serve the model. One GGUF per (group, level) has every module of that group at the
-  level and the rest dense; llama.cpp times each one's prefill of a seq_len prompt at the given thread count
-  (logits for the last token only, as serving does), in interleaved rounds. A module's cost at a level is its
-  group's time there over the group's time with the modules removed, per module. Rounds are saved as they finish,
+  level and the other groups at the middle of their ladders; llama.cpp times each one's prefill of a seq_len
+  prompt at the given thread count (logits for the last token only, as serving does), in interleaved rounds. A
+  module's cost at a level is its group's time there over the group's time with the modules removed, per module. Rounds are saved as they finish,
   so an interrupted measurement resumes; the GGUFs are written once to a local scratch folder and removed at
   the end.
 
@@ -115,12 +115,22 @@ def measure_latency_table(assembly: LiveAssembly, batch: int = 1, seq_len: int =
             "modules": modules, "rest_s": max(0.0, whole - dense_modules), "dense_forward_s": whole}
 
 
+def _reference_level(levels: int) -> int:
+    return (levels - 1) // 2
+
+
 def _llama_cpp_variants(assembly: LiveAssembly) -> dict[str, dict[tuple[int, str], int]]:
-    """The models llama.cpp times: dense, and per shape group and level ≥ 1, that group's modules at the level."""
-    variants = {"dense": {}}
-    for index, ((kind, _, _, levels), keys) in enumerate(shape_groups(assembly).items()):
-        for level in range(1, levels):
-            variants[f"group{index}-{kind}-level{level}"] = {key: level for key in keys}
+    """The models llama.cpp times: dense; the reference, every group at the middle of its ladder; and per group and
+    other level, the reference with that group's modules at the level. Pruned modules save a little less together
+    than apart (SmolLM2 at 2 threads: 4-6% in bench/results/latency.json's runs), so each group's costs are taken
+    where searched genomes live, not beside a dense model."""
+    groups = shape_groups(assembly)
+    reference = {key: _reference_level(levels) for (_, _, _, levels), keys in groups.items() for key in keys}
+    variants = {"dense": {key: 0 for key in reference}, "reference": reference}
+    for index, ((kind, _, _, levels), keys) in enumerate(groups.items()):
+        for level in range(levels):
+            if level != _reference_level(levels):
+                variants[f"group{index}-{kind}-level{level}"] = {**reference, **{key: level for key in keys}}
     return variants
 
 
@@ -135,7 +145,7 @@ def _write_variant_ggufs(assembly: LiveAssembly, tokenizer, variants: dict, scra
             files[name] = scratch / f"{name}.gguf"
             if files[name].exists():
                 continue
-            assembly.apply({**{key: 0 for key in assembly.levels}, **levels})
+            assembly.apply(levels)
             export_gguf(assembly.model, tokenizer, str(files[name]), quant=quant)
             if progress:
                 print(f"latency llama.cpp: wrote {name} ({number}/{len(variants)})", flush=True)
@@ -191,17 +201,19 @@ def measure_llama_cpp_table(assembly: LiveAssembly, tokenizer, seq_len: int = 51
 
 def _table_from_variants(assembly: LiveAssembly, medians: dict[str, float]) -> dict:
     """Per-module seconds from whole-model prefill times: a group of n modules at level l costs
-    (time at l − time with the group removed) / n per module; the rest is what the dense model spends outside."""
-    dense = medians["dense"]
+    (time at l − time with the group removed) / n per module, the other groups at their reference levels; the rest
+    is what the reference model spends outside the modules."""
     seconds_of = {}
     for index, ((kind, _, _, levels), keys) in enumerate(shape_groups(assembly).items()):
-        whole = [dense] + [medians[f"group{index}-{kind}-level{level}"] for level in range(1, levels)]
+        whole = [medians["reference"] if level == _reference_level(levels) else
+                 medians[f"group{index}-{kind}-level{level}"] for level in range(levels)]
         seconds = _non_increasing([max(0.0, (time - whole[-1]) / len(keys)) for time in whole])
         seconds_of.update({key: seconds for key in keys})
     modules = [{"layer": layer, "kind": kind, "seconds": seconds_of[(layer, kind)]}
                for layer, kind in module_keys(assembly.database)]
-    return {"modules": modules, "rest_s": max(0.0, dense - sum(m["seconds"][0] for m in modules)),
-            "dense_forward_s": dense, "variant_seconds": medians}
+    in_modules = sum(m["seconds"][_reference_level(len(m["seconds"]))] for m in modules)
+    return {"modules": modules, "rest_s": max(0.0, medians["reference"] - in_modules),
+            "dense_forward_s": medians["dense"], "variant_seconds": medians}
 
 
 def load_or_measure(assembly: LiveAssembly, batch: int = 1, seq_len: int = 512, progress: bool = False, *,
