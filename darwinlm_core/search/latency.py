@@ -246,8 +246,9 @@ def load_or_measure(assembly: LiveAssembly, batch: int = 1, seq_len: int = 512, 
 
 
 def predicted_speedup(table: dict, levels: dict[tuple[int, str], int]) -> float:
-    """Dense forward time ÷ the table's forward time at `levels` ({(layer, kind): level})."""
+    """The measured dense forward time ÷ the table's time at `levels` ({(layer, kind): level}). The dense time is
+    the measured one, not the table's sum: pruned modules save a little less together than apart, so a llama.cpp
+    table taken mid-ladder sums dense 9% high on SmolLM2 (experiments/2026-12-05-llama-cpp-latency-table); in a
+    torch table the two are equal by construction."""
     seconds = {(m["layer"], m["kind"]): m["seconds"] for m in table["modules"]}
-    dense = table["rest_s"] + sum(s[0] for s in seconds.values())
-    pruned = table["rest_s"] + sum(seconds[key][level] for key, level in levels.items())
-    return dense / pruned
+    return table["dense_forward_s"] / (table["rest_s"] + sum(seconds[key][level] for key, level in levels.items()))
