@@ -165,7 +165,7 @@ def gguf_prefill_seconds(path: Path, prompt: list[int], threads: int) -> float:
 
 
 def measure_llama_cpp_table(assembly: LiveAssembly, tokenizer, seq_len: int = 512, threads: int = 2,
-                            repeats: int = 5, quant: str = "f16", partial_uri: str | None = None,
+                            repeats: int = 7, quant: str = "f16", partial_uri: str | None = None,
                             scratch: Path | None = None, progress: bool = False) -> dict:
     """The llama.cpp table (same form as measure_latency_table's, batch 1). Each of `repeats` rounds times every
     variant once, in rotated order, and is saved at `partial_uri` when it ends; a measurement started again with
