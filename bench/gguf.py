@@ -107,6 +107,7 @@ def llama_cpp_converter() -> Path:
 def convert_with_llama_cpp(model_folder: Path, folder: Path) -> dict:
     """{quant: GGUF path} of the HF model in `model_folder`, as a llama.cpp user has it: f16 and q8_0 by
     convert_hf_to_gguf.py, q4_k_m by llama.cpp's quantizer from that f16."""
+    from darwinlm.core.errors import DarwinLMError
     from darwinlm.core.export.gguf import quantize_with_llama_cpp
 
     script = llama_cpp_converter()
@@ -120,7 +121,7 @@ def convert_with_llama_cpp(model_folder: Path, folder: Path) -> dict:
                               str(files[quant])], env=environment, capture_output=True, text=True)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SystemExit(f"bench.gguf: llama.cpp's converter failed on {model_folder} at {quant}: {last}")
+            raise DarwinLMError(f"llama.cpp's converter failed on {model_folder} at {quant}: {last}")
         print(f"converted {files[quant].name} with llama.cpp's converter", flush=True)
     files["q4_k_m"] = folder / "dense-llama-cpp-q4_k_m.gguf"
     quantize_with_llama_cpp(files["f16"], files["q4_k_m"], "q4_k_m")
@@ -169,7 +170,7 @@ def _decode_tok_s(llm, prompt: list[int], tokens: list[int]) -> float:
     return len(tokens) / (time.perf_counter() - start)
 
 
-def _speeds(files: dict, prompt: list[int], decode: list[int], reps: int, threads: int) -> dict:
+def llama_cpp_speeds(files: dict, prompt: list[int], decode: list[int], reps: int, threads: int) -> dict:
     """Median prefill and decode tokens/s per (model, quant), repetitions interleaved in rotated order."""
     runners = {key: open_llama_cpp(path, threads, n_ctx=len(prompt) + len(decode) + 8)
                for key, path in files.items()}
@@ -245,7 +246,7 @@ def main() -> None:
         print(f"llama.cpp perplexity: {ppl}", flush=True)
         load_before = os.getloadavg()
         decode_tokens = windows[1].tolist()[: args.decode_tokens]  # held-out text, fed one token at a time
-        speed = _speeds(files, windows[0].tolist(), decode_tokens, args.reps, args.threads)
+        speed = llama_cpp_speeds(files, windows[0].tolist(), decode_tokens, args.reps, args.threads)
         sizes = {key: path.stat().st_size / 1e6 for key, path in files.items()}
     per_quant = {quant: {name: {"size_mb": sizes[(name, quant)], "ppl": ppl[(name, quant)],
                                 "prefill_tok_s": speed[(name, quant)]["prefill"],

@@ -19,15 +19,20 @@ uniform and informed_start are refitted too before post-training, as the pipelin
 
 Row keys (`targets.<fraction>.<method>`): `ppl_<text>` and `ppl_<text>_se` before post-training and
 `ppl_<text>_posttrained(_se)` after, for text in `sotu` (in-domain) and the `ood_texts` (`moby`); `params_kept`;
-`wall_s` (the method's own work up to the pruned model) and `post_train_s`; seeded rows add `<key>_sd` (population
+`wall_s` (the method's own work up to the pruned model) and `post_train_s`; the shipped model's speed in llama.cpp
+(issue 38), each timed against dense converted by llama.cpp's own converter in the same interleaved rounds (2
+threads, one 512-token prompt, 64 decoded tokens): `llamacpp_prefill_speedup_f16`, `llamacpp_decode_speedup_f16`
+and `llamacpp_prefill_speedup_q8_0`, or `llamacpp_unsupported` saying why a model has no GGUF; seeded rows add `<key>_sd` (population
 sd over seeds) and `seeds`. A stopped run resumes from its saved rows when rerun with the same arguments, if the
 code that measures them (MEASURED_BY) is unchanged since.
 """
 
 import argparse
 import statistics
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from bench.results_file import provenance, resumable_partial, write_partial, write_results
 from darwinlm.core import store_layout
@@ -39,7 +44,9 @@ from darwinlm.flows.offline import apply_offline_defaults
 OOD_TEXTS = [name for name in EVALUATION_LABELS if name != IN_DOMAIN_SET]
 SEEDED_METHODS = ("darwinlm",)
 PEERS = ("tp_taylor_uniform", "tp_global", "flap", "slimgpt", "ziplm_dp", "shortgpt", "wanda_sp")  # bench.peers
-MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/headline.py", "bench/peers")
+MEASURED_BY = ("darwinlm_core", "tasks", "flows", "requirements", "bench/headline.py", "bench/peers", "bench/gguf.py")
+LLAMA_CPP_QUANTS = ("f16", "q8_0")
+LLAMA_CPP = {"threads": 2, "prompt_tokens": 512, "decode_tokens": 64, "reps": 5}  # as bench.gguf measures
 
 
 def headline_preset(model: str, fraction: float):
@@ -85,8 +92,8 @@ class Target:
 
         self.model_name = model_name
         self.config = headline_preset(model_name, fraction)
-        self.model, tokenizer = load_model(model_name)
-        self.data = prepare_data(self.config.data, tokenizer)
+        self.model, self.tokenizer = load_model(model_name)
+        self.data = prepare_data(self.config.data, self.tokenizer)
         top_k = self.config.teacher_top_k
         self.database = build_database(self.model, self.data.calibration_ids, store_layout.databases(str(data_home())),
                                        calibration_digest=self.data.calibration_digest,
@@ -97,6 +104,48 @@ class Target:
         self.dense_row = {"params_kept": self.database.manifest["dense_params"], **self.evaluate(self.model)}
         self.budget = Budget.from_database(self.database, fraction_removed=fraction, seq_len=self.config.data.seq_len)
         self.assembly = LiveAssembly(self.model, self.database)
+        self.scratch = tempfile.TemporaryDirectory(prefix="headline-gguf-")  # removed with the Target
+        self.dense_gguf, self.llama_cpp_unsupported = self.convert_dense()
+
+    def convert_dense(self) -> tuple[dict, str | None]:
+        """({quant: dense GGUF} by llama.cpp's own converter, as a user has it, None), or ({}, why not)."""
+        from bench.gguf import convert_with_llama_cpp
+        from darwinlm.core.errors import DarwinLMError
+        from darwinlm.core.model.loading import resolve_model_location
+
+        try:
+            return convert_with_llama_cpp(Path(resolve_model_location(self.model_name)), Path(self.scratch.name)), None
+        except (DarwinLMError, ImportError) as error:
+            print(f"no llama.cpp figures: {error}", flush=True)
+            return {}, f"dense: {error}"
+
+    def llama_cpp_speedups(self, model) -> dict:
+        """`model`'s prefill and decode speed in llama.cpp ÷ dense's, timed in the same interleaved rounds."""
+        from bench.gguf import llama_cpp_speeds
+        from darwinlm.core.errors import DarwinLMError
+        from darwinlm.core.export.gguf import export_gguf
+
+        if self.llama_cpp_unsupported:
+            return {"llamacpp_unsupported": self.llama_cpp_unsupported}
+        with tempfile.TemporaryDirectory(prefix="row-", dir=self.scratch.name) as folder:
+            files = {("dense", quant): self.dense_gguf[quant] for quant in LLAMA_CPP_QUANTS}
+            try:
+                for quant in LLAMA_CPP_QUANTS:
+                    files[("row", quant)] = Path(folder) / f"{quant}.gguf"
+                    export_gguf(model, self.tokenizer, str(files[("row", quant)]), quant=quant)
+            except DarwinLMError as error:  # e.g. FLAP's output bias, which llama.cpp's `deci` graph lacks
+                return {"llamacpp_unsupported": str(error)}
+            tokens = self.data.calibration_ids.flatten().tolist()  # which tokens does not change the cost
+            prompt = tokens[:LLAMA_CPP["prompt_tokens"]]
+            decode = tokens[len(prompt):len(prompt) + LLAMA_CPP["decode_tokens"]]
+            speed = llama_cpp_speeds(files, prompt, decode, LLAMA_CPP["reps"], LLAMA_CPP["threads"])
+
+        def ratio(kind: str, quant: str) -> float:
+            return speed[("row", quant)][kind] / speed[("dense", quant)][kind]
+
+        return {"llamacpp_prefill_speedup_f16": ratio("prefill", "f16"),
+                "llamacpp_decode_speedup_f16": ratio("decode", "f16"),
+                "llamacpp_prefill_speedup_q8_0": ratio("prefill", "q8_0")}
 
     def evaluate(self, model, suffix: str = "") -> dict:
         from darwinlm.core.evaluation.held_out import evaluate
@@ -130,7 +179,7 @@ class Target:
             row.update(self.evaluate(self.model, "_posttrained"))
         finally:
             self.assembly.database = self.database
-        return row
+        return {**row, **self.llama_cpp_speedups(self.model)}
 
     def peer_row(self, method: str) -> dict:
         """Peer `method` (bench.peers.PEER_METHODS) at this target on a fresh dense model and the database's
@@ -149,7 +198,7 @@ class Target:
         finetune(peer_model, self.data.post_train_ids, self.config.post_train.finetune, teacher=self.post_teacher,
                  progress=True)
         row["post_train_s"] = time.perf_counter() - start
-        return {**row, **self.evaluate(peer_model, "_posttrained")}
+        return {**row, **self.evaluate(peer_model, "_posttrained"), **self.llama_cpp_speedups(peer_model)}
 
 
 def run_target(fraction: float, args, rows: dict, save) -> dict:

@@ -162,7 +162,7 @@ def _search_flow_run_name() -> str:
 
     try:
         search = config_from_dict(flow_run.parameters["values"]).search
-        return f"search · −{search.fraction_removed:.0%} · {search.generations} generations · seed {search.seed}"
+        return f"search · {search.target_label} · {search.generations} generations · seed {search.seed}"
     except Exception:  # noqa: BLE001 — a name must never stop a run
         return "search"
 

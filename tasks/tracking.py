@@ -193,7 +193,7 @@ def resolved_params(config) -> dict:
 def run_title(preset: str, config) -> str:
     """A compress run's name, saying what tells it from its neighbours in MLflow's run list."""
     search = config.search
-    return (f"{Path(preset).stem} · {config.model.rstrip('/').split('/')[-1]} −{search.fraction_removed:.0%} · "
+    return (f"{Path(preset).stem} · {config.model.rstrip('/').split('/')[-1]} {search.target_label} · "
             f"{search.generations} generations · seed {search.seed}")
 
 

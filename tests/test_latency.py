@@ -196,3 +196,9 @@ def test_search_holds_a_budget_priced_in_llama_cpp(served, monkeypatch):
     kept = sum(seconds[key][level] for key, level in levels.items())
     assert search.budget.feasible(tuple(state.parent))
     assert kept <= 0.6 * sum(s[0] for s in seconds.values()) + 1e-9
+
+
+def test_run_names_say_what_a_budget_counts():
+    assert SearchConfig(fraction_removed=0.5).target_label == "−50%"
+    assert SearchConfig(fraction_removed=0.3, budget_kind="flops").target_label == "−30% flops"
+    assert SearchConfig(budget_kind="latency", latency_engine="llama.cpp").target_label == "−50% latency (llama.cpp)"

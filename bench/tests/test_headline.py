@@ -1,4 +1,7 @@
-"""bench.headline's row shapes and arguments (the measurement itself runs in `make bench`)."""
+"""bench.headline's row shapes and arguments, and each row's llama.cpp speed on tiny models (the measurement itself
+runs in `make bench`)."""
+
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +89,7 @@ def test_a_peer_row_carries_every_key_of_the_other_rows(monkeypatch):
     target.model_name, target.config = "smollm2", headline.headline_preset("smollm2", 0.3)
     target.data = type("Data", (), {"calibration_ids": torch.zeros(2, 4), "post_train_ids": torch.ones(3, 4)})()
     target.database, target.post_teacher = "the database", "the teacher"
+    target.llama_cpp_unsupported = "not measured in this test"
     target.evaluate = lambda model, suffix="": {f"ppl_sotu{suffix}": 10.0, f"ppl_sotu{suffix}_se": 1.0}
     row = target.peer_row("ziplm_dp")
     assert calls["method"] == "ziplm_dp" and calls["options"] == {"database": "the database"}
@@ -93,7 +97,56 @@ def test_a_peer_row_carries_every_key_of_the_other_rows(monkeypatch):
     assert calls["post_rows"] is target.data.post_train_ids and calls["teacher"] == "the teacher"
     assert calls["schedule"] == target.config.post_train.finetune
     assert set(row) == {"params_kept", "wall_s", "post_train_s", "ppl_sotu", "ppl_sotu_se", "ppl_sotu_posttrained",
-                        "ppl_sotu_posttrained_se"}
+                        "ppl_sotu_posttrained_se", "llamacpp_unsupported"}
     assert (row["params_kept"], row["wall_s"]) == (50, 1.5)
     target.peer_row("flap")
     assert calls["options"] == {}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_target(tmp_path_factory):
+    """A stand-in Target of a tiny llama (GQA, byte-level BPE vocabulary): its dense GGUFs by darwinlm's writer."""
+    import tempfile
+
+    from darwinlm.core.export.gguf import export_gguf
+    from tests.support.tiny_models import TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model
+
+    def model():
+        return tiny_model("llama", vocab_size=TINY_BPE_VOCAB, num_hidden_layers=4, hidden_size=96,
+                          num_attention_heads=6, num_key_value_heads=2, intermediate_size=128, head_dim=16).eval()
+
+    target = headline.Target.__new__(headline.Target)
+    target.tokenizer, target.llama_cpp_unsupported = tiny_bpe_tokenizer(), None
+    target.data = type("Data", (), {"calibration_ids": random_token_rows(TINY_BPE_VOCAB, 20, 32, seed=3)})()
+    target.scratch = tempfile.TemporaryDirectory(dir=tmp_path_factory.mktemp("gguf"))
+    target.dense_gguf = {}
+    for quant in headline.LLAMA_CPP_QUANTS:
+        target.dense_gguf[quant] = Path(target.scratch.name) / f"dense-{quant}.gguf"
+        export_gguf(model(), target.tokenizer, str(target.dense_gguf[quant]), quant=quant)
+    return target, model
+
+
+@pytest.mark.parametrize("name", ["slimgpt", "shortgpt", "wanda_sp", "flap"])
+def test_a_row_carries_its_llama_cpp_speed_or_says_why_not(llama_cpp_target, name):
+    """Issue 38's keys on every row: the pruned model's prefill and decode speed over dense in llama.cpp, timed in
+    the same rounds; a model llama.cpp cannot run (FLAP's output bias) says so in one line instead."""
+    from bench.peers import prune_with
+
+    target, model = llama_cpp_target
+    pruned = model()
+    prune_with(name, pruned, target.data.calibration_ids, 0.5)
+    figures = target.llama_cpp_speedups(pruned)
+    if name == "flap":
+        assert set(figures) == {"llamacpp_unsupported"} and "bias" in figures["llamacpp_unsupported"]
+        return
+    assert set(figures) == {"llamacpp_prefill_speedup_f16", "llamacpp_decode_speedup_f16",
+                            "llamacpp_prefill_speedup_q8_0"}
+    assert all(value > 0 for value in figures.values())
+    assert sorted(Path(target.scratch.name).iterdir()) == sorted(target.dense_gguf.values())  # the row's are gone
+
+
+def test_without_a_dense_conversion_every_row_says_why(llama_cpp_target):
+    target, model = llama_cpp_target
+    stand_in = headline.Target.__new__(headline.Target)
+    stand_in.llama_cpp_unsupported = "dense: llama.cpp's converter failed on gemma at f16: no sentencepiece"
+    assert stand_in.llama_cpp_speedups(model()) == {"llamacpp_unsupported": stand_in.llama_cpp_unsupported}

@@ -103,6 +103,14 @@ class SearchConfig:
                                 "start_slope_tokens ≥ 0 and accept_z ≥ 0")
 
     @property
+    def target_label(self) -> str:
+        """What is removed, for run names: "−50%" of parameters, or e.g. "−50% latency (llama.cpp)"."""
+        label = f"−{self.fraction_removed:.0%}"
+        if self.budget_kind == "latency":
+            return f"{label} latency ({self.latency_engine})"
+        return label if self.budget_kind == "params" else f"{label} {self.budget_kind}"
+
+    @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
