@@ -23,6 +23,7 @@ from darwinlm.core.compression import start_needs_a_model
 from darwinlm.core.config import CompressConfig, config_from_dict
 from darwinlm.core.database.store import Database
 from darwinlm.core.evaluation.metrics import is_se_key
+from darwinlm.core.search.genome import cost_text
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.flows.parameters import CompressParameters
 from darwinlm.core.store_layout import readable_name
@@ -185,9 +186,10 @@ def search_flow(values: dict, run_uri: str, database_ref: DatabaseRef, search_ru
         tracker.metrics(search_run, generation_metrics(record), step=generation + 1)
         if progress is not None:
             progress.update(record)
-        logger.info("search generation %d/%d: parent KL %.4f on the fixed rows, %s, move size %d, kept %s "
-                    "parameters", generation + 1, config.search.generations, record["fixed_kl"],
-                    "replaced" if record["accepted"] else "kept", record["move_size"], f"{record['kept']:,}")
+        logger.info("search generation %d/%d: parent KL %.4f on the fixed rows, %s, move size %d, kept %s",
+                    generation + 1, config.search.generations, record["fixed_kl"],
+                    "replaced" if record["accepted"] else "kept", record["move_size"],
+                    cost_text(config.search.budget_kind, record["kept"]))
 
 
 def dask_runner(parameters: CompressParameters):

@@ -12,7 +12,7 @@ from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.fitness import compute_teacher
-from darwinlm.core.search.genome import Budget
+from darwinlm.core.search.genome import Budget, cost_text
 from darwinlm.core.search.evolution import Search, SearchConfig, StageConfig
 from tests.support.tiny_models import TINY_BPE_VOCAB, random_token_rows, tiny_bpe_tokenizer, tiny_model
 
@@ -202,3 +202,5 @@ def test_run_names_say_what_a_budget_counts():
     assert SearchConfig(fraction_removed=0.5).target_label == "−50%"
     assert SearchConfig(fraction_removed=0.3, budget_kind="flops").target_label == "−30% flops"
     assert SearchConfig(budget_kind="latency", latency_engine="llama.cpp").target_label == "−50% latency (llama.cpp)"
+    assert cost_text("latency", 553_845_928) == "553.8 ms of module prefill"  # a latency budget counts nanoseconds
+    assert cost_text("params", 53_084_160) == "53,084,160 parameters"

@@ -59,6 +59,14 @@ def flops_per_token(database, layer: int, kind: str, level: int, seq_len: int) -
     return 2 * params + 2 * 2 * seq_len * query_heads * head_dim  # QKᵀ and AV over an average causal context
 
 
+def cost_text(kind: str, cost: int) -> str:
+    """A budget's cost as a reader reads it: kept parameters, FLOPs per token, or milliseconds of module prefill
+    (latency budgets count nanoseconds)."""
+    if kind == "latency":
+        return f"{cost / 1e6:,.1f} ms of module prefill"
+    return f"{cost:,} FLOPs per token" if kind == "flops" else f"{cost:,} parameters"
+
+
 @dataclass(frozen=True)
 class Budget:
     """Kept cost per genome: `costs[i][level]` for module i, feasible iff target − tolerance ≤ cost ≤ target."""
