@@ -161,8 +161,9 @@ class Search:
         database = assembly.database
         seq_len = teacher_pool.input_ids.shape[1]
         latency = None
-        if config.budget_kind == "latency":  # measured once per database, device and row shape, then stored
-            latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=progress,
+        if config.budget_kind == "latency":  # measured once per database, device and row shape, then stored;
+            # minutes of silence otherwise, so it always says what it is timing
+            latency = load_or_measure(assembly, batch=config.batch_size, seq_len=seq_len, progress=True,
                                       engine=config.latency_engine, tokenizer=tokenizer,
                                       threads=config.latency_threads)
         self.budget = Budget.from_database(database, fraction_removed=config.fraction_removed,
