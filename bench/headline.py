@@ -29,6 +29,7 @@ code that measures them (MEASURED_BY) is unchanged since.
 
 import argparse
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -115,7 +116,7 @@ class Target:
 
         try:
             return convert_with_llama_cpp(Path(resolve_model_location(self.model_name)), Path(self.scratch.name)), None
-        except (DarwinLMError, ImportError) as error:
+        except (DarwinLMError, ImportError, subprocess.CalledProcessError) as error:  # the last: no sdist download
             print(f"no llama.cpp figures: {error}", flush=True)
             return {}, f"dense: {error}"
 
