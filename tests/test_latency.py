@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from darwinlm.core.export import gguf as gguf_writer
 from darwinlm.core.search import latency
 from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.store import DatabaseConfig, build_database
@@ -139,8 +140,8 @@ def test_llama_cpp_measurement_resumes_after_its_last_whole_round(served, tmp_pa
     live, tokenizer, _ = served
     partial = str(tmp_path / "table.json.partial")
     calls, exports = [], []
-    real_export = latency.export_gguf
-    monkeypatch.setattr(latency, "export_gguf", lambda *a, **k: exports.append(a[2]) or real_export(*a, **k))
+    real_export = gguf_writer.export_gguf
+    monkeypatch.setattr(gguf_writer, "export_gguf", lambda *a, **k: exports.append(a[2]) or real_export(*a, **k))
 
     def crashing(path, prompt, threads):
         calls.append(path)

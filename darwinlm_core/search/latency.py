@@ -30,7 +30,6 @@ from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.evaluation.timing import (interleaved_medians, llama_cpp_prefill_seconds, open_llama_cpp,
                                               timed_seconds)
-from darwinlm.core.export.gguf import export_gguf
 from darwinlm.core.home import data_home
 from darwinlm.core.model.driver import record_block_kwargs
 from darwinlm.core.search.genome import module_keys
@@ -138,6 +137,10 @@ def _llama_cpp_variants(assembly: LiveAssembly) -> dict[str, dict[tuple[int, str
 def _write_variant_ggufs(assembly: LiveAssembly, tokenizer, variants: dict, scratch: Path, quant: str,
                          progress: bool) -> dict[str, Path]:
     """One GGUF per variant in `scratch`, each written whole or not at all (export_gguf), kept across a resume."""
+    # imported here: the GGUF writer brings the pruned model classes (transformers), which the CLI must not load
+    # before it has set the offline defaults, and the search imports this module
+    from darwinlm.core.export.gguf import export_gguf
+
     saved = dict(assembly.levels)
     files = {}
     try:
