@@ -94,11 +94,12 @@ class CompressConfig:
     def digest(self) -> str:
         """Names the run root. Export options are left out: a GGUF is derived from the finished model, so
         asking for one later resumes the same run and adds the file instead of redoing the compression.
-        Database options enter as they enter the database's address (an option added later, left off, keeps
-        earlier runs' names)."""
+        Database and search options enter as they enter the database's address and the search's name (an option
+        added later, left off, keeps earlier runs' names)."""
         values = dataclasses.asdict(self)
         values.pop("export")
         values["database"] = self.database.address_values()
+        values["search"] = self.search.address_values()
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

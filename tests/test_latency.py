@@ -3,6 +3,7 @@ a llama.cpp measurement that resumes, per-module costs recovered from whole-mode
 latency budget."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,14 @@ def test_run_names_say_what_a_budget_counts():
     assert SearchConfig(budget_kind="latency", latency_engine="llama.cpp").target_label == "−50% latency (llama.cpp)"
     assert cost_text("latency", 553_845_928) == "553.8 ms of module prefill"  # a latency budget counts nanoseconds
     assert cost_text("params", 53_084_160) == "53,084,160 parameters"
+
+
+def test_the_latency_options_left_at_their_defaults_keep_a_search_s_name():
+    """Searches and runs saved before latency_engine and latency_threads existed keep their names (the resume of a
+    run started with the earlier version); a llama.cpp-priced search is named apart."""
+    plain = SearchConfig()
+    assert not {"latency_engine", "latency_threads"} & set(plain.address_values())
+    assert set(plain.address_values()) | {"latency_engine", "latency_threads"} == set(asdict(plain))
+    served = SearchConfig(budget_kind="latency", latency_engine="llama.cpp", latency_threads=4)
+    assert served.address_values()["latency_engine"] == "llama.cpp" and served.digest != SearchConfig(
+        budget_kind="latency").digest

@@ -58,6 +58,10 @@ class StageConfig:
     finetune_tokens: int = 0
 
 
+# Options added to SearchConfig after searches were saved, each with the value that searches as they did then.
+SEARCH_OPTIONS_BEFORE = {"latency_engine": "torch", "latency_threads": 0}
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     fraction_removed: float = 0.5
@@ -110,9 +114,18 @@ class SearchConfig:
             return f"{label} latency ({self.latency_engine})"
         return label if self.budget_kind == "params" else f"{label} {self.budget_kind}"
 
+    def address_values(self) -> dict:
+        """The fields that name a search (its state, its run): an option added later enters only when it differs
+        from the behaviour before it existed, so searches and runs saved then keep their names."""
+        values = asdict(self)
+        for name, before in SEARCH_OPTIONS_BEFORE.items():
+            if values[name] == before:
+                del values[name]
+        return values
+
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.address_values(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
