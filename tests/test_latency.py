@@ -164,8 +164,9 @@ def test_llama_cpp_measurement_resumes_after_its_last_whole_round(served, tmp_pa
     assert table["repeats"] == 3
 
 
-def test_llama_cpp_table_is_stored_with_the_database_and_reused(served, monkeypatch):
+def test_llama_cpp_table_is_stored_with_the_database_and_reused(served, monkeypatch, tmp_path):
     live, tokenizer, _ = served
+    monkeypatch.setenv("DARWINLM_HOME", str(tmp_path))  # the GGUF scratch folder lives under the data home
     with pytest.raises(DarwinLMError, match="tokenizer"):
         latency.load_or_measure(live, seq_len=32, engine="llama.cpp")
     with pytest.raises(DarwinLMError, match="unknown latency engine 'vllm'"):
@@ -178,8 +179,9 @@ def test_llama_cpp_table_is_stored_with_the_database_and_reused(served, monkeypa
     assert latency.load_or_measure(live, seq_len=32, engine="llama.cpp", tokenizer=tokenizer, threads=1) == first
 
 
-def test_search_holds_a_budget_priced_in_llama_cpp(served, monkeypatch):
+def test_search_holds_a_budget_priced_in_llama_cpp(served, monkeypatch, tmp_path):
     live, tokenizer, rows = served
+    monkeypatch.setenv("DARWINLM_HOME", str(tmp_path))
     with pytest.raises(DarwinLMError, match="latency_engine 'onnx'"):
         SearchConfig(budget_kind="latency", latency_engine="onnx")
     config = SearchConfig(fraction_removed=0.4, budget_kind="latency", latency_engine="llama.cpp",
