@@ -21,10 +21,10 @@ Row keys (`targets.<fraction>.<method>`): `ppl_<text>` and `ppl_<text>_se` befor
 `ppl_<text>_posttrained(_se)` after, for text in `sotu` (in-domain) and the `ood_texts` (`moby`); `params_kept`;
 `wall_s` (the method's own work up to the pruned model) and `post_train_s`; the shipped model's speed in llama.cpp
 (issue 38), each timed against dense converted by llama.cpp's own converter in the same interleaved rounds (2
-threads, one 512-token prompt, 64 decoded tokens): `llamacpp_prefill_speedup_f16`, `llamacpp_decode_speedup_f16`
-and `llamacpp_prefill_speedup_q8_0`, or `llamacpp_unsupported` saying why a model has no GGUF; seeded rows add `<key>_sd` (population
-sd over seeds) and `seeds`. A stopped run resumes from its saved rows when rerun with the same arguments, if the
-code that measures them (MEASURED_BY) is unchanged since.
+threads, one 512-token prompt, 64 decoded tokens): `llamacpp_prefill_speedup_f16`, `llamacpp_decode_speedup_f16` and
+`llamacpp_prefill_speedup_q8_0`, or `llamacpp_unsupported` saying why a model has no GGUF; seeded rows add
+`<key>_sd` (population sd over seeds) and `seeds`. A stopped run resumes from its saved rows when rerun with the
+same arguments, if the code that measures them (MEASURED_BY) is unchanged since.
 """
 
 import argparse

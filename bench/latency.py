@@ -1,18 +1,18 @@
 """Latency benchmark: does a latency table measured in llama.cpp predict what pruned SmolLM2 models run at there?
 
-    python -m bench.latency [--threads 2] [--seq-len 512] [--reps 5] [--random 4]
+    python -m bench.latency [--threads 2] [--seq-len 512] [--reps 7] [--random 4] [--seed 1]
 
 The table (darwinlm.core.search.latency, engine llama.cpp) is measured afresh on the database of what the pipeline
 ships (the demo's run that bench/results/demo.json names, else bench.export's uniform-50% database; both have the
-default ladders). It predicts each module at each level from whole-model prefill times, assuming the modules'
-costs add up. Then whole models, none of them a variant the table timed, are exported to GGUF and timed in
-llama.cpp, interleaved in rotated rounds with dense: uniform 50% of parameters, what the demo ships, `--random`
-genomes drawn at random and repaired to 50% of parameters (shapes far from uniform), and uniform 30% and 50% of
-the table's own latency budget. For each, the table's predicted prefill speedup over dense (the table's measured
-dense time over its sum at the genome's levels) is set against the measured one; issue 38 accepts a llama.cpp cost model that predicts within 10%. The parameter count's own
-"prediction" (dense ÷ kept block parameters) is shown beside it: what a params budget assumes. Spearman's rank
-correlation of each with the measured speedups says how well it orders the genomes. Writes
-bench/results/latency.json.
+default ladders). It predicts each module at each level from whole-model prefill times, assuming the modules' costs
+add up. Then whole models, none of them a variant the table timed, are exported to GGUF and timed in llama.cpp,
+interleaved in rotated rounds with dense: uniform 50% of parameters, what the demo ships, `--random` genomes drawn
+at random and repaired to 50% of parameters (shapes far from uniform), and uniform 30% and 50% of the table's own
+latency budget. For each, the table's predicted prefill speedup over dense (the table's measured dense time over its
+sum at the genome's levels) is set against the measured one; issue 38 accepts a llama.cpp cost model that predicts
+within 10%. The parameter count's own "prediction" (dense ÷ kept block parameters) is shown beside it: what a params
+budget assumes. Spearman's rank correlation of each with the measured speedups says how well it orders the genomes.
+Writes bench/results/latency.json.
 """
 
 import argparse

@@ -9,9 +9,9 @@ grouped by shape and each group is timed once per level. Two engines measure a t
 - `llama.cpp`: where users serve the model. One GGUF per (group, level) has every module of that group at the
   level and the other groups at the middle of their ladders; llama.cpp times each one's prefill of a seq_len
   prompt at the given thread count (logits for the last token only, as serving does), in interleaved rounds. A
-  module's cost at a level is its group's time there over the group's time with the modules removed, per module. Rounds are saved as they finish,
-  so an interrupted measurement resumes; the GGUFs are written once to a local scratch folder and removed at
-  the end.
+  module's cost at a level is the whole model's time with its group there, less the time with the group removed,
+  divided by the group's size. Rounds are saved as they finish, so an interrupted measurement resumes; the GGUFs
+  are written once to a local scratch folder and removed at the end.
 
 Either way the part of a forward outside the modules (embedding, norms, LM head) is `rest_s`, so a table
 predicts a whole model's prefill speedup (predicted_speedup), and a module removed costs 0. Tables are stored
@@ -121,8 +121,8 @@ def _reference_level(levels: int) -> int:
 def _llama_cpp_variants(assembly: LiveAssembly) -> dict[str, dict[tuple[int, str], int]]:
     """The models llama.cpp times: dense; the reference, every group at the middle of its ladder; and per group and
     other level, the reference with that group's modules at the level. Pruned modules save a little less together
-    than apart (SmolLM2 at 2 threads: 4-6% in bench/results/latency.json's runs), so each group's costs are taken
-    where searched genomes live, not beside a dense model."""
+    than apart (SmolLM2 at 2 threads: 4-6%, experiments/2026-12-05-llama-cpp-latency-table), so each group's costs
+    are taken where searched genomes live, not beside a dense model."""
     groups = shape_groups(assembly)
     reference = {key: _reference_level(levels) for (_, _, _, levels), keys in groups.items() for key in keys}
     variants = {"dense": {key: 0 for key in reference}, "reference": reference}
