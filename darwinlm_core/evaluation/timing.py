@@ -27,24 +27,27 @@ def timed_seconds(call: Callable[[], object], device: torch.device | str = "cpu"
 
 def interleaved_medians(measures: Mapping[str, Callable[[], float | dict]], repeats: int, *,
                         prepare: Mapping[str, Callable[[], object]] | None = None,
-                        warmup: bool = True, on_repeat: Callable[[int, dict], None] | None = None) -> dict:
+                        warmup: bool = True, on_repeat: Callable[[int, dict], None] | None = None,
+                        earlier: Mapping[str, list] | None = None) -> dict:
     """The median of what each measure returns, by name, over `repeats` rounds in rotated order.
 
     A measure returns a number (seconds, tokens/s) or a dict of numbers (then the medians are per key).
     `prepare[name]`, if given, runs untimed before each call of that measure (swapping weights in, say).
     `warmup` calls every measure once first and drops the result: first calls allocate and pick kernels.
-    `on_repeat(round, latest)` sees each round's values, for progress lines."""
+    `on_repeat(round, latest)` sees each round's values, for progress lines (or to save them).
+    `earlier`: each measure's values from rounds measured before (a measurement resumed); the rounds go on from
+    there, in the same rotation."""
     names, prepare = list(measures), prepare or {}
     if warmup:
         for name in names:
             prepare.get(name, lambda: None)()
             measures[name]()
-    samples: dict[str, list] = {name: [] for name in names}
-    for round_index in range(repeats):
+    samples: dict[str, list] = {name: list((earlier or {}).get(name, [])) for name in names}
+    for round_index in range(min(len(values) for values in samples.values()), repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             prepare.get(name, lambda: None)()
-            samples[name].append(measures[name]())
+            samples[name] = samples[name][:round_index] + [measures[name]()]
         if on_repeat is not None:
             on_repeat(round_index, {name: values[-1] for name, values in samples.items()})
     return {name: _median(values) for name, values in samples.items()}

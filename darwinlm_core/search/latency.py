@@ -20,7 +20,6 @@ next to the database, one per engine, device (thread count, quant) and input sha
 
 import json
 import shutil
-import statistics
 from pathlib import Path
 
 import torch
@@ -185,17 +184,18 @@ def measure_llama_cpp_table(assembly: LiveAssembly, tokenizer, seq_len: int = 51
             samples = saved
     vocab = int(assembly.model.config.vocab_size)
     prompt = [(17 + 7919 * i) % vocab for i in range(seq_len)]  # which tokens does not change the cost
-    names = list(variants)
-    for round_index in range(min(len(v) for v in samples.values()), repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name] = samples[name][:round_index] + [gguf_prefill_seconds(files[name], prompt, threads)]
+
+    def save_round(round_index: int, latest: dict) -> None:
+        for name, seconds in latest.items():
+            samples[name] = samples[name][:round_index] + [seconds]
         if partial_uri:
             uri_io.write_bytes(partial_uri, json.dumps(samples).encode())
         if progress:
-            print(f"latency llama.cpp: round {round_index + 1}/{repeats}, dense prefill "
-                  f"{samples['dense'][-1] * 1e3:.0f} ms", flush=True)
-    medians = {name: statistics.median(values) for name, values in samples.items()}
+            print(f"latency llama.cpp: round {round_index + 1}/{repeats}, dense prefill {latest['dense'] * 1e3:.0f} ms",
+                  flush=True)
+
+    medians = interleaved_medians({name: (lambda path=files[name]: gguf_prefill_seconds(path, prompt, threads))
+                                   for name in variants}, repeats, warmup=False, on_repeat=save_round, earlier=samples)
     table = _table_from_variants(assembly, medians)
     shutil.rmtree(scratch, ignore_errors=True)
     return {"engine": "llama.cpp", "device": llama_cpp_device_name(threads, quant), "batch": 1, "seq_len": seq_len,
