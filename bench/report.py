@@ -24,9 +24,10 @@ PEERS = METHODS[3:]
 PEER_LABELS = {"tp_taylor_uniform": "torch-pruning, Taylor uniform", "tp_global": "torch-pruning, Taylor global",
                "flap": "FLAP", "slimgpt": "SlimGPT", "ziplm_dp": "ZipLM-DP", "shortgpt": "ShortGPT",
                "wanda_sp": "Wanda-sp"}
-TEXTS = ("sotu", "moby")
-TEXT_LABELS = {"sotu": "SOTU", "moby": "Moby-Dick"}
-COLUMNS = [f"ppl_{text}{stage}" for stage in ("", "_posttrained") for text in TEXTS]
+# The README's table shows the in-domain text and Moby-Dick, the out-of-domain text results are reported on
+# first; the page shows every text a headline lists (texts_of).
+README_TEXTS = ("sotu", "moby")
+TEXT_LABELS = {"sotu": "SOTU", "moby": "Moby-Dick", "email": "e-mail", "npm_docs": "npm manual"}
 # A difference counts as a win or a loss only beyond this many of its noise (see noise()): about 95% two-sided.
 NOISE_MULTIPLE = 2.0
 README_MARKERS = ("<!-- results table: written by `python -m bench.report`, do not edit -->",
@@ -48,7 +49,7 @@ def headline_from_search(search: dict) -> dict:
             after = rows.get(f"{name}_posttrained", {})
             shaped[method] = {"params_kept": row.get("params"), "wall_s": row.get("wall_s"),
                               "seeds": row.get("seeds", [])}
-            for text in TEXTS:
+            for text in README_TEXTS:
                 for suffix, source in (("", row), ("_posttrained", after)):
                     for tail in ("", "_se", "_sd"):
                         if f"ppl_{text}{tail}" in source:
@@ -56,7 +57,17 @@ def headline_from_search(search: dict) -> dict:
         targets[fraction] = shaped
     dense = next(iter(search["targets"].values()))["dense"]
     return {"targets": targets, "ood_texts": ["moby"], "provenance": search["provenance"],
-            "dense": {"params_kept": dense["params"], **{f"ppl_{t}": dense[f"ppl_{t}"] for t in TEXTS}}}
+            "dense": {"params_kept": dense["params"], **{f"ppl_{t}": dense[f"ppl_{t}"] for t in README_TEXTS}}}
+
+
+def texts_of(headline: dict) -> tuple[str, ...]:
+    """The texts a headline measured: the in-domain one, then its `ood_texts`."""
+    return ("sotu", *headline["ood_texts"])
+
+
+def columns(texts: tuple[str, ...]) -> list[str]:
+    """One perplexity column per text, before and then after post-training."""
+    return [f"ppl_{text}{stage}" for stage in ("", "_posttrained") for text in texts]
 
 
 def headline_source(results: Path) -> Path:
@@ -91,17 +102,19 @@ def seconds(row: dict) -> str:
 
 
 def table(headline: dict) -> list[str]:
-    lines = ["| removed | method | params kept | " + " | ".join(COLUMNS) + " | method s | post-training s |",
-             "|---|---|---|" + "---|" * (len(COLUMNS) + 2)]
+    texts = texts_of(headline)
+    keys = columns(texts)
+    lines = ["| removed | method | params kept | " + " | ".join(keys) + " | method s | post-training s |",
+             "|---|---|---|" + "---|" * (len(keys) + 2)]
     dense = headline["dense"]
     lines.append(f"| 0% | dense | {dense['params_kept']:,} | "
-                 + " | ".join(cell(dense, f"ppl_{t}") for t in TEXTS) + " | – | – | – | – |")
+                 + " | ".join(cell(dense, f"ppl_{t}") for t in texts) + " | –" * (len(texts) + 2) + " |")
     for fraction, rows in sorted(headline["targets"].items()):
         for method in METHODS:
             if method in rows:
                 row = rows[method]
                 lines.append(f"| {float(fraction):.0%} | {method} | {row['params_kept']:,.0f} | "
-                             + " | ".join(cell(row, column) for column in COLUMNS) + f" | {seconds(row)} |")
+                             + " | ".join(cell(row, column) for column in keys) + f" | {seconds(row)} |")
     return lines
 
 
@@ -128,14 +141,15 @@ def verdict(ours: dict, peer: dict, key: str) -> str:
 
 def against_peers(headline: dict) -> list[str]:
     """darwinlm's perplexity ÷ each peer's, per fraction, text and stage, with whether it is beyond the noise."""
-    lines = ["| removed | darwinlm against | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    keys = columns(texts_of(headline))
+    lines = ["| removed | darwinlm against | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for fraction, rows in sorted(headline["targets"].items()):
         if "darwinlm" not in rows:
             continue
         for method in ("uniform", "informed_start", *PEERS):
             if method in rows:
                 lines.append(f"| {float(fraction):.0%} | {method} | "
-                             + " | ".join(verdict(rows["darwinlm"], rows[method], key) for key in COLUMNS) + " |")
+                             + " | ".join(verdict(rows["darwinlm"], rows[method], key) for key in keys) + " |")
     return lines
 
 
@@ -162,9 +176,9 @@ def readme_table(headline: dict, source: str) -> list[str]:
     lines = [f"From {source} at {measured_at(headline)}; ± is the window standard "
              "error, or for darwinlm the spread over its seeds.", "",
              "| removed | method | " + " | ".join(f"{TEXT_LABELS[t]}{s}" for s in ("", ", post-trained")
-                                                 for t in TEXTS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS),
-             "| 0% | dense | " + " | ".join(cell(headline["dense"], f"ppl_{t}") for t in TEXTS) + " | – | – |"]
+                                                 for t in README_TEXTS) + " |",
+             "|---|---|" + "---|" * len(columns(README_TEXTS)),
+             "| 0% | dense | " + " | ".join(cell(headline["dense"], f"ppl_{t}") for t in README_TEXTS) + " | – | – |"]
     for fraction, rows in sorted(headline["targets"].items()):
         peer = best_peer(rows)
         shown = [("uniform", "uniform"), ("darwinlm", "**darwinlm**")]
@@ -172,7 +186,7 @@ def readme_table(headline: dict, source: str) -> list[str]:
         for method, label in shown:
             if method in rows:
                 lines.append(f"| {float(fraction):.0%} | {label} | "
-                             + " | ".join(cell(rows[method], key) for key in COLUMNS) + " |")
+                             + " | ".join(cell(rows[method], key) for key in columns(README_TEXTS)) + " |")
     return lines
 
 
@@ -195,8 +209,10 @@ def plot_ppl_against_fraction(headline: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, text in zip(axes, TEXTS):
+    texts = texts_of(headline)
+    figure, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4), squeeze=False)
+    axes = axes[0]
+    for axis, text in zip(axes, texts):
         for method in METHODS:
             points = sorted((float(f), rows[method]) for f, rows in headline["targets"].items() if method in rows)
             key = f"ppl_{text}_posttrained"
@@ -208,7 +224,7 @@ def plot_ppl_against_fraction(headline: dict, out: Path) -> Path:
         axis.axhline(headline["dense"][f"ppl_{text}"], color="grey", linestyle=":", label="dense")
         axis.set(yscale="log", xlabel="fraction of block parameters removed", ylabel="perplexity (post-trained)",
                  title=text)
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.suptitle("Perplexity after post-training, per method")
     return save(figure, out / "ppl_vs_fraction.png")
 

