@@ -48,13 +48,16 @@ def windows_line(windows: dict) -> str:
 
 
 def write_results(summary: dict, path: str) -> None:
-    """{"wall_s": t, "dense": {...}, "pruned": {...}} plus what identifies the run; atomic write. Each figure
-    that has a standard error carries it beside it as `<figure>_se` (ppl_sotu_se, acc_<task>_se)."""
+    """{"wall_s": t, "dense": {...}, "pruned": {...}, "validation": {...}} plus what identifies the run; atomic
+    write. Each figure that has a standard error carries it beside it as `<figure>_se` (ppl_sotu_se,
+    acc_<task>_se). `dense` and `pruned` are read on the test windows; `validation` is the pruned model on the
+    validation windows, the figures to choose settings on."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"wall_s": summary["wall_s"], "dense": summary["evaluation"]["dense"],
                "pruned": summary["evaluation"]["pruned"], "evaluation_labels": summary.get("evaluation_labels", {}),
                "windows": summary["evaluation"].get("windows"),
+               "validation": summary["evaluation"].get("validation"),
                "kept_block_fraction":
                summary["kept_params"] / summary["dense_params"], "model_uri": summary["model_uri"],
                "mlflow_run_id": summary["mlflow_run_id"]}

@@ -56,8 +56,11 @@ def held_out_figure(evaluation: dict) -> tuple[str, float]:
 
 def windows_digest(evaluation: dict, split_digest: str) -> str:
     """What two perplexities must share to be compared: the validation windows' record (split, protocol, the
-    set's count and spread) and the text split they were drawn from."""
-    record = {"windows": evaluation["validation"]["windows"], "split": split_digest}
+    compared set's count and spread) and the text split they were drawn from. Only the set held_out_figure
+    compares is named, so a record that also holds the other sets' figures compares with one that does not."""
+    windows = evaluation["validation"]["windows"]
+    name, _ = held_out_figure(evaluation)
+    record = {"windows": {**windows, "sets": {name: windows["sets"][name]}}, "split": split_digest}
     return sha256(json.dumps(record, sort_keys=True).encode())[:16]
 
 

@@ -27,7 +27,7 @@ from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
 from darwinlm.core.search.genome import Budget, Genome
 from darwinlm.core.export.model_card import write_model_card
 from darwinlm.core.model.loading import load_config, load_model
-from darwinlm.core.evaluation.held_out import (evaluate, evaluate_dense, evaluation_table, in_domain_validation,
+from darwinlm.core.evaluation.held_out import (evaluate, evaluate_dense, evaluation_table, validation_figures,
                                               zero_shot_scores)
 from darwinlm.core.search.evolution import Search, SearchState, rank
 from darwinlm.core.store_layout import RunLayout
@@ -382,7 +382,7 @@ def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict
     pruned_row["params"] = sum(p.numel() for p in pruned.parameters())
     pruned_row.update(_zero_shot(pruned, tokenizer, data, config))
     results = evaluation_table(dense_row, pruned_row, data.split)  # with the sets' labels, for the card
-    results["validation"] = in_domain_validation(pruned, data, progress=True)  # what the registry's alias reads
+    results["validation"] = validation_figures(pruned, data, progress=True)  # what the registry's alias reads
     windows = next(iter(data.eval_windows(REPORTED_SPLIT).values()))
     speed = prefill_tokens_per_second([dense, pruned], windows[:2])
     results["dense"]["prefill_tokens_per_s"], results["pruned"]["prefill_tokens_per_s"] = speed

@@ -164,9 +164,12 @@ def test_the_printed_table_and_results_file_say_which_windows_they_read(capsys, 
     windows = {"split": "test", "protocol": WINDOWS_PROTOCOL,
                "sets": {"sotu": {"count": 40, "spread_over_tokens": 250_000, "stream_tokens": 260_000}}}
     rows = {"dense": {"params": 10, "ppl_sotu": 9.0}, "pruned": {"params": 6, "ppl_sotu": 11.0}}
-    summary = {"evaluation": {**rows, "windows": windows}, "kept_params": 6, "dense_params": 10, "wall_s": 1.0,
-               "model_uri": "/m", "mlflow_run_id": "r", "registered_model": "x", "registered_version": "1"}
+    validation = {"ppl_sotu": 10.5, "ppl_moby": 30.0, "windows": {**windows, "split": "validation"}}
+    summary = {"evaluation": {**rows, "windows": windows, "validation": validation}, "kept_params": 6,
+               "dense_params": 10, "wall_s": 1.0, "model_uri": "/m", "mlflow_run_id": "r", "registered_model": "x",
+               "registered_version": "1"}
     print_summary(summary)
     assert "test windows (sotu 40 spread over 250,000 of 260,000 tokens)" in capsys.readouterr().out
     write_results(summary, str(tmp_path / "demo.json"))
-    assert json.loads((tmp_path / "demo.json").read_text())["windows"] == windows
+    written = json.loads((tmp_path / "demo.json").read_text())
+    assert written["windows"] == windows and written["validation"] == validation  # the figures to choose on

@@ -133,19 +133,17 @@ def test_evaluations_share_one_forward_pass_per_window_set_and_give_the_separate
 
 
 def test_the_default_corpus_reports_each_figure_under_its_text_s_name(model, tmp_path):
-    """ppl_sotu and ppl_moby, the names bench results use too; the KL is taken on sotu, the in-domain set."""
+    """ppl_sotu, ppl_moby, ..., the names bench results use too; the KL is taken on sotu, the in-domain set."""
     from darwinlm.core.data.default_corpus import default_split
     from darwinlm.core.data.windows import held_out_windows
-    from darwinlm.core.evaluation.held_out import dense_eval_teacher, evaluation_table
+    from darwinlm.core.evaluation.held_out import dense_eval_teacher, evaluation_table, validation_figures
+    from tests.support.default_text import write_miniature_default_text
     from tests.support.tiny_models import tiny_tokenizer
 
-    for year in (1790, 1950, 1990, 2016):
-        (tmp_path / "sotu").mkdir(exist_ok=True)
-        (tmp_path / "sotu" / f"{year}_president.txt").write_text(f"Address of {year}. The state of the Union. " * 4)
-    for chapter in (1, 2):
-        (tmp_path / "moby-dick").mkdir(exist_ok=True)
-        (tmp_path / "moby-dick" / f"chapter_{chapter}.txt").write_text(f"CHAPTER {chapter}. Call me Ishmael. " * 6)
-    split = default_split(tmp_path)
+    split = default_split(write_miniature_default_text(
+        tmp_path, {f"{year}_president": f"Address of {year}. The state of the Union. " * 4
+                   for year in (1790, 1950, 1990, 2016)},
+        {chapter: f"CHAPTER {chapter}. Call me Ishmael. " * 6 for chapter in (1, 2)}))
     empty = torch.zeros(0, 16, dtype=torch.long)
     data = PreparedData(split=split, calibration_ids=empty, teacher_pool_ids=empty, train_ids=empty,
                         post_train_ids=empty,
@@ -154,7 +152,13 @@ def test_the_default_corpus_reports_each_figure_under_its_text_s_name(model, tmp
     teacher = dense_eval_teacher(model, data, 8)
     assert torch.equal(teacher.input_ids, data.eval_windows("test")["sotu"])
     row = evaluate(model, data, teacher)
-    assert {key for key in row if key.startswith("ppl_")} == {"ppl_sotu", "ppl_sotu_se", "ppl_moby", "ppl_moby_se"}
+    assert {key for key in row if key.startswith("ppl_")} == {
+        f"ppl_{name}{se}" for name in ("sotu", "moby", "email", "npm_docs") for se in ("", "_se")}
+    validation = validation_figures(model, data)  # every set's, for choices made on out-of-domain text too
+    assert {key for key in validation if key.startswith("ppl_")} == {key for key in row if key.startswith("ppl_")}
+    assert validation["windows"]["split"] == "validation" and set(validation["windows"]["sets"]) == set(split.evaluation)
+    assert validation["ppl_email"] != row["ppl_email"]  # other windows than the test figure's
     table = evaluation_table(row, row, split)
     assert table["in_domain"] == "sotu"
-    assert table["labels"] == {"sotu": "State of the Union 1990+", "moby": "Moby-Dick"}
+    assert table["labels"] == {"sotu": "State of the Union 1990+", "moby": "Moby-Dick",
+                               "email": "e-mail (SpamAssassin ham, 2002)", "npm_docs": "npm CLI manual"}

@@ -10,7 +10,7 @@ import pytest
 
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.tasks.registry import (BASELINE, CANDIDATE, DECISION_TAG, alias_for, decide_alias, held_out_figure,
-                                     offer_alias, promote, role_of, version_tags)
+                                     offer_alias, promote, role_of, version_tags, windows_digest)
 
 NAME = "tiny-pruned"
 WINDOWS = {"split": "validation", "protocol": "spread-v1", "sets": {"news": {"count": 4}}}
@@ -41,6 +41,19 @@ def test_the_in_domain_validation_figure_is_read_from_the_record_whatever_the_se
     older = {key: value for key, value in evaluation(55.0).items() if key != "validation"}
     with pytest.raises(DarwinLMError, match="no validation-window perplexity.*evaluate it again"):
         held_out_figure(older)
+
+
+def test_a_record_with_every_set_s_validation_figures_compares_with_an_in_domain_only_one():
+    """Evaluations now record the out-of-domain sets' validation figures too: versions registered before keep
+    their windows digest, so the alias still compares them, and the digest still tells other windows apart."""
+    every_set = evaluation(55.0)
+    every_set["validation"] = {**every_set["validation"], "ppl_novel": 150.0, "ppl_novel_se": 4.0,
+                               "windows": {**WINDOWS, "sets": {**WINDOWS["sets"], "novel": {"count": 4}}}}
+    assert held_out_figure(every_set) == ("news", 55.0)
+    assert windows_digest(every_set, "split-a") == windows_digest(evaluation(60.0), "split-a")
+    fewer = {**WINDOWS, "sets": {"news": {"count": 3}, "novel": {"count": 4}}}
+    assert windows_digest({**every_set, "validation": {**every_set["validation"], "windows": fewer}},
+                          "split-a") != windows_digest(every_set, "split-a")
 
 
 def test_the_alias_policy():

@@ -57,14 +57,13 @@ def evaluate_dense(model, data: PreparedData, top_k: int, batch_size: int = 4, p
     return results, CompactTeacher(next(iter(windows.values())), torch.cat(top_logprobs), torch.cat(top_ids))
 
 
-def in_domain_validation(model, data: PreparedData, batch_size: int = 4, progress: bool = False) -> dict:
-    """The in-domain set's perplexity (`ppl_<set>`, `ppl_<set>_se`) on its validation windows, with the `windows`
-    it read: the figure a choice between two compressed models reads (which one users get), so the reported
-    test figures play no part in it."""
-    name, windows = next(iter(data.eval_windows(VALIDATION).items()))
-    row = _perplexities(model, {name: windows}, batch_size, progress, None)
-    used = data.windows_used(VALIDATION)
-    return {**row, "windows": {**used, "sets": {name: used["sets"][name]}}}
+def validation_figures(model, data: PreparedData, batch_size: int = 4, progress: bool = False) -> dict:
+    """Every evaluation set's perplexity (`ppl_<set>`, `ppl_<set>_se`) on its validation windows, with the
+    `windows` it read: the figures choices read, so the reported test figures play no part in them. The
+    in-domain one decides which compressed model users get (the registry's alias); the out-of-domain ones are
+    the validation text that settings are chosen on (experiments/2026-12-05-out-of-domain-validation)."""
+    row = _perplexities(model, data.eval_windows(VALIDATION), batch_size, progress, None)
+    return {**row, "windows": data.windows_used(VALIDATION)}
 
 
 def _perplexities(model, windows_by_set: dict[str, torch.Tensor], batch_size: int, progress: bool,
