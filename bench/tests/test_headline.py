@@ -18,6 +18,31 @@ def test_text_figures_keep_the_core_s_names_of_each_text():
         "ppl_moby_posttrained_se": 6.0}
 
 
+def test_rows_are_read_one_shot_on_sotu_and_moby_and_post_trained_on_every_text():
+    """What issue 39 asks of the headline (every out-of-domain text after post-training) without reading e-mail and
+    the manual one-shot, which nothing reports."""
+    import torch
+
+    from darwinlm.core.data.prepared import PreparedData
+    from darwinlm.core.data.windows import windows_of_stream
+    from darwinlm.core.evaluation.held_out import dense_eval_teacher
+    from tests.support.tiny_models import tiny_model
+
+    empty = torch.zeros(0, 16, dtype=torch.long)
+    stream = torch.randint(0, 90, (64,), generator=torch.Generator().manual_seed(0))
+    data = PreparedData(split=None, calibration_ids=empty, teacher_pool_ids=empty, train_ids=empty,
+                        post_train_ids=empty, held_out={name: windows_of_stream(stream, 16, 2)
+                                                        for name in ["sotu", *headline.OOD_TEXTS]})
+    model = tiny_model("llama").eval()
+    target = headline.Target.__new__(headline.Target)  # its measurement alone, without a database or a search
+    target.data, target.eval_teacher = data, dense_eval_teacher(model, data, 8)
+    target.one_shot_data = headline.one_shot_view(data)
+    texts = lambda row: {key.removeprefix("ppl_").split("_posttrained")[0] for key in row if not key.endswith("_se")}
+    assert texts(target.evaluate(model)) == {"sotu", "moby"}
+    assert texts(target.evaluate(model, "_posttrained", every_text=True)) == {"sotu", "moby", "email", "npm_docs"}
+    assert all(key.endswith(("_posttrained", "_posttrained_se")) for key in target.evaluate(model, "_posttrained"))
+
+
 def test_the_out_of_domain_texts_are_the_default_split_s():
     from darwinlm.core.data.default_corpus import EVALUATION_LABELS, IN_DOMAIN_SET
 
@@ -90,14 +115,16 @@ def test_a_peer_row_carries_every_key_of_the_other_rows(monkeypatch):
     target.data = type("Data", (), {"calibration_ids": torch.zeros(2, 4), "post_train_ids": torch.ones(3, 4)})()
     target.database, target.post_teacher = "the database", "the teacher"
     target.llama_cpp_unsupported = "not measured in this test"
-    target.evaluate = lambda model, suffix="": {f"ppl_sotu{suffix}": 10.0, f"ppl_sotu{suffix}_se": 1.0}
+    target.evaluate = lambda model, suffix="", every_text=False: {  # e-mail stands for the texts read post-trained
+        f"ppl_{text}{suffix}{se}": 10.0 for text in ["sotu", *(["email"] if every_text else [])] for se in ("", "_se")}
     row = target.peer_row("ziplm_dp")
     assert calls["method"] == "ziplm_dp" and calls["options"] == {"database": "the database"}
     assert calls["kept_fraction"] == pytest.approx(0.7) and calls["rows"] is target.data.calibration_ids
     assert calls["post_rows"] is target.data.post_train_ids and calls["teacher"] == "the teacher"
     assert calls["schedule"] == target.config.post_train.finetune
     assert set(row) == {"params_kept", "wall_s", "post_train_s", "ppl_sotu", "ppl_sotu_se", "ppl_sotu_posttrained",
-                        "ppl_sotu_posttrained_se", "llamacpp_unsupported"}
+                        "ppl_sotu_posttrained_se", "ppl_email_posttrained", "ppl_email_posttrained_se",
+                        "llamacpp_unsupported"}
     assert (row["params_kept"], row["wall_s"]) == (50, 1.5)
     target.peer_row("flap")
     assert calls["options"] == {}
