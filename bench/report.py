@@ -66,8 +66,9 @@ def texts_of(headline: dict) -> tuple[str, ...]:
 
 
 def columns(texts: tuple[str, ...]) -> list[str]:
-    """One perplexity column per text, before and then after post-training."""
-    return [f"ppl_{text}{stage}" for stage in ("", "_posttrained") for text in texts]
+    """Perplexity columns: before post-training on the README's texts (bench.headline reads the others only
+    after it), then after post-training on every text of `texts`."""
+    return [f"ppl_{text}" for text in texts if text in README_TEXTS] + [f"ppl_{text}_posttrained" for text in texts]
 
 
 def headline_source(results: Path) -> Path:
@@ -104,11 +105,15 @@ def seconds(row: dict) -> str:
 def table(headline: dict) -> list[str]:
     texts = texts_of(headline)
     keys = columns(texts)
-    lines = ["| removed | method | params kept | " + " | ".join(keys) + " | method s | post-training s |",
-             "|---|---|---|" + "---|" * (len(keys) + 2)]
     dense = headline["dense"]
+    only_after = [text for text in texts if text not in README_TEXTS and dense.get(f"ppl_{text}") is not None]
+    lines = [f"Dense on the texts read only after post-training: "
+             + ", ".join(f"{TEXT_LABELS.get(t, t)} {cell(dense, f'ppl_{t}')}" for t in only_after) + ".", ""
+             ] if only_after else []
+    lines += ["| removed | method | params kept | " + " | ".join(keys) + " | method s | post-training s |",
+              "|---|---|---|" + "---|" * (len(keys) + 2)]
     lines.append(f"| 0% | dense | {dense['params_kept']:,} | "
-                 + " | ".join(cell(dense, f"ppl_{t}") for t in texts) + " | –" * (len(texts) + 2) + " |")
+                 + " | ".join(cell(dense, key) if key in dense else "–" for key in keys) + " | – | – |")
     for fraction, rows in sorted(headline["targets"].items()):
         for method in METHODS:
             if method in rows:

@@ -39,10 +39,12 @@ def test_the_page_has_a_column_for_every_out_of_domain_text_and_the_readme_keeps
     headline["targets"]["0.5"]["uniform"].update(ppl_email=500.0, ppl_email_posttrained=350.0)
     (tmp_path / "headline.json").write_text(json.dumps(headline))
     text = report.write_report(tmp_path, tmp_path / "docs").read_text()
-    assert "| ppl_sotu | ppl_moby | ppl_email | ppl_sotu_posttrained | ppl_moby_posttrained | ppl_email_posttrained |" in text
-    assert "| 0% | dense | 100 | 25.0 | 60.0 | 40.0 | – | – | – | – | – |" in text
-    assert "| 0.5 | darwinlm | 50 |" not in text and " 300.0 | " in text and " 250.0 | " in text
-    assert "| 50% | uniform | 1.00× noise | 1.00× noise | 0.60× | 0.92× win | 1.00× noise | 0.71× |" in text
+    # e-mail is read after post-training only (bench.headline): no one-shot column, its dense figure said apart
+    assert "| ppl_sotu | ppl_moby | ppl_sotu_posttrained | ppl_moby_posttrained | ppl_email_posttrained |" in text
+    assert "| 0% | dense | 100 | 25.0 | 60.0 | – | – | – | – | – |" in text
+    assert "Dense on the texts read only after post-training: e-mail 40.0." in text
+    assert " 300.0 | " not in text and "| 50% | darwinlm | 50 | 70.0 ± 2.0 | 250.0 ± 9.0 | 55.0 ± 0.7 | " in text
+    assert "| 50% | uniform | 1.00× noise | 1.00× noise | 0.92× win | 1.00× noise | 0.71× |" in text
     readme = report.readme_table(headline, "bench/results/headline.json")
     assert "e-mail" not in "\n".join(readme) and "Moby-Dick, post-trained" in readme[2]
 
