@@ -99,21 +99,35 @@ def is_local(uri: str) -> bool:
 
 def local_path(uri: str, into: str | None = None) -> str:
     """A local path holding what `uri` names (a file or a folder): the path itself when it is local, else a copy
-    downloaded whole into the folder `into` (created; a new temporary folder when None). A folder's copy is
-    `into` itself, a file's is `into/<its name>` (so a GGUF or a model card keeps its file name)."""
+    downloaded whole into the folder `into` (created), which the caller owns and must name. A folder's copy is
+    `into` itself, a file's is `into/<its name>` (so a GGUF or a model card keeps its file name). For a copy
+    needed only while some code reads it, use `local_view`, which removes it."""
     fs, path = _fs(uri)
     if is_local(uri):
         return path
-    import tempfile
-
-    target = into or tempfile.mkdtemp(prefix="darwinlm-download-")
-    os.makedirs(target, exist_ok=True)
+    if into is None:  # a folder nobody owns would never be removed
+        raise ValueError(f"local_path({uri!r}) downloads: pass the folder `into`, or read it with local_view")
+    os.makedirs(into, exist_ok=True)
     if _retrying("checking", uri, lambda: fs.isdir(path)):
-        _retrying("downloading", uri, lambda: fs.get(path.rstrip("/") + "/", target, recursive=True))
-        return target
-    local = os.path.join(target, path.rsplit("/", 1)[-1])
+        _retrying("downloading", uri, lambda: fs.get(path.rstrip("/") + "/", into, recursive=True))
+        return into
+    local = os.path.join(into, path.rsplit("/", 1)[-1])
     _retrying("downloading", uri, lambda: fs.get_file(path, local))
     return local
+
+
+@contextlib.contextmanager
+def local_view(uri: str):
+    """A local path holding what `uri` names, for the length of a `with` block: the path itself when it is local,
+    else a copy in a temporary folder that is removed when the block ends. A store on S3 is read this way at
+    every evaluation, export and registration: kept copies would fill the temporary folder run after run."""
+    if is_local(uri):
+        yield _fs(uri)[1]
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="darwinlm-download-") as folder:
+        yield local_path(uri, into=folder)
 
 
 @contextlib.contextmanager

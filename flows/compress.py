@@ -246,7 +246,8 @@ def _register(tracker, parent, config, model_ref, tags, run_uri, description, st
     if uri_io.exists(marker):
         record = json.loads(uri_io.read_bytes(marker))
         if gguf_ref is not None and record.get("gguf") != gguf_ref.uri:
-            tracker.add_gguf(record["name"], record["version"], parent, uri_io.local_path(gguf_ref.uri))
+            with uri_io.local_view(gguf_ref.uri) as gguf:
+                tracker.add_gguf(record["name"], record["version"], parent, gguf)
             uri_io.write_bytes(marker, json.dumps({**record, "gguf": gguf_ref.uri}).encode())
         return record
     name, alias = _registered_name(config), alias_for(config.search.fraction_removed)
@@ -255,7 +256,8 @@ def _register(tracker, parent, config, model_ref, tags, run_uri, description, st
         # A crash between registering and writing the marker must not register the same model twice.
         version = tracker.registered_version(name, {"run_uri": run_uri})
         if version is None:
-            version = tracker.register(parent, uri_io.local_path(model_ref.uri), name, tags, description)
+            with uri_io.local_view(model_ref.uri) as folder:
+                version = tracker.register(parent, folder, name, tags, description)
         decision = offer_alias(tracker.client, name, version, alias)
         return {"name": name, "version": version, "alias": alias, "alias_moved": decision.moved,
                 "alias_decision": decision.reason}
@@ -268,7 +270,8 @@ def _register(tracker, parent, config, model_ref, tags, run_uri, description, st
 
     record = _stage(tracker, parent, "register", register, stage_tags, record_registration)
     if gguf_ref is not None:
-        tracker.add_gguf(name, record["version"], parent, uri_io.local_path(gguf_ref.uri))
+        with uri_io.local_view(gguf_ref.uri) as gguf:
+            tracker.add_gguf(name, record["version"], parent, gguf)
         record["gguf"] = gguf_ref.uri
     uri_io.write_bytes(marker, json.dumps(record).encode())
     return record

@@ -349,10 +349,11 @@ def gguf_task(config_values: dict, run_uri: str, model_ref: ModelRef) -> GgufRef
 
         from darwinlm.core.export.gguf import export_gguf
 
-        folder = uri_io.local_path(model_ref.uri)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with uri_io.local_view(model_ref.uri) as folder:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         info = read_json(uri_io.join(model_ref.uri, "darwinlm.json"))
-        export_gguf(model, PreTrainedTokenizerFast.from_pretrained(folder), uri, quant=quant,
+        export_gguf(model, tokenizer, uri, quant=quant,
                     metadata={"name": f"{info.get('base_model', 'model')}-darwinlm", **info})
 
     built_unless_marked(uri, export)  # the GGUF is one file, written whole
@@ -375,7 +376,8 @@ def _evaluate(config: CompressConfig, run_uri: str, model_ref: ModelRef) -> dict
     from transformers import AutoModelForCausalLM
 
     dense, tokenizer, data = _dense_model_and_data(config)
-    pruned = AutoModelForCausalLM.from_pretrained(uri_io.local_path(model_ref.uri)).eval()
+    with uri_io.local_view(model_ref.uri) as folder:
+        pruned = AutoModelForCausalLM.from_pretrained(folder).eval()
     pruned = pruned.to(next(dense.parameters()).device)
     dense_row, teacher = _dense_evaluation(config, _run_data(run_uri), dense, tokenizer, data)
     pruned_row = evaluate(pruned, data, teacher, progress=True, split=REPORTED_SPLIT)

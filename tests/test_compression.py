@@ -1,6 +1,7 @@
 """The composition root: the genome a compression ships, what its export records, and local copies of URIs."""
 
 import dataclasses
+import os
 
 import pytest
 
@@ -73,6 +74,11 @@ def test_a_remote_file_or_folder_is_copied_whole_and_a_local_one_is_itself(tmp_p
     folder = uri_io.local_path("memory://darwinlm-test/model", into=str(tmp_path / "copy"))
     assert (tmp_path / "copy" / "config.json").read_bytes() == b"{}"
     assert (tmp_path / "copy" / "weights" / "a.bin").read_bytes() == b"abc" and folder == str(tmp_path / "copy")
-    file = uri_io.local_path("memory://darwinlm-test/model/weights/a.bin")
-    assert file.endswith("/a.bin") and open(file, "rb").read() == b"abc"
-    assert uri_io.local_path(str(tmp_path)) == str(tmp_path) and uri_io.is_local(str(tmp_path))
+    with pytest.raises(ValueError, match="pass the folder `into`, or read it with local_view"):
+        uri_io.local_path("memory://darwinlm-test/model/weights/a.bin")  # a copy nobody would remove
+    with uri_io.local_view("memory://darwinlm-test/model/weights/a.bin") as file:
+        assert file.endswith("/a.bin") and open(file, "rb").read() == b"abc"
+    assert not os.path.exists(os.path.dirname(file))  # the copy is gone with its block
+    with uri_io.local_view(str(tmp_path)) as local:
+        assert local == str(tmp_path)
+    assert tmp_path.exists() and uri_io.local_path(str(tmp_path)) == str(tmp_path) and uri_io.is_local(str(tmp_path))

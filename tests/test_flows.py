@@ -318,14 +318,21 @@ def test_nightly_compresses_each_registered_checkpoint_once(workspace, monkeypat
         nightly(**dict(arguments, location="models:/nope"))
 
 
-def test_compress_with_an_s3_store(workspace, s3_endpoint):
-    """Every artifact of a compression on s3:// (a moto server): database, search state, export, markers."""
+def test_compress_with_an_s3_store(workspace, s3_endpoint, tmp_path, monkeypatch):
+    """Every artifact of a compression on s3:// (a moto server): database, search state, export, markers; and no
+    copy of the model left behind in the temporary folder by the stages that read it back."""
+    import tempfile
+
     import fsspec
 
     from darwinlm.flows.compress import compress
-    from darwinlm.core.uri_io import local_path
+    from darwinlm.core.uri_io import local_view
 
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     summary = compress(parameters(workspace).model_copy(update={"store": "s3://darwinlm/store"}))
+    assert not [path.name for path in temporary.iterdir() if path.name.startswith("darwinlm-download-")]
     assert summary["model_uri"].startswith("s3://darwinlm/store/runs/")
     fs = fsspec.filesystem("s3")
     run = summary["run_uri"].removeprefix("s3://")
@@ -335,7 +342,8 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint):
     assert fs.exists(summary["database"]["uri"].removeprefix("s3://") + "/manifest.json")
     assert len(fs.glob("darwinlm/store/teachers/*.safetensors")) == 2  # the shared dense-model work too
     assert len(fs.glob("darwinlm/store/dense-evaluations/*/evaluation.json")) == 1
-    pruned = AutoModelForCausalLM.from_pretrained(local_path(summary["model_uri"]))
+    with local_view(summary["model_uri"]) as folder:
+        pruned = AutoModelForCausalLM.from_pretrained(folder)
     assert sum(p.numel() for p in pruned.parameters()) == summary["evaluation"]["pruned"]["params"]
     assert not (workspace / "store").exists()  # nothing went to local disk instead
 
