@@ -112,7 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "of the same settings resumes where it stopped, or does nothing if it finished.",
     )
     compress.add_argument("--preset", default="smollm2-demo",
-                          help="tiny, smollm2-demo (default; ~25 min on 2 CPU cores), paper, or a YAML file")
+                          help="tiny, smollm2-demo (default; ~30 min on 2 CPU cores), paper, or a YAML file")
     compress.add_argument("--model", default=None, help="override the preset's model: `smollm2`, a HF folder, a hub id")
     _add_text_options(compress)
     _add_parameter_options(compress)
