@@ -107,7 +107,7 @@ def table(headline: dict) -> list[str]:
     keys = columns(texts)
     dense = headline["dense"]
     only_after = [text for text in texts if text not in README_TEXTS and dense.get(f"ppl_{text}") is not None]
-    lines = [f"Dense on the texts read only after post-training: "
+    lines = ["Dense on the texts read only after post-training: "
              + ", ".join(f"{TEXT_LABELS.get(t, t)} {cell(dense, f'ppl_{t}')}" for t in only_after) + ".", ""
              ] if only_after else []
     lines += ["| removed | method | params kept | " + " | ".join(keys) + " | method s | post-training s |",
