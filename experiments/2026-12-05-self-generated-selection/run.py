@@ -8,7 +8,9 @@ Arms (each writes runs/<arm>.json; an arm already there is skipped):
   the pipeline's own informed start (experiments/2026-12-05-out-of-domain-validation: validation 56.8 / 221.9 /
   223.3 / 268.4), which shows the script refits and post-trains as `darwinlm compress` does;
 - `mixed-informed`: the informed start with its KL slopes measured on the mixed pool;
-- `mixed-seed<N>`: the demo's search (50 generations from the better start) selecting on the mixed pool.
+- `mixed-seed<N>`: the demo's search (50 generations from the better start) selecting on the mixed pool;
+- `mixedsel-seed<N>`: the same search, but from the plain pool's informed start (its slopes measured on State of
+  the Union, as the pipeline does): only selection sees the mixed pool.
 
 Everything else is the smollm2-demo preset at 50%: the same database, calibration rows, post-training rows, teacher
 and schedule, and the refit. The mixed pool keeps the preset's 68 rows: the 4 fixed rows (the start's choice and
@@ -98,11 +100,16 @@ def main(arms: list[str]) -> None:
             print(f"{arm}: already in {out}", flush=True)
             continue
         plain = arm.startswith("control")
-        seed = int(arm.removeprefix("mixed-seed")) if arm.startswith("mixed-seed") else 0
+        seed = int(arm.rsplit("-seed", 1)[1]) if "-seed" in arm else 0
         search_config = replace(config.search, seed=seed, **({"start": "informed"} if arm.endswith("informed") else {}))
         search = build_search(replace(config, search=search_config), assembly,
                               replace(data, teacher_pool_ids=mixed if not plain else data.teacher_pool_ids),
                               plain_teacher if plain else mixed_teacher, progress=True)
+        if arm.startswith("mixedsel-"):
+            plain_start, plain_record = build_search(
+                replace(config, search=replace(search_config, start="informed")), assembly, data, plain_teacher
+            ).choose_start()
+            search.choose_start = lambda: (plain_start, {**plain_record, "from": "the plain pool's informed start"})
         started = time.perf_counter()
         if arm.endswith("informed"):
             levels, start = search.choose_start()
