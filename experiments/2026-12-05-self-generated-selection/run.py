@@ -10,7 +10,9 @@ Arms (each writes runs/<arm>.json; an arm already there is skipped):
 - `mixed-informed`: the informed start with its KL slopes measured on the mixed pool;
 - `mixed-seed<N>`: the demo's search (50 generations from the better start) selecting on the mixed pool;
 - `mixedsel-seed<N>`: the same search, but from the plain pool's informed start (its slopes measured on State of
-  the Union, as the pipeline does): only selection sees the mixed pool.
+  the Union, as the pipeline does): only selection sees the mixed pool;
+- `mixedsel25-seed<N>`: as `mixedsel`, with a quarter of the selection rows generated instead of half (48 of the
+  plain pool's rows, then every fourth row generated).
 
 Everything else is the smollm2-demo preset at 50%: the same database, calibration rows, post-training rows, teacher
 and schedule, and the refit. The mixed pool keeps the preset's 68 rows: the 4 fixed rows (the start's choice and
@@ -53,12 +55,14 @@ def generated_rows(model, tokenizer, count: int, seq_len: int) -> torch.Tensor:
     return rows
 
 
-def mixed_pool(pool: torch.Tensor, generated: torch.Tensor, fixed_rows: int) -> torch.Tensor:
-    """The fixed rows, then the pool's selection rows and the generated rows alternately, as many as the pool had."""
+def mixed_pool(pool: torch.Tensor, generated: torch.Tensor, fixed_rows: int, every: int = 2) -> torch.Tensor:
+    """The fixed rows, then as many selection rows as the pool had, of which every `every`-th is generated and the
+    rest are the pool's own, in order."""
     selection = pool[fixed_rows:]
-    half = selection.shape[0] // 2
-    mixed = torch.stack([selection[:half], generated[:half]], dim=1).reshape(-1, pool.shape[1])
-    return torch.cat([pool[:fixed_rows], mixed])
+    own = (every - 1) * selection.shape[0] // every
+    groups = torch.cat([selection[:own].reshape(-1, every - 1, pool.shape[1]),
+                        generated[: selection.shape[0] - own].unsqueeze(1)], dim=1)
+    return torch.cat([pool[:fixed_rows], groups.reshape(-1, pool.shape[1])])
 
 
 def main(arms: list[str]) -> None:
@@ -88,6 +92,9 @@ def main(arms: list[str]) -> None:
     mixed = mixed_pool(data.teacher_pool_ids, generated_rows(model, tokenizer, GENERATED_ROWS, config.data.seq_len),
                        config.search.fixed_rows)
     mixed_teacher = compute_teacher(model, mixed, top_k)
+    if any(arm.startswith("mixedsel25-") for arm in arms):
+        quarter = mixed_pool(data.teacher_pool_ids, torch.load(RUNS / "generated.pt"), config.search.fixed_rows, every=4)
+        quarter_teacher = compute_teacher(model, quarter, top_k)
     post_teacher = compute_teacher(model, data.post_train_ids, top_k)
     eval_teacher = dense_eval_teacher(model, data, top_k)
     budget = Budget.from_database(database, fraction_removed=config.search.fraction_removed,
@@ -102,10 +109,12 @@ def main(arms: list[str]) -> None:
         plain = arm.startswith("control")
         seed = int(arm.rsplit("-seed", 1)[1]) if "-seed" in arm else 0
         search_config = replace(config.search, seed=seed, **({"start": "informed"} if arm.endswith("informed") else {}))
-        search = build_search(replace(config, search=search_config), assembly,
-                              replace(data, teacher_pool_ids=mixed if not plain else data.teacher_pool_ids),
-                              plain_teacher if plain else mixed_teacher, progress=True)
-        if arm.startswith("mixedsel-"):
+        pool, teacher = (data.teacher_pool_ids, plain_teacher) if plain else (mixed, mixed_teacher)
+        if arm.startswith("mixedsel25-"):
+            pool, teacher = quarter, quarter_teacher
+        search = build_search(replace(config, search=search_config), assembly, replace(data, teacher_pool_ids=pool),
+                              teacher, progress=True)
+        if arm.startswith("mixedsel"):
             plain_start, plain_record = build_search(
                 replace(config, search=replace(search_config, start="informed")), assembly, data, plain_teacher
             ).choose_start()

@@ -42,7 +42,8 @@ def main() -> None:
     plain = [reference(f"searched-seed{seed}", split) for seed in SEEDS]
     rows["searched, plain pool (3 seeds)"] = seed_mean(plain)
     groups = {}
-    for prefix, label in (("mixed", "searched, mixed pool"), ("mixedsel", "searched from the plain start, mixed pool")):
+    for prefix, label in (("mixed", "searched, mixed pool"), ("mixedsel", "searched from the plain start, mixed pool"),
+                          ("mixedsel25", "searched from the plain start, a quarter generated")):
         groups[prefix] = [row for row in (arm(f"{prefix}-seed{seed}", split) for seed in SEEDS) if row]
         if groups[prefix]:
             rows[f"{label} ({len(groups[prefix])} seeds)"] = seed_mean(groups[prefix])
