@@ -92,6 +92,7 @@ class Target:
     """One fraction's shared work (data, database, teachers) and the measurement of any pruned model on it."""
 
     def __init__(self, fraction: float, model_name: str):
+        from darwinlm.core.compression import selection_teacher
         from darwinlm.core.data.prepared import prepare_data
         from darwinlm.core.database.assembly import LiveAssembly
         from darwinlm.core.database.store import build_database
@@ -110,6 +111,7 @@ class Target:
                                        calibration_digest=self.data.calibration_digest,
                                        config=self.config.database, progress=True)
         self.fitness_teacher = compute_teacher(self.model, self.data.teacher_pool_ids, top_k)
+        self.selection_teacher = selection_teacher(self.config, self.model, self.tokenizer, self.data, progress=True)
         self.eval_teacher = dense_eval_teacher(self.model, self.data, top_k)
         self.post_teacher = compute_teacher(self.model, self.data.post_train_ids, top_k)
         self.one_shot_data = one_shot_view(self.data)
@@ -173,7 +175,7 @@ class Target:
 
         search = replace(self.config.search, seed=seed, **({"start": start} if start else {}))
         return build_search(replace(self.config, search=search), self.assembly, self.data, self.fitness_teacher,
-                            progress=True)
+                            self.selection_teacher, progress=True)
 
     def genome_row(self, genome, wall_s: float) -> dict:
         """A genome of the database as selected, then refitted and post-trained as the compress flow does."""

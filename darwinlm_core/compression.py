@@ -1,7 +1,7 @@
 """A compression composed once from the core's parts: what the Prefect tasks and the benches both call.
 
     prepare_data (data.prepared) → build_database (database.store) → compute_teacher (search.fitness)
-    → build_search → Search.run, or its generations one by one → winner_levels
+    → generated_rows → selection_ids → compute_teacher → build_search → Search.run, or its generations one by one → winner_levels
     → refit_weights → post_train → export_model with export_metadata → evaluate (evaluation.held_out)
 
 Each function takes the loaded objects (model, database, data, teacher) and the CompressConfig, never URIs of a
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from darwinlm.core.config import CompressConfig
+from darwinlm.core.data.generated import generated_count, sample_rows, selection_rows
 from darwinlm.core.data.prepared import PreparedData, prepare_data
 from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.refit import RefitResult, refit_genome
@@ -21,7 +22,7 @@ from darwinlm.core.database.structure import MODULE_KINDS
 from darwinlm.core.errors import DarwinLMError
 from darwinlm.core.search.evolution import Search, SearchState
 from darwinlm.core.search.finetune import finetune
-from darwinlm.core.search.fitness import CompactTeacher
+from darwinlm.core.search.fitness import CompactTeacher, compute_teacher
 from darwinlm.core.search.genome import Budget, Genome
 
 
@@ -33,14 +34,43 @@ def preflight(config: CompressConfig) -> None:
     prepare_data(config.data, load_tokenizer(config.model))
 
 
+def generated_rows(config: CompressConfig, model, tokenizer, progress: bool = False) -> torch.Tensor | None:
+    """The rows of text the dense `model` writes itself that the search's selection mixes in (data.generated),
+    None when search.generated_share gives none. Seeded by data.seed, not the search's: every search seed of a
+    model selects on the same text, which is made once and stored (darwinlm.core.store_layout.generated_rows)."""
+    count = generated_count(config.search.generated_share, config.data.teacher_pool_rows - config.search.fixed_rows)
+    return sample_rows(model, tokenizer, count, config.data.seq_len, config.data.seed, progress) if count else None
+
+
+def selection_ids(config: CompressConfig, data: PreparedData, generated: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows the search's selection draws from: the teacher pool past its fixed rows with the `generated`
+    rows spread among them (None without generated rows: the search then draws from the teacher pool itself)."""
+    if generated is None:
+        return None
+    return selection_rows(data.teacher_pool_ids[config.search.fixed_rows:], generated)
+
+
+def selection_teacher(config: CompressConfig, model, tokenizer, data: PreparedData, progress: bool = False
+                      ) -> CompactTeacher | None:
+    """The dense `model`'s teacher on selection_ids, made here and now (the Prefect tasks store both parts)."""
+    ids = selection_ids(config, data, generated_rows(config, model, tokenizer, progress))
+    return None if ids is None else compute_teacher(model, ids, config.teacher_top_k)
+
+
 def build_search(config: CompressConfig, assembly: LiveAssembly, data: PreparedData, teacher: CompactTeacher,
-                 state_uri: str | None = None, progress: bool = False, tokenizer=None) -> Search:
+                 selection: CompactTeacher | None = None, state_uri: str | None = None, progress: bool = False,
+                 tokenizer=None) -> Search:
     """The search of `config` on `assembly` (the dense model and its database; candidates are swapped into it),
-    scored against `teacher` (the dense model's, on data.teacher_pool_ids), finetuning inside selection on
-    data.train_ids; its state is saved at `state_uri` after every generation (None: not saved). `tokenizer`: the
-    model's, for a latency budget measured in llama.cpp."""
+    scored against `teacher` (the dense model's, on data.teacher_pool_ids: the fixed rows and the start's slopes)
+    and, in selection, against `selection` (the dense model's on selection_ids; needed when search.generated_share
+    gives generated rows), finetuning inside selection on data.train_ids; its state is saved at `state_uri` after
+    every generation (None: not saved). `tokenizer`: the model's, for a latency budget measured in llama.cpp."""
+    share = config.search.generated_share
+    if selection is None and generated_count(share, config.data.teacher_pool_rows - config.search.fixed_rows):
+        raise DarwinLMError(f"search.generated_share {share} mixes generated rows into selection, but no selection "
+                            "teacher was given", "pass compression.selection_teacher(...) as `selection`")
     return Search(assembly, teacher, data.train_ids, config.search, state_uri=state_uri, progress=progress,
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, selection_pool=selection)
 
 
 def start_needs_a_model(config: CompressConfig) -> bool:

@@ -4,6 +4,7 @@ can disagree on a name.
     STORE/
       databases/<digest>/            the pruned-level database (database/store.py lays out its inside)
       teachers/<key>.safetensors     the dense model's compact teachers, by content
+      generated/<key>.safetensors    rows of text the dense model wrote itself, for the search's selection
       dense-evaluations/<key>/       the dense model's evaluation (evaluation.json) and its teacher
       runs/<config digest>-<model>/  one compression: RunLayout below
 
@@ -25,6 +26,10 @@ def databases(store_uri: str) -> str:
 
 def teacher(store_uri: str, key: str) -> str:
     return uri_io.join(store_uri, "teachers", f"{key}.safetensors")
+
+
+def generated_rows(store_uri: str, key: str) -> str:
+    return uri_io.join(store_uri, "generated", f"{key}.safetensors")
 
 
 def dense_evaluation(store_uri: str, key: str) -> str:

@@ -10,11 +10,14 @@ import json
 
 import torch
 from prefect import get_run_logger, task
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from darwinlm.core import store_layout, uri_io
-from darwinlm.core.compression import (build_search, export_metadata, post_train, refit_weights,
-                                       start_needs_a_model, winner_levels)
+from darwinlm.core.compression import (build_search, export_metadata, generated_rows, post_train, refit_weights,
+                                       selection_ids, start_needs_a_model, winner_levels)
 from darwinlm.core.config import CompressConfig, config_from_dict
+from darwinlm.core.data.generated import TEMPERATURE, TOP_P, document_start_token, generated_count
 from darwinlm.core.data.prepared import prepare_data
 from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.refit import RefitDatabase, RefitResult
@@ -105,6 +108,30 @@ def _teacher(config: CompressConfig, run_uri: str, model, ids: torch.Tensor, run
     return teacher
 
 
+def _generated_rows(config: CompressConfig, run_uri: str, model, tokenizer) -> torch.Tensor | None:
+    """The rows of text the dense model writes for the search's selection (compression.generated_rows): made
+    once per model, dtype, device kind and sampling request under the store's generated/ (minutes on a CPU), then
+    read by every run, seed and worker that needs them."""
+    data_ref = _run_data(run_uri)
+    share, selectable = config.search.generated_share, config.data.teacher_pool_rows - config.search.fixed_rows
+    count = generated_count(share, selectable)
+    if not count:
+        return None
+    if data_ref.store_uri is None:  # a run prepared before stores were shared makes them in place
+        return generated_rows(config, model, tokenizer, progress=True)
+    key = _dense_work_key(config, data_ref, model, {
+        "generated_rows": count, "seq_len": config.data.seq_len, "seed": config.data.seed,
+        "sampling": [TEMPERATURE, TOP_P], "start_token": document_start_token(tokenizer)})
+    uri = store_layout.generated_rows(data_ref.store_uri, key)
+    if uri_io.exists(uri):
+        return load_safetensors(uri_io.read_bytes(uri))["input_ids"]
+    get_run_logger().info("sampling %d rows of %d tokens from the dense model for the search's selection",
+                          count, config.data.seq_len)
+    rows = generated_rows(config, model, tokenizer, progress=True)
+    uri_io.write_bytes(uri, save_safetensors({"input_ids": rows.contiguous()}))
+    return rows
+
+
 def _database_root(config: CompressConfig, store_uri: str, data_ref: DataRef) -> str:
     return database_root(store_layout.databases(store_uri), data_ref.base_model_digest,
                          data_ref.calibration_digest, config.database)
@@ -156,7 +183,9 @@ def _search(config: CompressConfig, run_uri: str, database_ref: DatabaseRef) -> 
         model, tokenizer, data = _dense_model_and_data(config)
         layout = RunLayout(run_uri)
         teacher = _teacher(config, run_uri, model, data.teacher_pool_ids, layout.own_teacher)  # dense: before pruning
-        return build_search(config, LiveAssembly(model, Database.open(database_ref.uri)), data, teacher,
+        selection_rows = selection_ids(config, data, _generated_rows(config, run_uri, model, tokenizer))
+        selection = None if selection_rows is None else _teacher(config, run_uri, model, selection_rows, None)
+        return build_search(config, LiveAssembly(model, Database.open(database_ref.uri)), data, teacher, selection,
                             state_uri=layout.search_state, tokenizer=tokenizer)
 
     return live_objects.get(run_uri, search)

@@ -225,13 +225,17 @@ def test_rerun_of_a_finished_compression_does_no_work(workspace, monkeypatch):
 
 
 def test_runs_of_one_model_and_text_share_the_dense_models_teachers_and_evaluation(workspace, monkeypatch):
-    """Another search seed is another run over the same dense model and rows: its teachers and the dense model's
-    evaluation are read from the store, not computed again, and its dense row is the first run's."""
+    """Another search seed is another run over the same dense model and rows: its teachers, the rows of text the
+    dense model wrote for selection, and the dense model's evaluation are read from the store, not computed
+    again, and its dense row is the first run's."""
     from darwinlm.flows.compress import compress
     import darwinlm.tasks.stages as stages
 
     first = compress(parameters(workspace))
+    generated = list((workspace / "store" / "generated").glob("*.safetensors"))
+    assert len(generated) == 1  # the tiny preset mixes 2 generated rows into its 4 selection rows
     monkeypatch.setattr(stages, "compute_teacher", lambda *a, **k: pytest.fail("a teacher was computed again"))
+    monkeypatch.setattr(stages, "generated_rows", lambda *a, **k: pytest.fail("rows were generated again"))
     monkeypatch.setattr(stages, "evaluate_dense", lambda *a, **k: pytest.fail("the dense model was evaluated again"))
     second = compress(parameters(workspace).model_copy(update={"seed": 1}))
     assert second["run_uri"] != first["run_uri"]
@@ -241,6 +245,7 @@ def test_runs_of_one_model_and_text_share_the_dense_models_teachers_and_evaluati
     assert dense_rows[0] == dense_rows[1] and "ppl_in_domain" in dense_rows[0]
     assert second["evaluation"]["pruned"]["kl"] > 0  # the pruned model is still measured, against the stored teacher
     assert campaign.artifact_problems(workspace / "store") == []
+    assert list((workspace / "store" / "generated").glob("*")) == generated
 
 
 def test_crashed_compression_resumes_without_redoing_finished_stages(workspace, monkeypatch):

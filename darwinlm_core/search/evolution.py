@@ -59,7 +59,7 @@ class StageConfig:
 
 
 # Options added to SearchConfig after searches were saved, each with the value that searches as they did then.
-SEARCH_OPTIONS_BEFORE = {"latency_engine": "torch", "latency_threads": 0}
+SEARCH_OPTIONS_BEFORE = {"latency_engine": "torch", "latency_threads": 0, "generated_share": 0.0}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,9 @@ class SearchConfig:
     # standard errors of their paired per-row difference, so a lucky row draw keeps the parent; 0 is DarwinLM's
     # rule, and measured worst (experiments/2026-11-30-acceptance-margin/note.md).
     accept_z: float = 1.0
+    # Of the rows selection draws from, this share is text sampled from the dense model itself (data/generated.py
+    # says why); the fixed rows and the start's slopes stay real text. compression.build_search composes the pool.
+    generated_share: float = 0.5
 
     def __post_init__(self):
         survivors = [stage.survivors for stage in self.stages]
@@ -105,6 +108,9 @@ class SearchConfig:
                 or self.accept_z < 0 or not 1 <= self.min_move_size <= self.move_size):
             raise DarwinLMError("search needs fixed_rows ≥ 1, 1 ≤ min_move_size ≤ move_size, "
                                 "start_slope_tokens ≥ 0 and accept_z ≥ 0")
+        if not 0 <= self.generated_share < 1:
+            raise DarwinLMError(f"search.generated_share {self.generated_share} is not a share of the selection rows",
+                                "use a value from 0 (real text only) up to, not including, 1")
 
     @property
     def target_label(self) -> str:
@@ -157,8 +163,9 @@ def _rows(pool_size: int, tokens: int, seq_len: int, generator: torch.Generator,
     `generator`."""
     count = -(-tokens // seq_len)
     if count > pool_size - reserved:
-        raise DarwinLMError(f"a stage needs {count} rows of {seq_len} tokens but the pool has {pool_size - reserved}"
-                            f" to select on ({reserved} more are kept fixed)",
+        kept = f" ({reserved} more are kept fixed)" if reserved else ""
+        raise DarwinLMError(f"{count} rows of {seq_len} tokens are needed but the pool has {pool_size - reserved}"
+                            f" to draw from{kept}",
                             "lower the stage's tokens or give the search more calibration/training text")
     return torch.randperm(pool_size - reserved, generator=generator)[:count] + reserved
 
@@ -167,8 +174,12 @@ class Search:
     """Runs generations on a LiveAssembly; `run()` resumes from `state_uri` when a state is there."""
 
     def __init__(self, assembly: LiveAssembly, teacher_pool: CompactTeacher, train_pool: torch.Tensor,
-                 config: SearchConfig, state_uri: str | None = None, progress: bool = False, tokenizer=None):
-        """`tokenizer`: the model's, needed only for a latency budget measured in llama.cpp (its GGUFs carry it)."""
+                 config: SearchConfig, state_uri: str | None = None, progress: bool = False, tokenizer=None,
+                 selection_pool: CompactTeacher | None = None):
+        """`teacher_pool`: real text, its first fixed_rows the fixed rows, the rest what the start's KL slopes
+        are measured on; `selection_pool`: the rows selection draws from (None: the teacher pool past its fixed
+        rows; compression.build_search passes them mixed with generated text). `tokenizer`: the model's, needed
+        only for a latency budget measured in llama.cpp (its GGUFs carry it)."""
         self.assembly, self.teacher_pool, self.train_pool = assembly, teacher_pool, train_pool
         self.config, self.state_uri, self.progress = config, state_uri, progress
         database = assembly.database
@@ -189,6 +200,11 @@ class Search:
             raise DarwinLMError(f"the search's teacher pool has {teacher_pool.input_ids.shape[0]} rows, and "
                                 f"{config.fixed_rows} of them are kept fixed", "raise data.teacher_pool_rows")
         self.fixed_teacher = teacher_pool.rows(torch.arange(config.fixed_rows))
+        self.selection_pool = selection_pool if selection_pool is not None else teacher_pool.rows(
+            torch.arange(config.fixed_rows, teacher_pool.input_ids.shape[0]))
+        if self.selection_pool.input_ids.shape[1] != seq_len:
+            raise DarwinLMError(f"the selection pool's rows have {self.selection_pool.input_ids.shape[1]} tokens, "
+                                f"the teacher pool's {seq_len}", "build both from rows of data.seq_len tokens")
         self._fixed_kl: dict[tuple[int, ...], float] = {}
         self._uniform_slopes: list[float] | None = None
 
@@ -274,13 +290,13 @@ class Search:
         return per_row
 
     def stage_row_indices(self, generation: int, stage_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Indices of the fitness rows in the teacher pool (and of the finetune rows in the training pool, if the
+        """Indices of the fitness rows in the selection pool (and of the finetune rows in the training pool, if the
         stage trains) of one stage of one generation, drawn from a generator seeded by (seed, generation,
         stage): the same wherever and whenever it is asked."""
         stage = self.config.stages[stage_index]
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, generation, stage_index))
-        fitness = _rows(self.teacher_pool.input_ids.shape[0], stage.fitness_tokens,
-                        self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
+        fitness = _rows(self.selection_pool.input_ids.shape[0], stage.fitness_tokens,
+                        self.selection_pool.input_ids.shape[1], generator)
         train = None
         if stage.finetune_tokens:
             train = _rows(self.train_pool.shape[0], stage.finetune_tokens, self.train_pool.shape[1], generator)
@@ -289,7 +305,7 @@ class Search:
     def stage_rows(self, generation: int, stage_index: int) -> tuple[CompactTeacher, torch.Tensor | None]:
         """The teacher rows and finetune rows (None if the stage does not train) of one stage of one generation."""
         fitness, train = self.stage_row_indices(generation, stage_index)
-        return self.teacher_pool.rows(fitness), None if train is None else self.train_pool[train]
+        return self.selection_pool.rows(fitness), None if train is None else self.train_pool[train]
 
     def evaluate_in_stage(self, generation: int, stage_index: int, levels) -> list[float]:
         """One candidate's per-row fitness in one stage (what a distributed worker computes)."""
