@@ -82,7 +82,8 @@ def main(arms: list[str]) -> None:
 
     apply_offline_defaults()
     RUNS.mkdir(exist_ok=True)
-    config = load_preset("smollm2-demo", {"evaluate": {"tasks": ""}})
+    # generated_share 0: this script mixes the pool itself (it ran before the core did, and its arms set the mix)
+    config = load_preset("smollm2-demo", {"evaluate": {"tasks": ""}, "search": {"generated_share": 0.0}})
     model, tokenizer = load_model(config.model)
     data = prepare_data(config.data, tokenizer)
     top_k = config.teacher_top_k
