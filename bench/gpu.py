@@ -41,13 +41,13 @@ def main() -> None:
     apply_offline_defaults()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.gpu needs a CUDA GPU (tests/test_gpu.py covers the device code on any machine)")
+    from darwinlm.core.compression import build_search, selection_teacher
     from darwinlm.core.config import load_preset
     from darwinlm.core.database.store import build_database
     from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.model.loading import load_model, resolve_device, resolve_dtype
     from darwinlm.core.data.prepared import prepare_data
     from darwinlm.core.evaluation.held_out import evaluate
-    from darwinlm.core.search.evolution import Search
     from darwinlm.core.search.fitness import compute_teacher
     from darwinlm.core.search.genome import Genome
 
@@ -80,9 +80,12 @@ def main() -> None:
         start = time.perf_counter()
         teacher = compute_teacher(model, data.teacher_pool_ids, config.teacher_top_k)
         results["fitness_teacher_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        selection = selection_teacher(config, model, tokenizer, data, progress=True)  # the rows the model writes
+        results["generated_selection_s"] = time.perf_counter() - start
         results["dense"] = evaluate(model, data, None)
         assembly = LiveAssembly(model, database)
-        search = Search(assembly, teacher, data.train_ids, config.search, progress=True)
+        search = build_search(config, assembly, data, teacher, selection, progress=True)
         uniform = Genome(search.budget.uniform(), database.digest)
         assembly.apply(uniform.assignment(), rebuild=True)
         results["uniform"] = evaluate(model, data, None)

@@ -26,6 +26,7 @@ def test_auto_device_and_dtype_follow_the_machine():
 
 @cuda
 def test_database_search_and_export_on_the_gpu(tmp_path):
+    from darwinlm.core.data.generated import sample_rows, selection_rows
     from darwinlm.core.database.assembly import LiveAssembly
     from darwinlm.core.database.store import DatabaseConfig, build_database
     from darwinlm.core.export.huggingface import export_model
@@ -49,7 +50,10 @@ def test_database_search_and_export_on_the_gpu(tmp_path):
     assembly.apply({key: 0 for key in levels}, rebuild=True)
     config = SearchConfig(generations=1, offspring=2, batch_size=2, stages=(StageConfig(1, 64, 32),),
                           finetune=FinetuneConfig(lr=1e-3, batch_size=2))
-    search = Search(assembly, compute_teacher(model, rows, top_k=16), rows, config)
+    generated = sample_rows(model, tiny_tokenizer(), count=3, seq_len=32, seed=0)  # sampled on the GPU
+    assert generated.device.type == "cpu" and torch.equal(generated, sample_rows(model, tiny_tokenizer(), 3, 32, 0))
+    selection = compute_teacher(model, selection_rows(rows[4:], generated[:2]), top_k=16)
+    search = Search(assembly, compute_teacher(model, rows, top_k=16), rows, config, selection_pool=selection)
     dense_params = sum(p.numel() for p in model.parameters())
     genome = search.genome(search.run())
     assembly.apply(genome.assignment(), rebuild=True)

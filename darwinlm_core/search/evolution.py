@@ -16,6 +16,9 @@ each row's first positions) were deleted; tag lab-knobs-2026-12-04 holds them, e
 
 The first `fixed_rows` rows of the teacher pool are never selected on: the parent's KL on them, every
 generation, is the trajectory a user watches (it changes only when the parent does, and only by real gains).
+Selection draws from a selection pool: the teacher pool's other rows, with text the dense model wrote itself
+spread among them (search.generated_share; data/generated.py says why). The teacher pool is real text only,
+for the fixed rows and the informed start's KL slopes.
 
 The SearchState is written after every generation; running again with the same config resumes after the
 last finished generation and reaches the same final genome as an uninterrupted run, because mutation draws
