@@ -6,7 +6,7 @@ then write its dense-vs-pruned table to bench/results/demo.json with provenance.
 The run is exactly `darwinlm compress --preset smollm2-demo` (same code path, same table on stdout), into its own
 store, `$DARWINLM_HOME/bench-demo`, emptied first: a compression resumes a finished run of the same config at no
 cost, so in the default store a second measurement would time a resume, not a compression. The model, text,
-MLflow and registry are the usual ones. About 15 minutes on 2 quiet cores, database build included.
+MLflow and registry are the usual ones. About 35 minutes on 2 quiet cores, database build included.
 
 With `--rerun-seed N` it then compresses again with search seed N in the same store, as a user trying another
 seed does, and records that run's wall time and figures under `rerun`: the database, the teachers and the dense
