@@ -345,7 +345,10 @@ def test_compress_with_an_s3_store(workspace, s3_endpoint, tmp_path, monkeypatch
                  "registered.json"):
         assert fs.exists(f"{run}/{name}"), name
     assert fs.exists(summary["database"]["uri"].removeprefix("s3://") + "/manifest.json")
-    assert len(fs.glob("darwinlm/store/teachers/*.safetensors")) == 2  # the shared dense-model work too
+    # the shared dense-model work too: teachers of the search pool, the selection pool and post-training, and the
+    # rows the dense model wrote for selection
+    assert len(fs.glob("darwinlm/store/teachers/*.safetensors")) == 3
+    assert len(fs.glob("darwinlm/store/generated/*.safetensors")) == 1
     assert len(fs.glob("darwinlm/store/dense-evaluations/*/evaluation.json")) == 1
     with local_view(summary["model_uri"]) as folder:
         pruned = AutoModelForCausalLM.from_pretrained(folder)
@@ -424,7 +427,8 @@ def test_search_on_a_two_worker_dask_cluster_gives_the_serial_genome(workspace, 
             name=TaskRunFilterName(like_="candidate-g")), limit=200)
     # per generation 4 offspring, then 2 survivors + the parent, over the tiny preset's 2 generations
     assert len(candidates) == 2 * (4 + 3) and all(run.state.is_completed() for run in candidates)
-    assert len(list((workspace / "store" / "teachers").glob("*.safetensors"))) == 2  # search pool, post-training
+    # the search pool, the selection pool (with the generated rows) and post-training, each made once
+    assert len(list((workspace / "store" / "teachers").glob("*.safetensors"))) == 3
 
 
 def test_zero_generations_exports_the_uniform_genome_without_a_search(workspace, monkeypatch):
