@@ -27,7 +27,7 @@ bench: setup
 	.venv/bin/python -m bench.gguf                      # ~8 min: llama.cpp size, speed and perplexity parity against llama.cpp's own dense conversion (5 min in bench/results/gguf.json, plus the sdist download once)
 	.venv/bin/python -m bench.latency                   # ~4 min: a latency table measured in llama.cpp against whole models timed there (3.3 min in bench/results/latency.json)
 	.venv/bin/python -m bench.reliability               # ~15 min: crashes, storage faults, bad input, credentials
-	.venv/bin/python -m bench.headline                  # ~270 min: every method at 50% then 30%, 3 seeds, post-trained; 50% took 92 min, 30% 124 min (experiments/2026-12-05-headline-at-50), plus per row ~45 s for its llama.cpp speed and ~80 s to read e-mail and npm's manual after post-training (estimated: 33-45 s a text, experiments/2026-12-05-out-of-domain-validation)
+	.venv/bin/python -m bench.headline                  # ~276 min: every method at 50% then 30%, 3 seeds, post-trained; 50% took 92 min, 30% 124 min (experiments/2026-12-05-headline-at-50), plus per row ~45 s for its llama.cpp speed and ~80 s to read e-mail and npm's manual after post-training (estimated: 33-45 s a text, experiments/2026-12-05-out-of-domain-validation), plus 3 min per fraction sampling the search's generated rows (bench/results/demo.json's run)
 	.venv/bin/python -m bench.report                    # ~1 min: docs/results.md, its plots and the README's results table
 
 # Outside the headline's two hours: the same headline rows on Gemma-3-270M (needs requirements/gemma.txt), and
