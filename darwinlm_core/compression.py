@@ -1,7 +1,8 @@
 """A compression composed once from the core's parts: what the Prefect tasks and the benches both call.
 
     prepare_data (data.prepared) → build_database (database.store) → compute_teacher (search.fitness)
-    → generated_rows → selection_ids → compute_teacher → build_search → Search.run, or its generations one by one → winner_levels
+    → generated_rows → selection_ids → compute_teacher → build_search
+    → Search.run, or its generations one by one → winner_levels
     → refit_weights → post_train → export_model with export_metadata → evaluate (evaluation.held_out)
 
 Each function takes the loaded objects (model, database, data, teacher) and the CompressConfig, never URIs of a
@@ -34,11 +35,16 @@ def preflight(config: CompressConfig) -> None:
     prepare_data(config.data, load_tokenizer(config.model))
 
 
+def generated_row_count(config: CompressConfig) -> int:
+    """How many generated rows search.generated_share mixes among the teacher pool's rows past its fixed rows."""
+    return generated_count(config.search.generated_share, config.data.teacher_pool_rows - config.search.fixed_rows)
+
+
 def generated_rows(config: CompressConfig, model, tokenizer, progress: bool = False) -> torch.Tensor | None:
     """The rows of text the dense `model` writes itself that the search's selection mixes in (data.generated),
     None when search.generated_share gives none. Seeded by data.seed, not the search's: every search seed of a
     model selects on the same text, which is made once and stored (darwinlm.core.store_layout.generated_rows)."""
-    count = generated_count(config.search.generated_share, config.data.teacher_pool_rows - config.search.fixed_rows)
+    count = generated_row_count(config)
     return sample_rows(model, tokenizer, count, config.data.seq_len, config.data.seed, progress) if count else None
 
 
@@ -65,10 +71,10 @@ def build_search(config: CompressConfig, assembly: LiveAssembly, data: PreparedD
     and, in selection, against `selection` (the dense model's on selection_ids; needed when search.generated_share
     gives generated rows), finetuning inside selection on data.train_ids; its state is saved at `state_uri` after
     every generation (None: not saved). `tokenizer`: the model's, for a latency budget measured in llama.cpp."""
-    share = config.search.generated_share
-    if selection is None and generated_count(share, config.data.teacher_pool_rows - config.search.fixed_rows):
-        raise DarwinLMError(f"search.generated_share {share} mixes generated rows into selection, but no selection "
-                            "teacher was given", "pass compression.selection_teacher(...) as `selection`")
+    if selection is None and generated_row_count(config):
+        raise DarwinLMError(f"search.generated_share {config.search.generated_share} mixes generated rows into "
+                            "selection, but no selection teacher was given",
+                            "pass compression.selection_teacher(...) as `selection`")
     return Search(assembly, teacher, data.train_ids, config.search, state_uri=state_uri, progress=progress,
                   tokenizer=tokenizer, selection_pool=selection)
 

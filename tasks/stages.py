@@ -14,10 +14,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from darwinlm.core import store_layout, uri_io
-from darwinlm.core.compression import (build_search, export_metadata, generated_rows, post_train, refit_weights,
-                                       selection_ids, start_needs_a_model, winner_levels)
+from darwinlm.core.compression import (build_search, export_metadata, generated_row_count, generated_rows, post_train,
+                                       refit_weights, selection_ids, start_needs_a_model, winner_levels)
 from darwinlm.core.config import CompressConfig, config_from_dict
-from darwinlm.core.data.generated import TEMPERATURE, TOP_P, document_start_token, generated_count
+from darwinlm.core.data.generated import TEMPERATURE, TOP_P, document_start_token
 from darwinlm.core.data.prepared import prepare_data
 from darwinlm.core.database.assembly import LiveAssembly
 from darwinlm.core.database.refit import RefitDatabase, RefitResult
@@ -113,8 +113,7 @@ def _generated_rows(config: CompressConfig, run_uri: str, model, tokenizer) -> t
     once per model, dtype, device kind and sampling request under the store's generated/ (minutes on a CPU), then
     read by every run, seed and worker that needs them."""
     data_ref = _run_data(run_uri)
-    share, selectable = config.search.generated_share, config.data.teacher_pool_rows - config.search.fixed_rows
-    count = generated_count(share, selectable)
+    count = generated_row_count(config)
     if not count:
         return None
     if data_ref.store_uri is None:  # a run prepared before stores were shared makes them in place

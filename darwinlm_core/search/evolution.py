@@ -248,7 +248,8 @@ class Search:
 
     def slopes(self, levels: tuple[int, ...], *draw: int) -> list[float]:
         """Each module's KL slope at `levels` (kl_weights), measured one-shot on start_slope_tokens of the
-        selection pool, drawn from a generator seeded by (seed, *draw): the same on a resumed run."""
+        teacher pool past its fixed rows (real text, never the selection pool's generated rows), drawn from a
+        generator seeded by (seed, *draw): the same on a resumed run."""
         generator = torch.Generator().manual_seed(hash_seed(self.config.seed, *draw))
         rows = _rows(self.teacher_pool.input_ids.shape[0], self.config.start_slope_tokens,
                      self.teacher_pool.input_ids.shape[1], generator, self.config.fixed_rows)
